@@ -1,0 +1,131 @@
+"""Evaluation of frozen features: weighted kNN and a linear probe on a labelled test split."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from contrastive import parallel
+from contrastive.data import augment
+from contrastive.data import pipeline
+from contrastive.losses import l2_normalize
+
+
+def extract_features(embed_fn, images, mesh, batch_size):
+  """Runs jitted embed_fn over images [N, H, W, C] in sharded chunks -> features [N, F] (numpy).
+
+  The last chunk is zero-padded to batch_size (which the mesh's data axis must divide) and
+  the padding dropped from the output.
+  """
+  n = images.shape[0]
+  sharding = parallel.data_sharding(mesh)
+  out = []
+  for start in range(0, n, batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - chunk.shape[0]
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+    x = jax.make_array_from_callback(chunk.shape, sharding, lambda idx, c=chunk: c[idx])
+    out.append(np.asarray(jax.device_get(embed_fn(x)))[:batch_size - pad])
+  return np.concatenate(out)
+
+
+@functools.partial(jax.jit, static_argnames=('k', 'num_classes', 'chunk'))
+def knn_predict(train_feats, train_labels, test_feats, *, k=200, temperature=0.1,
+                num_classes=10, chunk=500):
+  """Weighted kNN (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
+  Discrimination", section 3.5): class score_c = sum over the k nearest train features by cosine
+  similarity s of exp(s / temperature) [label = c].
+
+  Args:
+    train_feats: [N, F]; train_labels: [N] int; test_feats: [M, F] (M a multiple of chunk,
+      or smaller than it).
+
+  Returns:
+    [M] int predicted labels.
+  """
+  bank = l2_normalize(train_feats)
+  queries = l2_normalize(test_feats)
+  k = min(k, bank.shape[0])
+
+  def predict(q):  # (c, F) . (F, N) -> (c, N)
+    sim, idx = jax.lax.top_k(q @ bank.T, k)
+    weights = jnp.exp(sim / temperature)
+    votes = jax.nn.one_hot(train_labels[idx], num_classes) * weights[..., None]
+    return jnp.argmax(jnp.sum(votes, axis=1), axis=-1)
+
+  m = queries.shape[0]
+  c = min(chunk, m)
+  pad = (-m) % c
+  q = jnp.pad(queries, ((0, pad), (0, 0))).reshape(-1, c, queries.shape[1])
+  return jax.lax.map(predict, q).reshape(-1)[:m]
+
+
+@functools.partial(jax.jit, static_argnames=('num_classes', 'steps'))
+def linear_probe(train_feats, train_labels, test_feats, *, num_classes=10, steps=500,
+                 lr=0.05, l2=1e-4):
+  """Multinomial logistic regression on standardised frozen features, trained full-batch with
+  Adam and a cosine schedule (the standard linear evaluation protocol, without augmentation).
+
+  Args:
+    train_feats: [N, F]; train_labels: [N] int; test_feats: [M, F].
+
+  Returns:
+    (test predictions [M] int, train accuracy).
+  """
+  mean = jnp.mean(train_feats, axis=0)
+  std = jnp.std(train_feats, axis=0) + 1e-6
+  x, x_test = (train_feats - mean) / std, (test_feats - mean) / std
+  params = {'w': jnp.zeros((x.shape[1], num_classes)), 'b': jnp.zeros((num_classes,))}
+  tx = optax.adam(optax.cosine_decay_schedule(lr, steps))
+
+  def loss(p):
+    logits = x @ p['w'] + p['b']
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, train_labels).mean()
+    return ce + 0.5 * l2 * jnp.sum(p['w'] ** 2)
+
+  def body(_, carry):
+    p, opt_state = carry
+    updates, opt_state = tx.update(jax.grad(loss)(p), opt_state, p)
+    return optax.apply_updates(p, updates), opt_state
+
+  params, _ = jax.lax.fori_loop(0, steps, body, (params, tx.init(params)))
+  train_acc = jnp.mean(jnp.argmax(x @ params['w'] + params['b'], -1) == train_labels)
+  return jnp.argmax(x_test @ params['w'] + params['b'], -1), train_acc
+
+
+class Evaluator:
+  """Loads the train and test splits once; `evaluator(state)` returns kNN and linear-probe accuracy.
+
+  Features are the encoder's output h (before the projection head), BatchNorm in inference mode.
+  """
+
+  def __init__(self, cfg, dataset_cfg, model, mesh):
+    self.cfg = cfg
+    self.mesh = mesh
+    self.train = pipeline.load_arrays(pipeline.get_source(dataset_cfg, 'train'),
+                                      max_examples=cfg.get('max_train_examples'))
+    self.test = pipeline.load_arrays(pipeline.get_source(dataset_cfg, cfg.split),
+                                     max_examples=cfg.get('max_test_examples'))
+    self.num_classes = int(max(self.train['label'].max(), self.test['label'].max())) + 1
+    embed = lambda variables, x: model.apply(variables, augment.center_view(x), method='embed')
+    self._embed = jax.jit(embed, out_shardings=parallel.replicated(mesh))
+
+  def features(self, state, images):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    return extract_features(functools.partial(self._embed, variables), images, self.mesh,
+                            self.cfg.batch_size)
+
+  def __call__(self, state):
+    train_f = self.features(state, self.train['image'])
+    test_f = self.features(state, self.test['image'])
+    knn = knn_predict(train_f, self.train['label'], test_f, k=self.cfg.knn_k,
+                      temperature=self.cfg.knn_temperature, num_classes=self.num_classes)
+    lin, lin_train = linear_probe(train_f, self.train['label'], test_f,
+                                  num_classes=self.num_classes, steps=self.cfg.linear_steps,
+                                  lr=self.cfg.linear_lr, l2=self.cfg.linear_l2)
+    return {'knn_top1': float(np.mean(np.asarray(knn) == self.test['label'])),
+            'linear_top1': float(np.mean(np.asarray(lin) == self.test['label'])),
+            'linear_train_top1': float(lin_train)}

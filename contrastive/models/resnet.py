@@ -1,0 +1,91 @@
+"""ResNets for small images (28-32 px), CIFAR-style stem, in Flax Linen.
+
+The stem is a single 3x3 stride-1 convolution with no max-pool (He et al. 2016, section 4.2;
+the SimCLR CIFAR-10 variant, Chen et al. 2020, appendix B.9), so a 28x28 input keeps its
+resolution in the first stage. Stage i (i >= 1) halves the resolution and doubles the width.
+
+BatchNorm statistics are computed over whatever batch the module sees. Under `jax.jit` with
+the batch sharded over a mesh, that is the *global* batch: XLA inserts the cross-device
+reductions, so no `axis_name` is needed (and none must be set, or the stats would be local).
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
+  filters: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    norm = lambda name, **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name, **kw)
+    y = nn.Conv(self.filters, (3, 3), self.strides, use_bias=False, name='conv1')(x)
+    y = nn.relu(norm('bn1')(y))
+    y = nn.Conv(self.filters, (3, 3), use_bias=False, name='conv2')(y)
+    y = norm('bn2', scale_init=nn.initializers.zeros)(y)
+    if x.shape[-1] != self.filters or self.strides != 1:
+      x = nn.Conv(self.filters, (1, 1), self.strides, use_bias=False, name='proj')(x)
+      x = norm('proj_bn')(x)
+    return nn.relu(x + y)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3, 1x1 expand (x4) with a projection shortcut where shapes change."""
+  filters: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    norm = lambda name, **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name, **kw)
+    y = nn.relu(norm('bn1')(nn.Conv(self.filters, (1, 1), use_bias=False, name='conv1')(x)))
+    y = nn.Conv(self.filters, (3, 3), self.strides, use_bias=False, name='conv2')(y)
+    y = nn.relu(norm('bn2')(y))
+    y = nn.Conv(4 * self.filters, (1, 1), use_bias=False, name='conv3')(y)
+    y = norm('bn3', scale_init=nn.initializers.zeros)(y)
+    if x.shape[-1] != 4 * self.filters or self.strides != 1:
+      x = nn.Conv(4 * self.filters, (1, 1), self.strides, use_bias=False, name='proj')(x)
+      x = norm('proj_bn')(x)
+    return nn.relu(x + y)
+
+
+BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
+
+
+class ResNet(nn.Module):
+  """CIFAR-style ResNet encoder: images [N, H, W, C] uint8 or float -> features [N, F].
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+    width: filters of the first stage; stage i has width * 2**i (x4 for bottleneck blocks).
+    block: 'basic' or 'bottleneck'.
+    stem_strides: 1 is the CIFAR stem; 2 halves the resolution before the first stage
+      (4x less compute, for CPU budgets).
+  """
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  width: int = 64
+  block: str = 'basic'
+  stem_strides: int = 1
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    block_cls = BLOCKS[self.block]
+    x = x.astype(jnp.float32)
+    x = nn.Conv(self.width, (3, 3), self.stem_strides, use_bias=False, name='stem')(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name='stem_bn')(x))
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block_cls(self.width * 2**i, strides, name=f'stage{i + 1}_block{j + 1}')(x, train=train)
+    return jnp.mean(x, axis=(1, 2))  # global average pool: [N, F]
+
+
+# Named presets; the CPU default of the Fashion-MNIST recipe is set in its config.
+PRESETS = {
+    'resnet18': dict(stage_sizes=(2, 2, 2, 2), width=64, block='basic'),
+    'resnet34': dict(stage_sizes=(3, 4, 6, 3), width=64, block='basic'),
+    'resnet50': dict(stage_sizes=(3, 4, 6, 3), width=64, block='bottleneck'),
+}
