@@ -76,7 +76,7 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, loss=loss, lr=schedule(state.step),
-                 l2_grads=optax.global_norm(grads), l2_params=optax.global_norm(params))
+                 l2_grads=optax.tree.norm(grads), l2_params=optax.tree.norm(params))
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state)
   return new_state, metrics

@@ -1,0 +1,82 @@
+"""Every config builds; invalid configs fail with a one-line message before any compilation."""
+
+import glob
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from contrastive import validate
+from contrastive.data import fashion_mnist
+from contrastive.models import build_model
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
+CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, '*.py')))
+VARIANTS = {'simclr_fmnist.py': [None, 'runlocal', 'resnet18', 'resnet50', 'resnet18,runlocal']}
+
+
+def load_config(path, arg=None):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_there_are_configs():
+  assert CONFIG_FILES
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_config_builds_and_model_inits(path, tmp_path):
+  for arg in VARIANTS.get(os.path.basename(path), [None]):
+    config = load_config(path, arg)
+    config.dataset.idx_dir = fashion_mnist.DEBIAN_IDX_DIR
+    model = build_model(config.model)
+    shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0),
+                                                    jax.numpy.zeros((2, 28, 28, 1)), train=False))
+    assert 'params' in shapes and 'batch_stats' in shapes
+    # Validation itself, minus the dataset check (the IDX files may be absent here).
+    config.dataset.name = 'not_local'
+    validate.validate_config(config, num_devices=8, num_processes=1)
+
+
+def test_resnet18_preset_size():
+  config = load_config(os.path.join(CONFIG_DIR, 'simclr_fmnist.py'), 'resnet18')
+  variables = jax.eval_shape(lambda: build_model(config.model).init(
+      jax.random.key(0), jax.numpy.zeros((2, 32, 32, 3)), train=False))
+  encoder = variables['params']['encoder']
+  n = sum(x.size for x in jax.tree.leaves(encoder))
+  assert 11.1e6 < n < 11.3e6  # CIFAR-style ResNet-18: 11.17M parameters
+
+
+def _base(**changes):
+  config = load_config(os.path.join(CONFIG_DIR, 'simclr_fmnist.py'))
+  config.dataset.name = 'not_local'
+  for field, value in changes.items():
+    target = config
+    *parents, leaf = field.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize('changes,num_devices,message', [
+    ({'batch_size': 100}, 8, 'config.batch_size=100 is not divisible by the 8 devices'),
+    ({'optimizer.name': 'adam_typo'}, 1, "config.optimizer.name='adam_typo' is unknown"),
+    ({'loss.name': 'infonce_typo'}, 1, "config.loss.name='infonce_typo' is unknown"),
+    ({'loss.temperature': 0.0}, 1, 'config.loss.temperature=0.0 must be > 0'),
+    ({'mesh': [('data', 3)]}, 8, 'has 3 devices but there are 8'),
+    ({'model.preset': 'resnet7'}, 1, "config.model.preset='resnet7' is unknown"),
+    ({'eval.batch_size': 999}, 8, 'config.eval.batch_size=999 is not divisible'),
+])
+def test_invalid_config_message(changes, num_devices, message):
+  with pytest.raises(validate.ConfigError, match=message.replace('(', r'\(').replace('[', r'\[')) as e:
+    validate.validate_config(_base(**changes), num_devices=num_devices, num_processes=1)
+  assert '\n' not in str(e.value)
+
+
+def test_batch_not_divisible_by_processes():
+  with pytest.raises(validate.ConfigError, match='not divisible by the 3 processes'):
+    validate.validate_config(_base(batch_size=512), num_devices=1, num_processes=3)

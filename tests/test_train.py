@@ -1,0 +1,97 @@
+"""End to end through the public entry points: the runlocal config on real data, resume, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from contrastive import train
+from contrastive import validate
+from contrastive.data import fashion_mnist
+
+REPO = os.path.join(os.path.dirname(__file__), '..')
+CONFIG = os.path.join(REPO, 'configs', 'simclr_fmnist.py')
+needs_data = pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_IDX_DIR),
+                                reason='apt-get install dataset-fashion-mnist')
+
+
+def _config(arg='runlocal', **overrides):
+  from tests.test_configs import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config(CONFIG, arg)
+  for k, v in overrides.items():
+    config[k] = v
+  return config
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@needs_data
+def test_runlocal_trains_loss_decreases_and_resumes(tfds_dir, tmp_path):
+  config = _config(total_steps=12)
+  config.dataset.data_dir = tfds_dir
+  config.optimizer.lr = 0.5
+  workdir = str(tmp_path / 'run')
+  _, eval_metrics = train.train_and_evaluate(config, workdir)
+  rows = [r for r in _read_metrics(workdir) if 'loss' in r]
+  assert [r['step'] for r in rows] == list(range(1, 13))
+  first, last = sum(r['loss'] for r in rows[:3]), sum(r['loss'] for r in rows[-3:])
+  assert last < first - 0.1, (first, last)
+  assert 0.0 <= eval_metrics['knn_top1'] <= 1.0 and eval_metrics['linear_top1'] > 0.3
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [9, 12]
+
+  # Rerunning the same command with more steps resumes at 12 instead of starting over.
+  config.total_steps = 15
+  state, _ = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 15
+  steps = [r['step'] for r in _read_metrics(workdir) if 'loss' in r]
+  assert steps == list(range(1, 16))
+
+
+@needs_data
+def test_main_entry_point_runs(tfds_dir, tmp_path):
+  cmd = [sys.executable, '-m', 'contrastive.main', f'--config={CONFIG}:runlocal',
+         f'--workdir={tmp_path}', f'--config.dataset.data_dir={tfds_dir}',
+         '--config.total_steps=3']
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'step 3/3' in out.stdout and 'knn_top1' in out.stdout
+
+
+def test_non_finite_loss_stops_with_step(tfds_dir, tmp_path):
+  if not os.path.isdir(fashion_mnist.DEBIAN_IDX_DIR):
+    pytest.skip('apt-get install dataset-fashion-mnist')
+  config = _config(total_steps=5)
+  config.dataset.data_dir = tfds_dir
+  config.optimizer.lr = 1e30  # diverges within a couple of steps
+  with pytest.raises(train.NonFiniteLossError, match=r'at step \d'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_bad_config_fails_before_compiling(tmp_path, monkeypatch):
+  compiled = []
+  monkeypatch.setattr(jax, 'jit', lambda *a, **k: compiled.append(a) or (lambda *x: None))
+  config = _config(batch_size=63)
+  with pytest.raises(validate.ConfigError, match='batch_size=63'):
+    train.train_and_evaluate(config, str(tmp_path))
+  config = _config()
+  config.optimizer.name = 'adagradd'
+  with pytest.raises(validate.ConfigError, match="optimizer.name='adagradd'"):
+    train.train_and_evaluate(config, str(tmp_path))
+  config = _config()
+  config.dataset.idx_dir = str(tmp_path / 'missing')
+  config.dataset.data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(fashion_mnist.MissingDatasetError, match='dataset-fashion-mnist'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not compiled
