@@ -1,0 +1,25 @@
+# Two commands on a fresh Debian machine (as root, or in a venv with sudo for apt):
+#   make train   install what is missing, then train the default recipe (SimCLR on Fashion-MNIST)
+#   make test    install what is missing, then run the test suite (what CI runs)
+PYTHON ?= python3
+WORKDIR ?= workdir/simclr_fmnist
+CONFIG ?= configs/simclr_fmnist.py
+APT_PACKAGES = dataset-fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install train test test-all
+
+install:
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES))
+	$(PYTHON) -m pip install -q -r requirements.txt
+
+train: install
+	$(PYTHON) -m contrastive.main --config $(CONFIG) --workdir $(WORKDIR)
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+# Also the slow end-to-end runs (the default recipe to its accuracy targets: ~15 min).
+test-all: install
+	$(PYTHON) -m pytest -q -m "slow or not slow" tests
