@@ -5,6 +5,8 @@ A workdir's `checkpoints/` holds one folder per saved step; orbax writes each at
 good checkpoint.
 """
 
+import os
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -13,9 +15,10 @@ class Checkpointer:
   """Saves every `save_every` steps (keeping the newest `keep`) and restores the latest."""
 
   def __init__(self, directory, *, save_every, keep, async_save=True):
-    self.directory = directory
+    # orbax needs absolute paths: resolve local ones, keep URLs (gs://...) as they are.
+    self.directory = directory if '://' in directory else os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        directory,
+        self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=save_every,
             enable_async_checkpointing=async_save, create=True))
