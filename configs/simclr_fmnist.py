@@ -61,6 +61,7 @@ def get_config(arg=None):
   config.log_every = 20
   config.checkpoint_every = 500
   config.checkpoint_keep = 2
+  config.nonfinite = 'error'  # NaN/inf loss: 'error' stops naming the step; 'skip' drops the update
 
   if 'resnet18' in variants or 'resnet50' in variants:
     name = 'resnet50' if 'resnet50' in variants else 'resnet18'

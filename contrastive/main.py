@@ -1,14 +1,27 @@
-"""Entry point: python -m contrastive.main --config configs/simclr_fmnist.py --workdir DIR."""
+"""Entry point: python -m contrastive.main --config configs/simclr_fmnist.py --workdir DIR.
+
+Multi-process (one process per host, the same command on every host): see
+contrastive/distributed.py and launch/. Local example, 2 CPU processes:
+
+  python -m contrastive.main --config ... --workdir DIR --coordinator_address=127.0.0.1:12345 \
+      --num_processes=2 --process_id=0   # and --process_id=1 in a second shell
+"""
 
 from absl import app
-from absl import logging
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
+from contrastive import distributed
 from contrastive import train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 config_flags.DEFINE_config_file('config', None, 'Config file (path[:variants]).', lock_config=True)
+_DISTRIBUTED = flags.DEFINE_enum('distributed', 'auto', distributed.MODES,
+                                 'jax.distributed: auto-detect, always (TPU pods) or never.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s rank.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -16,6 +29,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
 
 

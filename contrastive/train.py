@@ -13,6 +13,7 @@ import optax
 
 from contrastive import checkpoint
 from contrastive import evaluate
+from contrastive import faults
 from contrastive import metric_writer
 from contrastive import optim
 from contrastive import parallel
@@ -25,11 +26,16 @@ from contrastive.models import build_model
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step reads and writes. Replicated over the mesh (data parallelism)."""
+  """Everything a step reads and writes. Replicated over the mesh (data parallelism).
+
+  With the data iterator's state (saved beside it) and the step rng, fold_in(seed, step),
+  this is all that the next step depends on, so a restored run continues bit for bit.
+  """
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  skipped_steps: jax.Array  # updates dropped for a non-finite loss/gradient (nonfinite='skip')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,21 +49,26 @@ def create_train_state(model, tx, image_shape, rng, mesh):
     variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.uint8), train=False)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables['batch_stats'], opt_state=tx.init(params))
+                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
+                      skipped_steps=jnp.zeros((), jnp.int32))
 
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
 
 
-def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule):
+def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonfinite='error'):
   """One SimCLR update on the global batch.
 
   Args:
     state: TrainState.
     batch: {'image': [B, H, W, C] uint8, ...}, sharded along the mesh's data axis.
     rng: key for this step's augmentations (per example: fold_in(rng, example index)).
+    nonfinite: 'error' applies every update (the loop raises on a non-finite loss); 'skip'
+      keeps params, BatchNorm stats and optimizer state unchanged when the loss or any
+      gradient is NaN/inf, and counts the step in `skipped_steps`.
 
   Returns:
-    (new state, metrics): metrics holds loss, the loss's own metrics, lr, l2_grads, l2_params.
+    (new state, metrics): metrics holds loss, the loss's own metrics, lr, l2_grads, l2_params,
+    skipped_steps.
   """
   v1, v2 = augment.two_views(rng, batch['image'], aug_cfg)
   b = v1.shape[0]
@@ -75,10 +86,16 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule):
   (loss, (metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, loss=loss, lr=schedule(state.step),
+  skipped = state.skipped_steps
+  if nonfinite == 'skip':
+    ok = faults.all_finite(loss, grads)
+    params, batch_stats, opt_state = faults.keep_if_finite(
+        ok, (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state))
+    skipped = skipped + jnp.where(ok, 0, 1).astype(skipped.dtype)
+  metrics = dict(metrics, loss=loss, lr=schedule(state.step), skipped_steps=skipped,
                  l2_grads=optax.tree.norm(grads), l2_params=optax.tree.norm(params))
   new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state)
+                         opt_state=opt_state, skipped_steps=skipped)
   return new_state, metrics
 
 
@@ -102,7 +119,8 @@ def total_steps(config, num_train):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains the SimCLR recipe in `config`, evaluating and checkpointing in `workdir`.
 
-  Rerunning with the same workdir resumes from the latest checkpoint.
+  Rerunning with the same workdir resumes from the latest checkpoint that restores. SIGTERM
+  (preemption) saves a checkpoint after the current step and returns (state, {}).
 
   Returns:
     The final TrainState and the last evaluation's metrics.
@@ -141,8 +159,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   start = int(state.step)
 
   # ---- Update step --------------------------------------------------------------------------
+  nonfinite = config.get('nonfinite', 'error')
   step_fn = jit_train_step(mesh, state, model=model, tx=tx, loss_fn=loss_fn,
-                           aug_cfg=config.augment, schedule=schedule)
+                           aug_cfg=config.augment, schedule=schedule, nonfinite=nonfinite)
   data_sharding = parallel.data_sharding(mesh)
 
   # ---- Evaluation ---------------------------------------------------------------------------
@@ -161,19 +180,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   progress = metric_writer.Progress(start, steps, config.batch_size, writer)
   eval_metrics = {}
   step_rng = jax.random.fold_in(rng, 1)
-  for step in range(start + 1, steps + 1):
-    batch = pipeline.to_global(next(batch_iter), data_sharding)
-    state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
-    metrics = jax.device_get(metrics)
-    if not np.isfinite(metrics['loss']):
-      raise NonFiniteLossError(
-          f'Non-finite loss {metrics["loss"]} at step {step}; last checkpoint: '
-          f'{ckpt.latest_step()} in {ckpt.directory}.')
-    progress.update(step, metrics, every=config.log_every)
-    if step == steps or (config.eval.every and step % config.eval.every == 0):
-      with progress.paused():
-        eval_metrics = run_eval(step)
-    ckpt.save(step, state, batch_iter.get_state(), force=step == steps)
+  with faults.Preemption() as preemption:
+    for step in range(start + 1, steps + 1):
+      batch = pipeline.to_global(next(batch_iter), data_sharding)
+      state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
+      metrics = jax.device_get(metrics)
+      if nonfinite == 'error' and not np.isfinite(metrics['loss']):
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f'Non-finite loss {metrics["loss"]} at step {step}; last good checkpoint: '
+            f'{ckpt.latest_step()} in {ckpt.directory} (config.nonfinite=\'skip\' skips such '
+            'steps instead).')
+      progress.update(step, metrics, every=config.log_every)
+      if step == steps or (config.eval.every and step % config.eval.every == 0):
+        with progress.paused():
+          eval_metrics = run_eval(step)
+      ckpt.save(step, state, batch_iter.get_state(), force=step == steps)
+      if step < steps and preemption.requested():
+        ckpt.save(step, state, batch_iter.get_state(), force=True)
+        ckpt.close()
+        writer.close()
+        print(f'Preempted: saved checkpoint {step} in {ckpt.directory}; rerun the same '
+              'command to resume.', flush=True)
+        return state, {}
   if not eval_metrics:  # resumed after the last step: evaluate what was restored
     eval_metrics = run_eval(steps)
   ckpt.close()

@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from contrastive import faults
 from contrastive import optim
 from contrastive import parallel
 from contrastive.data import pipeline
@@ -50,4 +51,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
                       f'{sorted(BLOCKS)}.')
   if config.checkpoint_every <= 0:
     raise ConfigError(f'config.checkpoint_every={config.checkpoint_every} must be > 0.')
+  keep = config.get('checkpoint_keep')
+  if keep is not None and keep < 1:
+    raise ConfigError(f'config.checkpoint_keep={keep} must be >= 1 (or None to keep all): the '
+                      'last good checkpoint is never deleted.')
+  nonfinite = config.get('nonfinite', 'error')
+  if nonfinite not in faults.NONFINITE_MODES:
+    raise ConfigError(f'config.nonfinite={nonfinite!r} is unknown; choose one of '
+                      f'{faults.NONFINITE_MODES}.')
   pipeline.check_dataset(config.dataset)

@@ -78,7 +78,7 @@ def test_non_finite_loss_stops_with_step(tfds_dir, tmp_path):
   config = _config(total_steps=5)
   config.dataset.data_dir = tfds_dir
   config.optimizer.lr = 1e30  # diverges within a couple of steps
-  with pytest.raises(train.NonFiniteLossError, match=r'at step \d'):
+  with pytest.raises(train.NonFiniteLossError, match=r'at step \d+; last good checkpoint'):
     train.train_and_evaluate(config, str(tmp_path))
 
 

@@ -45,6 +45,8 @@ def get_source(cfg, split):
             download_config=tfds.download.DownloadConfig(manual_dir=cfg.idx_dir),
             file_format='array_record')
       _sync_processes('prepare_' + cfg.name)
+      # Re-read what process 0 wrote (a builder made before preparing has the default format).
+      builder = LOCAL_BUILDERS[cfg.name](data_dir=_data_dir(cfg))
     return _with_ids(builder.as_data_source(split=split))
   return _with_ids(tfds.data_source(cfg.name, split=split, data_dir=_data_dir(cfg)))
 
@@ -90,19 +92,21 @@ def _sync_processes(name):
 def train_loader(source, *, global_batch_size, seed, prefetch=2):
   """Shuffled, repeated, seeded grain dataset of this process's share of each global batch.
 
-  Records are split by process (every process_count-th index), reshuffled every epoch from
-  `seed`, and read a batch at a time. Each process yields global_batch_size / process_count
-  examples per step. `iter(loader)` has `get_state()` / `set_state()`, which a checkpoint
-  stores to resume the data stream exactly.
+  The global order is the same for any number of processes: the record indices are reshuffled
+  every epoch from `seed` and cut into global batches, and process p reads rows
+  [p * b, (p + 1) * b) of each, b = global_batch_size / process_count. With the mesh's devices
+  in process order (`jax.devices()`), `to_global` then puts every row where a single process
+  would, so a multi-process run sees exactly the single-process batches. `iter(loader)` has
+  `get_state()` / `set_state()`, which a checkpoint stores to resume the data stream exactly.
 
   Returns:
     grain.IterDataset of {'image': [b, H, W, C] uint8, 'label': [b] int32, 'id': [b] int32}.
   """
-  local_batch = global_batch_size // jax.process_count()
-  indices = grain.MapDataset.range(len(source)).slice(
-      slice(jax.process_index(), None, jax.process_count()))
-  batches = (indices.shuffle(seed=seed).repeat()
-             .batch(local_batch, drop_remainder=True, batch_fn=np.asarray)
+  num_processes, index = jax.process_count(), jax.process_index()
+  local_batch = global_batch_size // num_processes
+  batches = (grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+             .batch(global_batch_size, drop_remainder=True, batch_fn=np.asarray)
+             .map(lambda idx: idx[index * local_batch:(index + 1) * local_batch])
              .map(lambda idx: _stack(source.__getitems__(idx))))
   return batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
 
