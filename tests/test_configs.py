@@ -16,6 +16,18 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, '*.py')))
 VARIANTS = {'simclr_fmnist.py': [None, 'runlocal', 'resnet18', 'resnet50', 'resnet18,runlocal']}
 
 
+def test_every_registered_loss_is_a_config_variant():
+  from contrastive.losses import PAIR_LOSSES  # pylint: disable=g-import-not-at-top
+  path = os.path.join(CONFIG_DIR, 'simclr_fmnist.py')
+  for name in PAIR_LOSSES:
+    config = load_config(path, f'runlocal,loss={name}')
+    config.dataset.name = 'not_local'
+    validate.validate_config(config, num_devices=8, num_processes=1)
+    assert config.loss.name == name
+  with pytest.raises(ValueError, match='loss=.nt_xnet. is unknown'):
+    load_config(path, 'loss=nt_xnet')
+
+
 def load_config(path, arg=None):
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)

@@ -1,5 +1,6 @@
 """Input checks, normalisation and metrics shared by the contrastive losses."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,18 +28,46 @@ def check_temperature(temperature):
     raise ValueError(f'temperature must be > 0, got {temperature}.')
 
 
+def masked_logsumexp(x, mask, axis=-1):
+  """log sum_{j : mask_j} exp(x_j) along `axis`, stabilised by the maximum kept entry.
+
+  An all-False row gives -inf with a zero gradient, never NaN (the inner `where`s keep
+  log(0) and exp(-inf - -inf) out of both passes), so each loss can define what an empty
+  candidate set means instead of inheriting a NaN.
+
+  Args:
+    x: [..., M] logits (float32).
+    mask: bool, broadcastable to x; False drops the entry.
+    axis: the reduced axis.
+
+  Returns:
+    x's shape without `axis`: the masked log-sum-exp, -inf where nothing is kept.
+  """
+  mask = jnp.broadcast_to(mask, x.shape)
+  x = jnp.where(mask, x, -jnp.inf)
+  peak = jnp.max(x, axis=axis, keepdims=True)
+  peak = jax.lax.stop_gradient(jnp.where(jnp.isfinite(peak), peak, 0.0))
+  total = jnp.sum(jnp.where(mask, jnp.exp(x - peak), 0.0), axis=axis)
+  empty = ~jnp.any(mask, axis=axis)
+  log_total = jnp.log(jnp.where(empty, 1.0, total)) + jnp.squeeze(peak, axis)
+  return jnp.where(empty, -jnp.inf, log_total)
+
+
 def similarity_metrics(sim, pos_mask, neg_mask, exclude=None):
   """Retrieval accuracy and mean positive / negative similarity of a [N, M] similarity matrix.
 
   Args:
     sim: [N, M] cosine similarities.
-    pos_mask: [N, M] bool, exactly one True per row (the positive).
+    pos_mask: [N, M] bool, the positives of each row (usually exactly one). Accuracy is the
+      fraction of rows whose most similar candidate is a positive, over rows that have one.
     neg_mask: [N, M] bool, the negatives of each row.
     exclude: optional [N, M] bool of entries that are neither (e.g. self-similarity).
   """
   ranked = sim if exclude is None else jnp.where(exclude, -jnp.inf, sim)
   top1 = jnp.argmax(ranked, axis=1)
-  accuracy = jnp.mean(jnp.take_along_axis(pos_mask, top1[:, None], axis=1))
+  hit = jnp.take_along_axis(pos_mask, top1[:, None], axis=1)[:, 0]
+  rows = jnp.any(pos_mask, axis=1)
+  accuracy = jnp.sum(hit & rows) / jnp.maximum(jnp.sum(rows), 1)
   pos_sim = jnp.sum(jnp.where(pos_mask, sim, 0.0)) / jnp.maximum(jnp.sum(pos_mask), 1)
   neg_sim = jnp.sum(jnp.where(neg_mask, sim, 0.0)) / jnp.maximum(jnp.sum(neg_mask), 1)
   return {'accuracy': accuracy.astype(jnp.float32), 'pos_sim': pos_sim, 'neg_sim': neg_sim}

@@ -1,26 +1,128 @@
-"""Losses selectable by name from a config: `config.loss = {'name': ..., **kwargs}`."""
+"""Losses selectable by name from a config: `config.loss = {'name': ..., **kwargs}`.
+
+Every entry of PAIR_LOSSES is a two-view loss for the SimCLR recipe,
+fn(z1 [B, D], z2 [B, D], **kwargs) -> (loss, metrics), whose keyword-only arguments are the
+config's other fields (checked against the signature before anything is compiled):
+
+  nt_xent                 temperature                 the 2B views, 2B - 2 negatives each
+  info_nce                temperature                 1/2 (info_nce(z1, z2) + info_nce(z2, z1))
+  clip_loss               temperature                 symmetric already; equals info_nce here
+  sigmoid_loss            temperature, bias           SigLIP with a fixed tau and b
+  dcl                     temperature                 both directions, averaged
+  debiased_info_nce       temperature, tau_plus       both directions, averaged
+  hard_negative_info_nce  temperature, beta, tau_plus both directions, averaged
+  supcon                  temperature                 on [z1; z2] with labels = pair ids (= nt_xent)
+
+Asymmetric query/key losses are used in both directions and their metrics averaged. A learned
+temperature or SigLIP bias is a model parameter, not a config value: call the loss functions
+directly with traced scalars for that.
+"""
 
 import functools
+import inspect
 
+import jax
+import jax.numpy as jnp
+
+from contrastive.losses import common
+from contrastive.losses.debiased import debiased_info_nce
+from contrastive.losses.debiased import hard_negative_info_nce
+from contrastive.losses.info_nce import clip_loss
+from contrastive.losses.info_nce import dcl
+from contrastive.losses.info_nce import info_nce
 from contrastive.losses.nt_xent import nt_xent
+from contrastive.losses.sigmoid import sigmoid_loss
+from contrastive.losses.supcon import supcon
+
+
+def _both_directions(loss_fn, z1, z2, **kwargs):
+  """1/2 (f(z1, z2) + f(z2, z1)) with the metrics averaged the same way."""
+  loss_12, metrics_12 = loss_fn(z1, z2, **kwargs)
+  loss_21, metrics_21 = loss_fn(z2, z1, **kwargs)
+  metrics = jax.tree.map(lambda a, b: 0.5 * (a + b), metrics_12, metrics_21)
+  return 0.5 * (loss_12 + loss_21), metrics
+
+
+def _info_nce_pair(z1, z2, *, temperature):
+  return _both_directions(info_nce, z1, z2, temperature=temperature)
+
+
+def _dcl_pair(z1, z2, *, temperature):
+  return _both_directions(dcl, z1, z2, temperature=temperature)
+
+
+def _debiased_pair(z1, z2, *, temperature, tau_plus):
+  return _both_directions(debiased_info_nce, z1, z2, temperature=temperature, tau_plus=tau_plus)
+
+
+def _hard_negative_pair(z1, z2, *, temperature, beta, tau_plus):
+  return _both_directions(hard_negative_info_nce, z1, z2, temperature=temperature, beta=beta,
+                          tau_plus=tau_plus)
+
+
+def _clip_pair(z1, z2, *, temperature):
+  return clip_loss(z1, z2, temperature=temperature)
+
+
+def _sigmoid_pair(z1, z2, *, temperature, bias):
+  return sigmoid_loss(z1, z2, temperature=temperature, bias=bias)
+
+
+def _supcon_pair(z1, z2, *, temperature):
+  common.check_pair(z1, z2, 'z1', 'z2')
+  pair_ids = jnp.tile(jnp.arange(z1.shape[0]), 2)  # view i and view B + i are one sample
+  return supcon(jnp.concatenate([z1, z2]), pair_ids, temperature=temperature)
+
 
 # Two-view losses for the SimCLR recipe: fn(z1 [B, D], z2 [B, D], **kwargs) -> (loss, metrics).
 PAIR_LOSSES = {
     'nt_xent': nt_xent,
+    'info_nce': _info_nce_pair,
+    'clip_loss': _clip_pair,
+    'sigmoid_loss': _sigmoid_pair,
+    'dcl': _dcl_pair,
+    'debiased_info_nce': _debiased_pair,
+    'hard_negative_info_nce': _hard_negative_pair,
+    'supcon': _supcon_pair,
 }
 
 
+def loss_arguments(name):
+  """{argument: required} for the keyword-only arguments of PAIR_LOSSES[name]."""
+  params = inspect.signature(PAIR_LOSSES[name]).parameters.values()
+  return {p.name: p.default is p.empty for p in params if p.kind == p.KEYWORD_ONLY}
+
+
 def check_loss_config(cfg):
-  """Raises ValueError for an unknown loss name or a non-positive temperature."""
-  if cfg.name not in PAIR_LOSSES:
-    raise ValueError(f'config.loss.name={cfg.name!r} is unknown; choose one of {sorted(PAIR_LOSSES)}.')
+  """Raises ValueError for an unknown loss, unknown or missing arguments, or bad values.
+
+  Args:
+    cfg: the config's `loss` field (a ConfigDict or dict): `name` plus the loss's arguments.
+  """
+  name = cfg.get('name')
+  if name not in PAIR_LOSSES:
+    raise ValueError(f'config.loss.name={name!r} is unknown; choose one of {sorted(PAIR_LOSSES)}.')
+  arguments = loss_arguments(name)
+  given = [k for k in cfg.keys() if k != 'name']
+  for field in given:
+    if field not in arguments:
+      raise ValueError(f'config.loss.{field} is not an argument of the {name!r} loss; it takes '
+                       f'{sorted(arguments)}.')
+  for field, required in arguments.items():
+    if required and field not in given:
+      raise ValueError(f'config.loss.{field} is missing: the {name!r} loss needs '
+                       f'{sorted(arguments)}.')
   temperature = cfg.get('temperature')
   if temperature is not None and not temperature > 0:
     raise ValueError(f'config.loss.temperature={temperature} must be > 0 (e.g. 0.1-0.5).')
+  tau_plus = cfg.get('tau_plus')
+  if tau_plus is not None and not 0 <= tau_plus < 1:
+    raise ValueError(f'config.loss.tau_plus={tau_plus} must be in [0, 1) (e.g. 0.1 for 10 '
+                     'balanced classes).')
 
 
 def pair_loss_from_config(cfg):
   """fn(z1, z2) -> (loss, metrics) with the config's keyword arguments bound."""
   check_loss_config(cfg)
   kwargs = {k: v for k, v in cfg.items() if k != 'name'}
-  return functools.partial(PAIR_LOSSES[cfg.name], **kwargs)
+  return functools.partial(PAIR_LOSSES[cfg.get('name')], **kwargs)

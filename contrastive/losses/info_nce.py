@@ -1,0 +1,226 @@
+"""InfoNCE and its two close relatives: CLIP's symmetric form and Decoupled CL (no positive below).
+
+All three score a query against a set of candidate keys with cosine similarities s_ij (each
+input is L2-normalised inside, see `common.l2_normalize`) divided by a temperature tau. Row i
+of `key` is the positive of row i of `query`; the other rows of `key` are its negatives N(i).
+They are written on logical global arrays: under `jax.jit` with the batch sharded along a mesh
+axis, every device's keys are negatives for every other device's queries.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from contrastive.losses import blockwise
+from contrastive.losses import common
+
+
+def check_candidates(query, extra_negatives, negative_mask):
+  """Raises ValueError unless extra_negatives is [M, D] and an array negative_mask [B, B + M]."""
+  b, d = query.shape
+  m = 0
+  if extra_negatives is not None:
+    if extra_negatives.ndim != 2 or extra_negatives.shape[1] != d:
+      raise ValueError(f'extra_negatives must be [M, D] with D = {d} as in query; '
+                       f'got extra_negatives: {tuple(extra_negatives.shape)}, query: {(b, d)}.')
+    m = extra_negatives.shape[0]
+  if negative_mask is not None and not callable(negative_mask):
+    if tuple(negative_mask.shape) != (b, b + m) or negative_mask.dtype != jnp.bool_:
+      raise ValueError(f'negative_mask must be bool [B, B + M] = {(b, b + m)}; got '
+                       f'{negative_mask.dtype} {tuple(negative_mask.shape)}.')
+
+
+def info_nce(query, key, *, temperature, extra_negatives=None, negative_mask=None, mask_ids=None,
+             block_size=None, mesh=None, collective=blockwise.DEFAULT_COLLECTIVE):
+  """InfoNCE: each query must pick its own key out of the other keys and the extra negatives.
+
+  With s_ij the cosine similarity of query i and candidate j (the B keys, then the M extra
+  negatives) and N(i) the candidates other than i that `negative_mask` keeps:
+
+      l_i = -s_ii/tau + log sum_{j in {i} u N(i)} exp(s_ij / tau),     loss = mean_i l_i.
+
+  The positive j = i is always in the denominator, whatever the mask says. With B = 1 and no
+  extra negatives (or every negative masked out) the sum holds only the positive: l_i = 0 and
+  the accuracy is 1.
+
+  Args:
+    query: [B, D] embeddings.
+    key: [B, D] embeddings; row i is the positive of query i, the other rows its negatives.
+    temperature: tau > 0, a Python float or a traced scalar.
+    extra_negatives: optional [M, D] embeddings appended to every query's negatives (a memory
+      queue as in MoCo, or mined hard negatives).
+    negative_mask: optional [B, B + M] bool; False removes candidate j from query i's
+      denominator (e.g. a false negative with the same label). Column i of row i is ignored.
+      Or a function keep(row_ids [b], col_ids [c], sim [b, c]) -> bool [b, c] with the same
+      meaning, evaluated tile by tile on the blockwise path (see `blockwise.py`).
+    mask_ids: optional ([B] row ids, [B + M] candidate ids) handed to a function
+      negative_mask instead of the positions, e.g. class labels with `blockwise.distinct_ids`.
+    block_size: None (dense) or the tile side of the blockwise path: same loss, gradients and
+      metrics (ties between the positive and a negative count as misses there), memory
+      O(B D + block_size^2) instead of O(B (B + M)).
+    mesh: with block_size, a Mesh whose `data` axis splits the batch: the blockwise path runs
+      per device under shard_map; None: one device.
+    collective: 'ring' (ppermute) or 'all_gather', how key chunks reach the other devices.
+
+  Returns:
+    (loss, metrics): loss a float32 scalar; metrics with `accuracy` (fraction of queries whose
+    positive has the largest similarity among the kept candidates), `pos_sim` (mean s_ii),
+    `neg_sim` (mean s_ij over kept negatives) and `logsumexp` (mean log-denominator).
+
+  References:
+    van den Oord, Li & Vinyals 2018, "Representation Learning with Contrastive Predictive
+    Coding" (arXiv:1807.03748), eq. 4; He et al. 2020, MoCo (queue of extra negatives).
+
+  >>> q, k = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  >>> loss, metrics = info_nce(q, k, temperature=0.1)
+  """
+  common.check_pair(query, key, 'query', 'key')
+  common.check_temperature(temperature)
+  check_candidates(query, extra_negatives, negative_mask)
+  blockwise.check_args(block_size, mesh, collective, negative_mask)
+  b = query.shape[0]
+  q = common.l2_normalize(query)
+  k = common.l2_normalize(key)
+  extra = None if extra_negatives is None else common.l2_normalize(extra_negatives)
+  if block_size is not None:
+    pos_sim = jnp.sum(q * k, axis=1)
+    stats = blockwise.softmax_stats(q, k, scale=1.0 / temperature, extra=extra,
+                                    negative_mask=negative_mask, mask_ids=mask_ids,
+                                    block_size=block_size, mesh=mesh, collective=collective)
+    lse = stats.row_lse[:, 0]
+    metrics = blockwise.similarity_metrics(pos_sim, stats.row_neg_max, stats.neg_sum,
+                                           stats.neg_count)
+    metrics['logsumexp'] = jnp.mean(lse)
+    return jnp.mean(lse - pos_sim / temperature), metrics
+  if extra is not None:
+    k = jnp.concatenate([k, extra])  # (B + M, D)
+  sim = q @ k.T  # (B, D) . (D, B + M) -> (B, B + M)
+  negative_mask = blockwise.dense_mask(negative_mask, mask_ids, sim)
+  pos_mask = jnp.eye(b, k.shape[0], dtype=bool)
+  keep = jnp.ones_like(pos_mask) if negative_mask is None else negative_mask | pos_mask
+  logits = sim / temperature
+  lse = common.masked_logsumexp(logits, keep)
+  loss = jnp.mean(lse - jnp.diagonal(logits))
+  metrics = common.similarity_metrics(sim, pos_mask, keep & ~pos_mask, exclude=~keep)
+  metrics['logsumexp'] = jnp.mean(lse)
+  return loss, metrics
+
+
+def clip_loss(za, zb, *, temperature, negative_mask=None, mask_ids=None, block_size=None,
+              mesh=None, collective=blockwise.DEFAULT_COLLECTIVE):
+  """CLIP's symmetric InfoNCE: a's rows retrieve b's and b's rows retrieve a's.
+
+      loss = 1/2 (info_nce(za, zb) + info_nce(zb, za))
+           = 1/(2B) sum_i [-2 s_ii/tau + log sum_j exp(s_ij/tau) + log sum_j exp(s_ji/tau)],
+
+  i.e. the row- and the column-wise cross-entropy of one (B, B) logit matrix, diagonal labels.
+
+  `temperature` may be a traced scalar: CLIP learns it as a model parameter, e.g.
+  `temperature = jnp.exp(-params['logit_scale'])`, and gradients flow into it. With B = 1
+  the loss is 0. A negative_mask removes pair (i, j) from both sums (row i's and column j's).
+
+  Args:
+    za: [B, D] embeddings of one modality or view.
+    zb: [B, D] embeddings of the other; row i pairs with za's row i.
+    temperature: tau > 0, a Python float or a traced scalar.
+    negative_mask, mask_ids: as in `info_nce`, with [B, B] masks and ([B], [B]) ids.
+    block_size, mesh, collective: the blockwise path, as in `info_nce`; the column
+      log-sum-exps are streamed in the same pass as the rows'.
+
+  Returns:
+    (loss, metrics): loss a float32 scalar; metrics with `accuracy` (top-1 retrieval accuracy
+    averaged over both directions), `pos_sim`, `neg_sim` and `logsumexp` (mean over both
+    directions of the log-denominator).
+
+  References:
+    Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+    Supervision" (CLIP), Figure 3.
+
+  >>> za, zb = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  >>> loss, metrics = clip_loss(za, zb, temperature=0.07)
+  """
+  common.check_pair(za, zb, 'za', 'zb')
+  common.check_temperature(temperature)
+  check_candidates(za, None, negative_mask)
+  blockwise.check_args(block_size, mesh, collective, negative_mask)
+  b = za.shape[0]
+  a, c = common.l2_normalize(za), common.l2_normalize(zb)
+  if block_size is not None:
+    return _clip_blockwise(a, c, temperature, negative_mask=negative_mask, mask_ids=mask_ids,
+                           block_size=block_size, mesh=mesh, collective=collective)
+  sim = a @ c.T  # (B, D) . (D, B) -> (B, B)
+  logits = sim / temperature
+  pos_logit = jnp.diagonal(logits)
+  eye = jnp.eye(b, dtype=bool)
+  negative_mask = blockwise.dense_mask(negative_mask, mask_ids, sim)
+  if negative_mask is None:
+    lse_ab = jax.nn.logsumexp(logits, axis=1)  # za_i against every zb_j
+    lse_ba = jax.nn.logsumexp(logits, axis=0)  # zb_j against every za_i
+    metrics_ab = common.similarity_metrics(sim, eye, ~eye)
+    metrics_ba = common.similarity_metrics(sim.T, eye, ~eye)
+  else:
+    keep = negative_mask | eye
+    lse_ab = common.masked_logsumexp(logits, keep, axis=1)
+    lse_ba = common.masked_logsumexp(logits, keep, axis=0)
+    metrics_ab = common.similarity_metrics(sim, eye, keep & ~eye, exclude=~keep)
+    metrics_ba = common.similarity_metrics(sim.T, eye, (keep & ~eye).T, exclude=~keep.T)
+  loss = 0.5 * (jnp.mean(lse_ab - pos_logit) + jnp.mean(lse_ba - pos_logit))
+  metrics = jax.tree.map(lambda x, y: 0.5 * (x + y), metrics_ab, metrics_ba)
+  metrics['logsumexp'] = 0.5 * (jnp.mean(lse_ab) + jnp.mean(lse_ba))
+  return loss, metrics
+
+
+def _clip_blockwise(a, c, temperature, **kwargs):
+  """clip_loss from one streamed pass over the tiles: row and column log-sum-exps."""
+  pos_sim = jnp.sum(a * c, axis=1)
+  stats = blockwise.softmax_stats(a, c, scale=1.0 / temperature, col_mult=(1.0,),
+                                  col_positive=(True,), **kwargs)
+  lse_ab, lse_ba = stats.row_lse[:, 0], stats.col_lse[:, 0]
+  pos_logit = pos_sim / temperature
+  loss = 0.5 * (jnp.mean(lse_ab - pos_logit) + jnp.mean(lse_ba - pos_logit))
+  metrics = blockwise.similarity_metrics(pos_sim, stats.row_neg_max, stats.neg_sum,
+                                         stats.neg_count)
+  accuracy_ba = jnp.mean((pos_sim > stats.col_neg_max).astype(jnp.float32))
+  metrics['accuracy'] = 0.5 * (metrics['accuracy'] + accuracy_ba)
+  metrics['logsumexp'] = 0.5 * (jnp.mean(lse_ab) + jnp.mean(lse_ba))
+  return loss, metrics
+
+
+def dcl(query, key, *, temperature):
+  """Decoupled Contrastive Learning: InfoNCE with the positive removed from the denominator.
+
+      l_i = -s_ii/tau + log sum_{j in N(i)} exp(s_ij / tau),     loss = mean_i l_i,
+
+  with N(i) the B - 1 other rows of `key`. Dropping the positive removes InfoNCE's
+  "negative-positive coupling" (the factor 1 - p_ii that shrinks every gradient once the
+  positive is easy), so small batches learn faster. l_i is not a log-probability: it can be
+  negative, down to -2/tau + log(B - 1). With B = 1 the negative set is empty (log sum = -inf);
+  the loss is then defined as 0, with a zero gradient.
+
+  Args:
+    query: [B, D] embeddings.
+    key: [B, D] embeddings; row i is the positive of query i, the other rows its negatives.
+    temperature: tau > 0, a Python float or a traced scalar.
+
+  Returns:
+    (loss, metrics): loss a float32 scalar; metrics with `accuracy` (fraction of queries whose
+    positive has the largest similarity), `pos_sim`, `neg_sim` and `logsumexp` (mean log-sum
+    over the negatives only).
+
+  References:
+    Yeh et al. 2022, "Decoupled Contrastive Learning" (ECCV), eq. 6 (DCL, unweighted).
+
+  >>> q, k = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  >>> loss, metrics = dcl(q, k, temperature=0.1)
+  """
+  common.check_pair(query, key, 'query', 'key')
+  common.check_temperature(temperature)
+  b = query.shape[0]
+  sim = common.l2_normalize(query) @ common.l2_normalize(key).T  # (B, D) . (D, B) -> (B, B)
+  eye = jnp.eye(b, dtype=bool)
+  logits = sim / temperature
+  lse_neg = common.masked_logsumexp(logits, ~eye)  # -inf (zero gradient) when B = 1
+  has_neg = jnp.isfinite(lse_neg)
+  loss = jnp.mean(jnp.where(has_neg, lse_neg - jnp.diagonal(logits), 0.0))
+  metrics = common.similarity_metrics(sim, eye, ~eye)
+  metrics['logsumexp'] = jnp.mean(jnp.where(has_neg, lse_neg, 0.0))
+  return loss, metrics
