@@ -49,6 +49,7 @@ def test_skip_keeps_state_on_nonfinite_loss():
                  getattr(before, part), getattr(after, part))
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 def test_skip_is_a_no_op_on_finite_steps():
   loss_fn = functools.partial(nt_xent, temperature=0.2)
   _, skip, skip_metrics = _one_step(loss_fn, 'skip')
@@ -57,6 +58,7 @@ def test_skip_is_a_no_op_on_finite_steps():
   jax.tree.map(np.testing.assert_array_equal, skip, error)
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 def test_error_mode_applies_the_update():
   before, after, metrics = _one_step(_nan_loss, 'error')
   assert int(metrics['skipped_steps']) == 0
@@ -64,6 +66,7 @@ def test_error_mode_applies_the_update():
   assert not np.array_equal(jax.tree.leaves(before.params)[0], jax.tree.leaves(after.params)[0])
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 def test_skip_mode_finishes_a_diverging_run(tmp_path, tmp_path_factory):
   if not os.path.isdir(fashion_mnist.DEBIAN_IDX_DIR):
     pytest.skip('apt-get install dataset-fashion-mnist')

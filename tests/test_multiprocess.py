@@ -110,6 +110,7 @@ def _start(workdir, port, process_id, args):
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 def test_sigterm_to_one_process_checkpoints_all_then_resumes(tfds_dir, tmp_path):
   """Preemption may reach one host first: all processes agree on the step, save and exit 0."""
   args = [f'--config.dataset.data_dir={tfds_dir}', '--config.total_steps=20',

@@ -135,6 +135,7 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference, tfds_dir, tmp_path):
   assert_bitwise_equal(state, ref_state)
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 def test_sigterm_saves_then_rerun_is_bitwise_identical(reference, tfds_dir, tmp_path):
   _, ref_losses, ref_state = reference
   workdir = str(tmp_path)
@@ -166,6 +167,7 @@ def test_truncated_newest_checkpoint_falls_back(reference, tfds_dir, tmp_path):
   assert_bitwise_equal(final_state(workdir), ref_state)
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 def test_missing_state_folder_falls_back(reference, tfds_dir, tmp_path):
   ref_workdir, _, ref_state = reference
   workdir = str(tmp_path / 'run')

@@ -1,0 +1,88 @@
+"""The blockwise losses under shard_map on 1, 2 and 8 devices equal the dense single-device ones.
+
+tests/conftest.py gives the process 8 virtual CPU devices; a mesh over the first n of them is an
+n-device run. With `mesh=`, each device keeps its B/n query rows and the key chunks (keys plus
+extra negatives) travel around a ppermute ring or are all-gathered (`ring.py`); masks by ids
+and similarity, labels as ids, and extra negatives (M not divisible by n: padded) included,
+with block sizes that do not divide the B/n rows per device.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from contrastive import losses
+from contrastive import parallel
+from contrastive.losses import blockwise
+
+B, D, M = 32, 8, 12  # 4 rows and 2 extra negatives (1.5, padded) per device on 8
+RTOL, ATOL = 1e-5, 1e-6  # as tests/test_blockwise.py: float32 sums in another order
+
+
+def threshold_mask(row_ids, col_ids, sim):
+  return (sim < 0.3) | (row_ids[:, None] % 2 == 0) | (col_ids[None, :] % 2 == 0)
+
+
+def _inputs():
+  rng = np.random.default_rng(1)
+  z1 = rng.normal(size=(B, D)).astype(np.float32)
+  z2 = (z1 + rng.normal(size=(B, D))).astype(np.float32)
+  extra = rng.normal(size=(M, D)).astype(np.float32)
+  labels = rng.integers(0, 6, size=B + M).astype(np.int32)
+  return z1, z2, extra, labels
+
+
+def _all_losses(z1, z2, extra, labels, tau, bias, **blocks):
+  """Sum of the losses (each with a different weight) and their metrics."""
+  by_label = dict(negative_mask=blockwise.distinct_ids, mask_ids=(labels[:B], labels))
+  results = [
+      losses.info_nce(z1, z2, temperature=tau, extra_negatives=extra, **by_label, **blocks),
+      losses.clip_loss(z1, z2, temperature=tau, negative_mask=threshold_mask, **blocks),
+      losses.sigmoid_loss(z1, z2, temperature=tau, bias=bias, extra_negatives=extra,
+                          negative_mask=threshold_mask, **blocks),
+      losses.hard_negative_info_nce(z1, z2, temperature=tau, beta=0.5, tau_plus=0.1, **blocks),
+  ]
+  total = sum((i + 1.0) * loss for i, (loss, _) in enumerate(results))
+  return total, [metrics for _, metrics in results]
+
+
+def _value_and_grads(**blocks):
+  fn = jax.value_and_grad(functools.partial(_all_losses, **blocks), argnums=(0, 1, 2, 4, 5),
+                          has_aux=True)
+  return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense():
+  z1, z2, extra, labels = _inputs()
+  return jax.device_get(_value_and_grads()(z1, z2, extra, labels, 0.2, -2.0))
+
+
+@pytest.mark.parametrize('collective', ['ring', 'all_gather'])
+@pytest.mark.parametrize('num_devices,block_size', [(1, 5), (2, 6), (8, 3)])
+def test_blockwise_on_mesh_equals_dense(num_devices, block_size, collective):
+  mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:num_devices])
+  sharding = parallel.data_sharding(mesh)
+  z1, z2, extra, labels = _inputs()
+  args = [jax.device_put(x, sharding) for x in (z1, z2)]
+  args += [jax.device_put(x, parallel.replicated(mesh)) for x in (extra, labels)]
+  fn = _value_and_grads(block_size=block_size, mesh=mesh, collective=collective)
+  (total, metrics), grads = fn(*args, 0.2, -2.0)
+  assert grads[0].sharding.spec == P(parallel.DATA)  # each device's rows keep their gradient
+  (d_total, d_metrics), d_grads = _dense()
+  np.testing.assert_allclose(total, d_total, rtol=RTOL)
+  for g, d_g, name in zip(grads, d_grads, ('z1', 'z2', 'extra', 'tau', 'bias')):
+    np.testing.assert_allclose(g, d_g, rtol=RTOL, atol=ATOL, err_msg=f'd/d{name}')
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL), metrics,
+               d_metrics)
+
+
+def test_blockwise_on_mesh_needs_divisible_batch():
+  mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:8])
+  x = jnp.ones((12, 4))
+  with pytest.raises(ValueError, match='B = 12 must be divisible by the 8 devices'):
+    losses.clip_loss(x, x, temperature=0.1, block_size=4, mesh=mesh)
