@@ -215,6 +215,39 @@ def test_info_nce_extra_negatives_and_mask(b, m):
     np.testing.assert_allclose(metrics['neg_sim'], sim[neg].mean(), rtol=1e-5, atol=1e-6)
 
 
+def ref_info_nce_own(query, key, tau, own, own_mask):
+  """CPC eq. 4 where row i's denominator also sums its own negatives own[i, s] (MoCHi)."""
+  q, k, own = unit(query), unit(key), unit(own)
+  losses_ = []
+  for i in range(len(q)):
+    denom = sum(np.exp(q[i] @ k[j] / tau) for j in range(len(k)))
+    denom += sum(np.exp(q[i] @ own[i, s] / tau) for s in range(own.shape[1]) if own_mask[i, s])
+    losses_.append(-q[i] @ k[i] / tau + np.log(denom))
+  return np.mean(losses_)
+
+
+@pytest.mark.parametrize('block_size', [None, 4])
+def test_info_nce_query_negatives(block_size):
+  b, s = 6, 3
+  z1, z2, own = normal(0, b, 5), normal(1, b, 5), normal(2, b * s, 5).reshape(b, s, 5)
+  own_mask = np.random.default_rng(3).random((b, s)) < 0.6
+  fn = jax.jit(lambda x, o: losses.info_nce(x, z2, temperature=0.2, query_negatives=o,
+                                            query_negative_mask=own_mask,
+                                            block_size=block_size))
+  loss, metrics = fn(z1, own)
+  np.testing.assert_allclose(loss, ref_info_nce_own(z1, z2, 0.2, own, own_mask), rtol=1e-5)
+  grad = jax.grad(lambda o: fn(z1, o)[0])(own)
+  expected = fd_grad(lambda o: ref_info_nce_own(z1, z2, 0.2, o, own_mask), own)
+  np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-5)
+  own_sim = np.einsum('bd,bsd->bs', unit(z1), unit(own))
+  best_neg = np.maximum((unit(z1) @ unit(z2).T - 9 * np.eye(b)).max(1),
+                        np.where(own_mask, own_sim, -np.inf).max(1))
+  np.testing.assert_allclose(metrics['accuracy'], np.mean(np.diag(unit(z1) @ unit(z2).T) >
+                                                          best_neg))
+  with pytest.raises(ValueError, match='query_negatives must be'):
+    losses.info_nce(z1, z2, temperature=0.2, query_negatives=own[:, :, :4])
+
+
 @pytest.mark.parametrize('n', [1, 6, 13])
 def test_supcon_with_labels(n):
   z = normal(n, n, 4)

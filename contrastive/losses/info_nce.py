@@ -29,8 +29,33 @@ def check_candidates(query, extra_negatives, negative_mask):
                        f'{negative_mask.dtype} {tuple(negative_mask.shape)}.')
 
 
+def check_query_negatives(query, query_negatives, query_negative_mask):
+  """Raises ValueError unless query_negatives is [B, S, D] and its mask bool [B, S]."""
+  if query_negatives is None:
+    if query_negative_mask is not None:
+      raise ValueError('query_negative_mask needs query_negatives.')
+    return
+  b, d = query.shape
+  if query_negatives.ndim != 3 or query_negatives.shape[::2] != (b, d):
+    raise ValueError(f'query_negatives must be [B, S, D] with B, D = {(b, d)} as in query; got '
+                     f'{tuple(query_negatives.shape)}.')
+  shape = query_negatives.shape[:2]
+  if query_negative_mask is not None and (tuple(query_negative_mask.shape) != shape or
+                                          query_negative_mask.dtype != jnp.bool_):
+    raise ValueError(f'query_negative_mask must be bool [B, S] = {shape}; got '
+                     f'{query_negative_mask.dtype} {tuple(query_negative_mask.shape)}.')
+
+
+def _own_negatives(q, query_negatives, query_negative_mask):
+  """(sim [B, S] of each query with its own negatives, keep [B, S])."""
+  sim = jnp.einsum('bd,bsd->bs', q, common.l2_normalize(query_negatives))
+  keep = (jnp.ones(sim.shape, bool) if query_negative_mask is None else query_negative_mask)
+  return sim, keep
+
+
 def info_nce(query, key, *, temperature, extra_negatives=None, negative_mask=None, mask_ids=None,
-             block_size=None, mesh=None, collective=blockwise.DEFAULT_COLLECTIVE):
+             query_negatives=None, query_negative_mask=None, block_size=None, mesh=None,
+             collective=blockwise.DEFAULT_COLLECTIVE):
   """InfoNCE: each query must pick its own key out of the other keys and the extra negatives.
 
   With s_ij the cosine similarity of query i and candidate j (the B keys, then the M extra
@@ -38,7 +63,8 @@ def info_nce(query, key, *, temperature, extra_negatives=None, negative_mask=Non
 
       l_i = -s_ii/tau + log sum_{j in {i} u N(i)} exp(s_ij / tau),     loss = mean_i l_i.
 
-  The positive j = i is always in the denominator, whatever the mask says. With B = 1 and no
+  Query i's own negatives (`query_negatives[i]`, e.g. MoCHi's synthetic hard negatives) join
+  N(i). The positive j = i is always in the denominator, whatever the mask says. With B = 1 and no
   extra negatives (or every negative masked out) the sum holds only the positive: l_i = 0 and
   the accuracy is 1.
 
@@ -54,6 +80,9 @@ def info_nce(query, key, *, temperature, extra_negatives=None, negative_mask=Non
       meaning, evaluated tile by tile on the blockwise path (see `blockwise.py`).
     mask_ids: optional ([B] row ids, [B + M] candidate ids) handed to a function
       negative_mask instead of the positions, e.g. class labels with `blockwise.distinct_ids`.
+    query_negatives: optional [B, S, D]: S negatives for each query alone (MoCHi's mixtures of its hardest negatives); on the blockwise path they are
+      combined with the streamed log-sum-exp row by row.
+    query_negative_mask: optional [B, S] bool; False drops query i's own negative s.
     block_size: None (dense) or the tile side of the blockwise path: same loss, gradients and
       metrics (ties between the positive and a negative count as misses there), memory
       O(B D + block_size^2) instead of O(B (B + M)).
@@ -76,19 +105,28 @@ def info_nce(query, key, *, temperature, extra_negatives=None, negative_mask=Non
   common.check_pair(query, key, 'query', 'key')
   common.check_temperature(temperature)
   check_candidates(query, extra_negatives, negative_mask)
+  check_query_negatives(query, query_negatives, query_negative_mask)
   blockwise.check_args(block_size, mesh, collective, negative_mask)
   b = query.shape[0]
   q = common.l2_normalize(query)
   k = common.l2_normalize(key)
   extra = None if extra_negatives is None else common.l2_normalize(extra_negatives)
+  own = None if query_negatives is None else _own_negatives(q, query_negatives,
+                                                            query_negative_mask)
   if block_size is not None:
     pos_sim = jnp.sum(q * k, axis=1)
     stats = blockwise.softmax_stats(q, k, scale=1.0 / temperature, extra=extra,
                                     negative_mask=negative_mask, mask_ids=mask_ids,
                                     block_size=block_size, mesh=mesh, collective=collective)
-    lse = stats.row_lse[:, 0]
-    metrics = blockwise.similarity_metrics(pos_sim, stats.row_neg_max, stats.neg_sum,
-                                           stats.neg_count)
+    lse, row_neg_max = stats.row_lse[:, 0], stats.row_neg_max
+    neg_sum, neg_count = stats.neg_sum, stats.neg_count
+    if own is not None:  # fold each row's own negatives into its streamed statistics
+      own_sim, own_keep = own
+      lse = jnp.logaddexp(lse, common.masked_logsumexp(own_sim / temperature, own_keep))
+      row_neg_max = jnp.maximum(row_neg_max, jnp.max(jnp.where(own_keep, own_sim, -jnp.inf), 1))
+      neg_sum = neg_sum + jnp.sum(jnp.where(own_keep, own_sim, 0.0))
+      neg_count = neg_count + jnp.sum(own_keep)
+    metrics = blockwise.similarity_metrics(pos_sim, row_neg_max, neg_sum, neg_count)
     metrics['logsumexp'] = jnp.mean(lse)
     return jnp.mean(lse - pos_sim / temperature), metrics
   if extra is not None:
@@ -97,6 +135,10 @@ def info_nce(query, key, *, temperature, extra_negatives=None, negative_mask=Non
   negative_mask = blockwise.dense_mask(negative_mask, mask_ids, sim)
   pos_mask = jnp.eye(b, k.shape[0], dtype=bool)
   keep = jnp.ones_like(pos_mask) if negative_mask is None else negative_mask | pos_mask
+  if own is not None:  # (B, B + M) -> (B, B + M + S)
+    sim = jnp.concatenate([sim, own[0]], axis=1)
+    keep = jnp.concatenate([keep, own[1]], axis=1)
+    pos_mask = jnp.pad(pos_mask, ((0, 0), (0, own[0].shape[1])))
   logits = sim / temperature
   lse = common.masked_logsumexp(logits, keep)
   loss = jnp.mean(lse - jnp.diagonal(logits))
