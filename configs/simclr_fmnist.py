@@ -8,29 +8,82 @@ Run (the README's `make train` runs the default):
 
 Variants (comma-separated after the colon): `runlocal` (tiny, seconds), `resnet18`/`resnet50`
 (the full-width presets and SimCLR's batch/optimizer for accelerators), `loss=NAME` (any loss of
-`contrastive.losses.PAIR_LOSSES`, with the arguments below, e.g. `:loss=sigmoid_loss`). Single
-fields from the command line: `--config.batch_size=1024 --config.loss.temperature=0.2`.
+`contrastive.losses.PAIR_LOSSES`, with the arguments below, e.g. `:loss=sigmoid_loss`), and the
+negative samplers of SAMPLERS (e.g. `:mochi`, `:mining,threshold`; they switch the loss to
+InfoNCE, the loss they act on). Single fields from the command line:
+`--config.batch_size=1024 --config.loss.temperature=0.2 --config.loss.block_size=1024`.
 """
 
 import ml_collections
 
 # Each selectable loss with its arguments (`:loss=NAME`); values are common starting points.
+# block_size: None (dense) or the tile side of the blockwise path (O(B D) memory).
 LOSSES = {
     'nt_xent': dict(temperature=0.2),
-    'info_nce': dict(temperature=0.2),
-    'clip_loss': dict(temperature=0.2),
-    'sigmoid_loss': dict(temperature=0.1, bias=-10.0),  # SigLIP's initial t' = 10, b = -10
+    'info_nce': dict(temperature=0.2, block_size=None),
+    'clip_loss': dict(temperature=0.2, block_size=None),
+    'sigmoid_loss': dict(temperature=0.1, bias=-10.0,  # SigLIP's initial t' = 10, b = -10
+                         block_size=None),
     'dcl': dict(temperature=0.2),
-    'debiased_info_nce': dict(temperature=0.2, tau_plus=0.1),  # 10 balanced classes
-    'hard_negative_info_nce': dict(temperature=0.2, beta=1.0, tau_plus=0.1),
+    'debiased_info_nce': dict(temperature=0.2, tau_plus=0.1,  # 10 balanced classes
+                              block_size=None),
+    'hard_negative_info_nce': dict(temperature=0.2, beta=1.0, tau_plus=0.1, block_size=None),
     'supcon': dict(temperature=0.2),
 }
+
+# Each sampler variant with the config.samplers fields it sets (contrastive/samplers/objective.py).
+SAMPLERS = {
+    # Top-k hardest of batch u queue (Sample4Geo, ANCE); `mining_skip_top` skips the top-r as
+    # suspected false negatives (the pooling-bias paper).
+    'mining': dict(mining_k=128),
+    # MoCHi: from the 128 hardest, 64 mixes of two and 32 mixes with the query per query.
+    'mochi': dict(mochi=dict(num_hard=128, num_mix=64, num_query_mix=32, start_epoch=0.0)),
+    # Feature transformation: positive extrapolation, 256 interpolated negatives, histograms.
+    'ft': dict(pos_alpha=2.0, neg_mix=256, neg_mix_alpha=1.6, histograms=True),
+    'threshold': dict(threshold=0.8),  # drop candidates more similar than 0.8
+    'gist': dict(gist=True, gist_margin=0.0),  # guide: the momentum encoder (momentum 0.99)
+}
+VARIANTS = ('runlocal', 'resnet18', 'resnet50', 'mcl')
+
+
+def default_samplers():
+  """config.samplers with every sampler off."""
+  return dict(threshold=1.0, gist=False, gist_margin=0.0, mining_k=0, mining_skip_top=0,
+              mochi=dict(num_hard=0, num_mix=0, num_query_mix=0, start_epoch=0.0),
+              pos_alpha=0.0, neg_mix=0, neg_mix_alpha=1.0, histograms=False)
+
+
+def apply_sampler_variants(config, variants):
+  """Turns on the SAMPLERS named in `variants` (and `mcl`); they need the InfoNCE loss."""
+  chosen = [v for v in variants if v in SAMPLERS or v == 'mcl']
+  for name in chosen:
+    if name == 'mcl':  # stage 1 as configured, k-means, stage 2 with cluster negatives
+      config.mcl.stages = 2
+    else:
+      config.samplers.update(SAMPLERS[name])
+  if 'gist' in chosen and not config.momentum.base:
+    config.momentum.base = 0.99
+  if chosen and config.loss.name != 'info_nce':
+    config.loss = dict(name='info_nce', temperature=config.loss.temperature,
+                       block_size=config.loss.get('block_size'))
+
+
+def shrink_samplers(samplers, factor):
+  """Divides the samplers' negative counts by `factor` (small batches: runlocal)."""
+  for field in ('mining_k', 'neg_mix'):
+    samplers[field] = -(-samplers[field] // factor)
+  for field in ('num_hard', 'num_mix', 'num_query_mix'):
+    samplers.mochi[field] = -(-samplers.mochi[field] // factor)
 
 
 def get_config(arg=None):
   """Returns the config; `arg` is a comma-separated list of variants."""
   variants = set(filter(None, (arg or '').split(',')))
   options = dict(v.split('=', 1) for v in variants if '=' in v)
+  unknown = {v for v in variants if '=' not in v} - set(VARIANTS) - set(SAMPLERS)
+  if unknown:
+    raise ValueError(f'Unknown config variant(s) {sorted(unknown)}; choose from '
+                     f'{sorted(VARIANTS + tuple(SAMPLERS))} or loss=NAME.')
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.mesh = [('data', -1)]
@@ -52,6 +105,14 @@ def get_config(arg=None):
   if loss not in LOSSES:
     raise ValueError(f'Variant loss={loss!r} is unknown; choose one of {sorted(LOSSES)}.')
   config.loss = dict(name=loss, **LOSSES[loss])
+  # Beyond plain SimCLR (contrastive/step.py): keys from a momentum encoder ('moco'), a memory
+  # queue of past keys, negative samplers; MCL's multi-stage run (contrastive/mcl.py).
+  config.method = 'simclr'
+  config.momentum = dict(base=0.0, schedule='constant')  # base > 0: keep an EMA encoder
+  config.queue_size = 0  # K > 0: a multiple of batch_size
+  config.symmetric = True  # both directions q1-k2 and q2-k1 (False: MoCo v2's q1-k2 only)
+  config.samplers = default_samplers()
+  config.mcl = dict(stages=1, num_clusters=10, kmeans_iters=20)
   config.optimizer = dict(name='adamw', lr=2e-3, scale_lr_by_batch=False, warmup_steps=50,
                           weight_decay=1e-4, momentum=0.9, grad_clip_norm=0.0)
 
@@ -74,6 +135,7 @@ def get_config(arg=None):
                             warmup_steps=500)
     config.eval.every = 5000
     config.checkpoint_every = 1000
+  apply_sampler_variants(config, variants)
   if 'runlocal' in variants:
     config.batch_size = 64
     config.total_steps = 6
@@ -84,4 +146,5 @@ def get_config(arg=None):
                        max_train_examples=2000, max_test_examples=400)
     config.log_every = 1
     config.checkpoint_every = 3
+    shrink_samplers(config.samplers, factor=8)
   return config

@@ -119,8 +119,11 @@ class Evaluator:
                             self.cfg.batch_size)
 
   def __call__(self, state):
-    train_f = self.features(state, self.train['image'])
-    test_f = self.features(state, self.test['image'])
+    return self.score(self.features(state, self.train['image']),
+                      self.features(state, self.test['image']))
+
+  def score(self, train_f, test_f):
+    """kNN and linear-probe accuracy of given train [N, F] and test [M, F] features."""
     knn = knn_predict(train_f, self.train['label'], test_f, k=self.cfg.knn_k,
                       temperature=self.cfg.knn_temperature, num_classes=self.num_classes)
     lin, lin_train = linear_probe(train_f, self.train['label'], test_f,

@@ -13,6 +13,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from contrastive import distributed
+from contrastive import mcl
 from contrastive import train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -31,7 +32,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
                          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
+  config = flags.FLAGS.config
+  if config.get('mcl', {}).get('stages', 1) > 1:
+    mcl.train_stages(config, _WORKDIR.value)
+  else:
+    train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':

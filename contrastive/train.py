@@ -1,15 +1,11 @@
-"""SimCLR training: train state, the sharded jitted train step, and the train/eval loop."""
+"""Training: the train/eval loop around the sharded jitted step of `contrastive.step`."""
 
-import functools
 import os
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from contrastive import checkpoint
 from contrastive import evaluate
@@ -18,95 +14,20 @@ from contrastive import metric_writer
 from contrastive import optim
 from contrastive import parallel
 from contrastive import validate
-from contrastive.data import augment
 from contrastive.data import pipeline
 from contrastive.losses import pair_loss_from_config
 from contrastive.models import build_model
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step reads and writes. Replicated over the mesh (data parallelism).
-
-  With the data iterator's state (saved beside it) and the step rng, fold_in(seed, step),
-  this is all that the next step depends on, so a restored run continues bit for bit.
-  """
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  skipped_steps: jax.Array  # updates dropped for a non-finite loss/gradient (nonfinite='skip')
+from contrastive.samplers import feature_transform
+from contrastive.samplers import momentum as momentum_lib
+from contrastive.step import create_train_state  # pylint: disable=unused-import
+from contrastive.step import jit_train_step
+from contrastive.step import Method
+from contrastive.step import train_step  # pylint: disable=unused-import
+from contrastive.step import TrainState  # pylint: disable=unused-import
 
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN/inf loss; the message names the step."""
-
-
-def create_train_state(model, tx, image_shape, rng, mesh):
-  """Initialises params, BatchNorm stats and optimizer state directly with replicated sharding."""
-
-  def init(rng):
-    variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.uint8), train=False)
-    params = variables['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables['batch_stats'], opt_state=tx.init(params),
-                      skipped_steps=jnp.zeros((), jnp.int32))
-
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng)
-
-
-def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonfinite='error'):
-  """One SimCLR update on the global batch.
-
-  Args:
-    state: TrainState.
-    batch: {'image': [B, H, W, C] uint8, ...}, sharded along the mesh's data axis.
-    rng: key for this step's augmentations (per example: fold_in(rng, example index)).
-    nonfinite: 'error' applies every update (the loop raises on a non-finite loss); 'skip'
-      keeps params, BatchNorm stats and optimizer state unchanged when the loss or any
-      gradient is NaN/inf, and counts the step in `skipped_steps`.
-
-  Returns:
-    (new state, metrics): metrics holds loss, the loss's own metrics, lr, l2_grads, l2_params,
-    skipped_steps.
-  """
-  v1, v2 = augment.two_views(rng, batch['image'], aug_cfg)
-  b = v1.shape[0]
-  # Interleave the views, [B, 2, H, W, C] -> [2B, H, W, C], so each device keeps its own rows;
-  # BatchNorm then normalises over all 2B views of the global batch.
-  views = jnp.stack([v1, v2], axis=1).reshape(2 * b, *v1.shape[1:])
-
-  def objective(params):
-    (_, z), updates = model.apply({'params': params, 'batch_stats': state.batch_stats}, views,
-                                  train=True, mutable=['batch_stats'])
-    z = z.reshape(b, 2, -1)
-    loss, metrics = loss_fn(z[:, 0], z[:, 1])
-    return loss, (metrics, updates['batch_stats'])
-
-  (loss, (metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  skipped = state.skipped_steps
-  if nonfinite == 'skip':
-    ok = faults.all_finite(loss, grads)
-    params, batch_stats, opt_state = faults.keep_if_finite(
-        ok, (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state))
-    skipped = skipped + jnp.where(ok, 0, 1).astype(skipped.dtype)
-  metrics = dict(metrics, loss=loss, lr=schedule(state.step), skipped_steps=skipped,
-                 l2_grads=optax.tree.norm(grads), l2_params=optax.tree.norm(params))
-  new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state, skipped_steps=skipped)
-  return new_state, metrics
-
-
-def jit_train_step(mesh, state, **step_kwargs):
-  """train_step under jax.jit with explicit shardings; the state's buffers are donated."""
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  state_sharding = jax.tree.map(lambda _: repl, state)
-  return jax.jit(functools.partial(train_step, **step_kwargs),
-                 in_shardings=(state_sharding, data, repl),
-                 out_shardings=(state_sharding, repl),
-                 donate_argnums=(0,))
 
 
 def total_steps(config, num_train):
@@ -116,8 +37,28 @@ def total_steps(config, num_train):
   return int(config.num_epochs * num_train // config.batch_size)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Trains the SimCLR recipe in `config`, evaluating and checkpointing in `workdir`.
+def build_method(config, *, steps, steps_per_epoch, mesh, clusters=None):
+  """The step's `Method` from config, or None for plain SimCLR with config.loss."""
+  if not validate.uses_samplers(config) and clusters is None:
+    return None
+  momentum = None
+  if validate.momentum_base(config):
+    momentum = momentum_lib.momentum_schedule(validate.momentum_base(config), steps,
+                                              config.momentum.schedule)
+  return Method(name=config.get('method', 'simclr'), samplers=config.samplers,
+                temperature=config.loss.temperature, symmetric=config.get('symmetric', True),
+                momentum=momentum, steps_per_epoch=steps_per_epoch,
+                block_size=config.loss.get('block_size'),
+                mesh=mesh if config.loss.get('block_size') else None,
+                clusters=None if clusters is None else jnp.asarray(clusters, jnp.int32))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, clusters=None):
+  """Trains the recipe in `config` (SimCLR, MoCo; samplers), evaluating and checkpointing in
+  `workdir`.
+
+  `clusters` ([N] int, the cluster of each training example id) restricts each query's
+  negatives to its own cluster (MCL's later stages, see contrastive/mcl.py).
 
   Rerunning with the same workdir resumes from the latest checkpoint that restores. SIGTERM
   (preemption) saves a checkpoint after the current step and returns (state, {}).
@@ -146,9 +87,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   model = build_model(config.model)
   tx, schedule = optim.build_optimizer(
       ml_collections.ConfigDict(dict(config.optimizer, batch_size=config.batch_size)), steps)
-  loss_fn = pair_loss_from_config(config.loss)
+  loss_fn = pair_loss_from_config(config.loss, mesh=mesh)
+  method = build_method(config, steps=steps, mesh=mesh, clusters=clusters,
+                        steps_per_epoch=len(train_source) / config.batch_size)
   rng = jax.random.key(config.seed)
-  state = create_train_state(model, tx, image_shape, jax.random.fold_in(rng, 0), mesh)
+  state = create_train_state(model, tx, image_shape, jax.random.fold_in(rng, 0), mesh,
+                             ema=bool(validate.momentum_base(config)),
+                             queue_size=config.get('queue_size', 0),
+                             batch_size=config.batch_size)
 
   # ---- Checkpoint (resume) ------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
@@ -161,16 +107,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   # ---- Update step --------------------------------------------------------------------------
   nonfinite = config.get('nonfinite', 'error')
   step_fn = jit_train_step(mesh, state, model=model, tx=tx, loss_fn=loss_fn,
-                           aug_cfg=config.augment, schedule=schedule, nonfinite=nonfinite)
+                           aug_cfg=config.augment, schedule=schedule, nonfinite=nonfinite,
+                           method=method)
   data_sharding = parallel.data_sharding(mesh)
 
   # ---- Evaluation ---------------------------------------------------------------------------
   evaluator = evaluate.Evaluator(config.eval, config.dataset, model, mesh)
 
-  def run_eval(step, prefix=''):
+  histograms = []  # (step, pos/neg score counts) at each evaluation (config.samplers.histograms)
+
+  def run_eval(step, prefix='', last_metrics=None):
     metrics = {prefix + k: v for k, v in evaluator(state).items()}
     writer.write(step, metrics)
     print(metric_writer.format_metrics(step, metrics), flush=True)
+    if last_metrics and 'hist_pos' in last_metrics and jax.process_index() == 0:
+      histograms.append((step, dict(pos=last_metrics['hist_pos'], neg=last_metrics['hist_neg'],
+                                    edges=np.linspace(-1, 1, len(last_metrics['hist_pos']) + 1))))
+      feature_transform.plot_score_histograms(
+          histograms, os.path.join(workdir, f'score_histograms_{step}.png'))
     return metrics
 
   if start == 0 and config.eval.random_init_baseline:
@@ -194,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       progress.update(step, metrics, every=config.log_every)
       if step == steps or (config.eval.every and step % config.eval.every == 0):
         with progress.paused():
-          eval_metrics = run_eval(step)
+          eval_metrics = run_eval(step, last_metrics=metrics)
       ckpt.save(step, state, batch_iter.get_state(), force=step == steps)
       if step < steps and preemption.requested():
         ckpt.save(step, state, batch_iter.get_state(), force=True)

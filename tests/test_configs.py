@@ -1,19 +1,24 @@
 """Every config builds; invalid configs fail with a one-line message before any compilation."""
 
 import glob
-import importlib.util
 import os
 
 import jax
 import pytest
 
+from contrastive import config_lib
 from contrastive import validate
 from contrastive.data import fashion_mnist
 from contrastive.models import build_model
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, '*.py')))
-VARIANTS = {'simclr_fmnist.py': [None, 'runlocal', 'resnet18', 'resnet50', 'resnet18,runlocal']}
+VARIANTS = {
+    'simclr_fmnist.py': [None, 'runlocal', 'resnet18', 'resnet50', 'resnet18,runlocal',
+                         'mining,mochi', 'runlocal,ft,threshold,gist', 'mcl'],
+    'moco_v2_fmnist.py': [None, 'runlocal', 'runlocal,mining,mochi,ft,threshold,gist'],
+    'moco_v3_fmnist.py': [None, 'runlocal'],
+}
 
 
 def test_every_registered_loss_is_a_config_variant():
@@ -28,11 +33,7 @@ def test_every_registered_loss_is_a_config_variant():
     load_config(path, 'loss=nt_xnet')
 
 
-def load_config(path, arg=None):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+load_config = config_lib.load_config
 
 
 def test_there_are_configs():
@@ -82,11 +83,23 @@ def _base(**changes):
     ({'mesh': [('data', 3)]}, 8, 'has 3 devices but there are 8'),
     ({'model.preset': 'resnet7'}, 1, "config.model.preset='resnet7' is unknown"),
     ({'eval.batch_size': 999}, 8, 'config.eval.batch_size=999 is not divisible'),
+    ({'method': 'byol'}, 1, "config.method='byol' is unknown"),
+    ({'method': 'moco'}, 1, 'takes its keys from a momentum encoder'),
+    ({'queue_size': 1000}, 1, 'queue size K=1000 must be a positive multiple of the global batch'),
+    ({'momentum.schedule': 'linear'}, 1, "config.momentum.schedule='linear' is unknown"),
+    ({'samplers.gist': True}, 1, 'config.samplers.gist needs a guide'),
+    ({'samplers.mining_k': 8}, 1, "config.loss.name='nt_xent': the momentum encoder"),
+    ({'samplers.mochi.num_hard': 1}, 1, 'config.samplers.mochi: num_hard=1 must be >= 2'),
 ])
 def test_invalid_config_message(changes, num_devices, message):
   with pytest.raises(validate.ConfigError, match=message.replace('(', r'\(').replace('[', r'\[')) as e:
     validate.validate_config(_base(**changes), num_devices=num_devices, num_processes=1)
   assert '\n' not in str(e.value)
+
+
+def test_unknown_variant():
+  with pytest.raises(ValueError, match=r"Unknown config variant\(s\) \['mochii'\]"):
+    load_config(os.path.join(CONFIG_DIR, 'moco_v2_fmnist.py'), 'runlocal,mochii')
 
 
 def test_batch_not_divisible_by_processes():

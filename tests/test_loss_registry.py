@@ -14,12 +14,18 @@ from tests.test_losses import PAIR_KWARGS
 
 @pytest.mark.parametrize('name', sorted(registry.PAIR_LOSSES))
 def test_every_registered_loss_builds_and_runs(name):
-  kw = {k: PAIR_KWARGS[k] for k in registry.loss_arguments(name)}
+  arguments = registry.loss_arguments(name)
+  kw = {k: PAIR_KWARGS[k] for k, required in arguments.items() if required}
   cfg = ml_collections.ConfigDict(dict(name=name, **kw))
   fn = registry.pair_loss_from_config(cfg)
-  loss, metrics = jax.jit(fn)(normal(18, 8, 4), normal(19, 8, 4))
+  z1, z2 = normal(18, 8, 4), normal(19, 8, 4)
+  loss, metrics = jax.jit(fn)(z1, z2)
   assert np.isfinite(float(loss))
   assert {'accuracy', 'pos_sim', 'neg_sim'} <= set(metrics)
+  if 'block_size' in arguments:  # the blockwise path, selected from the config
+    blocked = registry.pair_loss_from_config(
+        ml_collections.ConfigDict(dict(name=name, block_size=3, **kw)))
+    np.testing.assert_allclose(jax.jit(blocked)(z1, z2)[0], loss, rtol=1e-5)
 
 
 @pytest.mark.parametrize('fields,message', [

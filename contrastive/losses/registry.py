@@ -13,6 +13,9 @@ config's other fields (checked against the signature before anything is compiled
   hard_negative_info_nce  temperature, beta, tau_plus both directions, averaged
   supcon                  temperature                 on [z1; z2] with labels = pair ids (= nt_xent)
 
+Every loss but nt_xent, dcl and supcon also takes `block_size` (None: dense; an int: the
+blockwise path of `blockwise.py`, O(B D) memory), e.g. `--config.loss.block_size=1024`.
+
 Asymmetric query/key losses are used in both directions and their metrics averaged. A learned
 temperature or SigLIP bias is a model parameter, not a config value: call the loss functions
 directly with traced scalars for that.
@@ -43,29 +46,32 @@ def _both_directions(loss_fn, z1, z2, **kwargs):
   return 0.5 * (loss_12 + loss_21), metrics
 
 
-def _info_nce_pair(z1, z2, *, temperature):
-  return _both_directions(info_nce, z1, z2, temperature=temperature)
+def _info_nce_pair(z1, z2, *, temperature, block_size=None, mesh=None):
+  return _both_directions(info_nce, z1, z2, temperature=temperature, block_size=block_size,
+                          mesh=mesh)
 
 
 def _dcl_pair(z1, z2, *, temperature):
   return _both_directions(dcl, z1, z2, temperature=temperature)
 
 
-def _debiased_pair(z1, z2, *, temperature, tau_plus):
-  return _both_directions(debiased_info_nce, z1, z2, temperature=temperature, tau_plus=tau_plus)
+def _debiased_pair(z1, z2, *, temperature, tau_plus, block_size=None, mesh=None):
+  return _both_directions(debiased_info_nce, z1, z2, temperature=temperature, tau_plus=tau_plus,
+                          block_size=block_size, mesh=mesh)
 
 
-def _hard_negative_pair(z1, z2, *, temperature, beta, tau_plus):
+def _hard_negative_pair(z1, z2, *, temperature, beta, tau_plus, block_size=None, mesh=None):
   return _both_directions(hard_negative_info_nce, z1, z2, temperature=temperature, beta=beta,
-                          tau_plus=tau_plus)
+                          tau_plus=tau_plus, block_size=block_size, mesh=mesh)
 
 
-def _clip_pair(z1, z2, *, temperature):
-  return clip_loss(z1, z2, temperature=temperature)
+def _clip_pair(z1, z2, *, temperature, block_size=None, mesh=None):
+  return clip_loss(z1, z2, temperature=temperature, block_size=block_size, mesh=mesh)
 
 
-def _sigmoid_pair(z1, z2, *, temperature, bias):
-  return sigmoid_loss(z1, z2, temperature=temperature, bias=bias)
+def _sigmoid_pair(z1, z2, *, temperature, bias, block_size=None, mesh=None):
+  return sigmoid_loss(z1, z2, temperature=temperature, bias=bias, block_size=block_size,
+                      mesh=mesh)
 
 
 def _supcon_pair(z1, z2, *, temperature):
@@ -88,9 +94,11 @@ PAIR_LOSSES = {
 
 
 def loss_arguments(name):
-  """{argument: required} for the keyword-only arguments of PAIR_LOSSES[name]."""
+  """{argument: required} for the config arguments of PAIR_LOSSES[name]: its keyword-only
+  arguments but `mesh` (bound by the trainer)."""
   params = inspect.signature(PAIR_LOSSES[name]).parameters.values()
-  return {p.name: p.default is p.empty for p in params if p.kind == p.KEYWORD_ONLY}
+  return {p.name: p.default is p.empty for p in params
+          if p.kind == p.KEYWORD_ONLY and p.name != 'mesh'}
 
 
 def check_loss_config(cfg):
@@ -121,8 +129,14 @@ def check_loss_config(cfg):
                      'balanced classes).')
 
 
-def pair_loss_from_config(cfg):
-  """fn(z1, z2) -> (loss, metrics) with the config's keyword arguments bound."""
+def pair_loss_from_config(cfg, mesh=None):
+  """fn(z1, z2) -> (loss, metrics) with the config's keyword arguments bound.
+
+  With `block_size` set (the blockwise path), `mesh` (the trainer's) runs the loss per device
+  under shard_map: each device keeps its rows and the key blocks travel around the ring.
+  """
   check_loss_config(cfg)
   kwargs = {k: v for k, v in cfg.items() if k != 'name'}
+  if kwargs.get('block_size') is not None:
+    kwargs['mesh'] = mesh
   return functools.partial(PAIR_LOSSES[cfg.get('name')], **kwargs)

@@ -1,4 +1,4 @@
-"""Projection heads and the two-view encoder+head model of SimCLR."""
+"""Projection heads and the two-view encoder + head (+ predictor) model of SimCLR and MoCo."""
 
 from typing import Sequence
 
@@ -26,16 +26,22 @@ class ProjectionHead(nn.Module):
 
 
 class ContrastiveModel(nn.Module):
-  """Encoder f followed by projection head g: images [N, H, W, C] -> (h [N, F], z [N, out_dim]).
+  """Encoder f, projection head g and an optional predictor q (MoCo v3, BYOL).
 
-  Evaluation (kNN, linear probe) uses h; the loss uses z.
+  images [N, H, W, C] -> (h [N, F], z [N, out_dim]) with z = g(h), or z = q(g(h)) when
+  `predict` is set and there is a predictor (the online branch of MoCo v3; the momentum
+  branch calls it with predict=False). Evaluation (kNN, linear probe) uses h; the loss uses z.
   """
   encoder: nn.Module
   head: nn.Module
+  predictor: nn.Module | None = None
 
-  def __call__(self, images, *, train: bool):
+  def __call__(self, images, *, train: bool, predict: bool = True):
     h = self.encoder(images, train=train)
-    return h, self.head(h, train=train)
+    z = self.head(h, train=train)
+    if predict and self.predictor is not None:
+      z = self.predictor(z, train=train)
+    return h, z
 
   def embed(self, images):
     """Frozen features h for evaluation: BatchNorm in inference mode."""
@@ -43,11 +49,16 @@ class ContrastiveModel(nn.Module):
 
 
 def build_model(cfg):
-  """ContrastiveModel from config `cfg` (fields: encoder preset or stage_sizes/width/block, head)."""
+  """ContrastiveModel from config `cfg` (fields: encoder preset or stage_sizes/width/block, head,
+  optional predictor_hidden_dims)."""
   enc = dict(resnet.PRESETS[cfg.preset]) if cfg.get('preset') else {}
   for field in ('stage_sizes', 'width', 'block'):
     if cfg.get(field):  # empty / 0 = take it from the preset
       enc[field] = tuple(cfg[field]) if field == 'stage_sizes' else cfg[field]
   encoder = resnet.ResNet(**enc, stem_strides=cfg.get('stem_strides', 1))
   head = ProjectionHead(hidden_dims=tuple(cfg.head_hidden_dims), out_dim=cfg.head_out_dim)
-  return ContrastiveModel(encoder=encoder, head=head)
+  predictor = None
+  if cfg.get('predictor_hidden_dims'):  # MoCo v3: 2-layer MLP, out_dim -> hidden -> out_dim
+    predictor = ProjectionHead(hidden_dims=tuple(cfg.predictor_hidden_dims),
+                               out_dim=cfg.head_out_dim)
+  return ContrastiveModel(encoder=encoder, head=head, predictor=predictor)

@@ -1,0 +1,105 @@
+"""Time of the SimCLR and MoCo train steps with and without each negative sampler.
+
+One JSON line per variant: the median wall time of --repeats jitted steps (after two warm-up
+calls, the first compiling) of the default recipe's model at batch --batch_size on this
+machine's devices, and its ratio to the baseline of the same method measured in the same run:
+
+  python benchmarks/step_overhead.py >> benchmarks/results/step_overhead.jsonl
+
+Variants are config variants (configs/*.py:VARIANTS), so the measured step is the one
+`contrastive.main` runs. The acceptance target: MoCo + queue + mining + MoCHi within 10% of
+MoCo + queue alone.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+# The repository root, so `python benchmarks/step_overhead.py` finds the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from contrastive import config_lib
+from contrastive import optim
+from contrastive import parallel
+from contrastive import step as step_lib
+from contrastive import train
+from contrastive import validate
+from contrastive.losses import pair_loss_from_config
+from contrastive.models import build_model
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs')
+# (name, config file, variants, baseline name)
+VARIANTS = [
+    ('simclr', 'simclr_fmnist.py', '', 'simclr'),
+    ('simclr+mining', 'simclr_fmnist.py', 'mining', 'simclr'),
+    ('simclr+mochi', 'simclr_fmnist.py', 'mochi', 'simclr'),
+    ('moco_v2', 'moco_v2_fmnist.py', '', 'moco_v2'),
+    ('moco_v2+mining', 'moco_v2_fmnist.py', 'mining', 'moco_v2'),
+    ('moco_v2+mochi', 'moco_v2_fmnist.py', 'mochi', 'moco_v2'),
+    ('moco_v2+mining+mochi', 'moco_v2_fmnist.py', 'mining,mochi', 'moco_v2'),
+    ('moco_v2+ft', 'moco_v2_fmnist.py', 'ft', 'moco_v2'),
+    ('moco_v2+threshold', 'moco_v2_fmnist.py', 'threshold', 'moco_v2'),
+    ('moco_v2+gist', 'moco_v2_fmnist.py', 'gist', 'moco_v2'),
+    ('moco_v3', 'moco_v3_fmnist.py', '', 'moco_v3'),
+]
+
+
+def time_variant(config_file, variants, batch_size, repeats):
+  """Median seconds per train step of the config at batch_size (synthetic 28x28 images)."""
+  config = config_lib.load_config(os.path.join(CONFIGS, config_file), variants)
+  config.batch_size = batch_size
+  config.dataset.name = 'not_local'  # no data is read: skip the dataset check
+  validate.validate_config(config, num_devices=jax.device_count(), num_processes=1)
+  mesh = parallel.make_mesh(config.mesh)
+  model = build_model(config.model)
+  tx, schedule = optim.build_optimizer(
+      ml_collections.ConfigDict(dict(config.optimizer, batch_size=batch_size)), 1000)
+  method = train.build_method(config, steps=1000, steps_per_epoch=60000 / batch_size, mesh=mesh)
+  state = step_lib.create_train_state(model, tx, (28, 28, 1), jax.random.key(0), mesh,
+                                      ema=bool(validate.momentum_base(config)),
+                                      queue_size=config.queue_size, batch_size=batch_size)
+  step = step_lib.jit_train_step(mesh, state, model=model, tx=tx,
+                                 loss_fn=pair_loss_from_config(config.loss, mesh=mesh),
+                                 aug_cfg=config.augment, schedule=schedule, method=method)
+  rng = np.random.default_rng(0)
+  times = []
+  for i in range(repeats + 2):
+    batch = {'image': rng.integers(0, 256, (batch_size, 28, 28, 1), np.uint8),
+             'id': np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int32)}
+    batch = jax.device_put(batch, parallel.data_sharding(mesh))
+    start = time.perf_counter()
+    state, metrics = step(state, batch, jax.random.key(i))
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times[2:]), times
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--batch_size', type=int, default=512)
+  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--variants', default=','.join(v[0] for v in VARIANTS))
+  args = p.parse_args(argv)
+  chosen = set(args.variants.split(','))
+  baselines = {}
+  for name, config_file, variants, baseline in VARIANTS:
+    if name not in chosen:
+      continue
+    median, times = time_variant(config_file, variants, args.batch_size, args.repeats)
+    baselines.setdefault(baseline, median if name == baseline else None)
+    base = baselines.get(baseline)
+    print(json.dumps(dict(
+        variant=name, config=f'{config_file}:{variants}', batch=args.batch_size,
+        devices=jax.device_count(), time_s=round(median, 4),
+        times_s=[round(t, 4) for t in times], baseline=baseline,
+        ratio=None if base is None else round(median / base, 4))), flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,22 @@
+"""Loading config files (`configs/*.py` with `get_config(arg)`) by path, as config_flags does."""
+
+import importlib.util
+import os
+
+
+def load_module(path):
+  """The config file at `path` as a module."""
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def sibling(config_file, name):
+  """The config module `name` (e.g. 'simclr_fmnist.py') next to `config_file` (a __file__)."""
+  return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
+
+
+def load_config(path, arg=None):
+  """get_config(arg) of the config file at `path`."""
+  return load_module(path).get_config(arg)

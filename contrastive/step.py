@@ -1,0 +1,193 @@
+"""The train state and the one jitted, sharded train step of every recipe (SimCLR, MoCo v2/v3).
+
+The step sees the global batch as one logical array split along the mesh's `data` axis, so
+its in-batch negatives, its BatchNorm statistics and its memory queue are global: each device's
+queries meet every device's keys inside this one compiled function.
+"""
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from contrastive import faults
+from contrastive import parallel
+from contrastive.data import augment
+from contrastive.samplers import momentum as momentum_lib
+from contrastive.samplers import objective
+from contrastive.samplers import queue as queue_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes. Replicated over the mesh, except the queue (split
+  along the data axis).
+
+  With the data iterator's state (saved beside it) and the step rng, fold_in(seed, step),
+  this is all that the next step depends on, so a restored run continues bit for bit.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  skipped_steps: jax.Array  # updates dropped for a non-finite loss/gradient (nonfinite='skip')
+  ema_params: Any = None  # the momentum encoder (MoCo), or None
+  ema_batch_stats: Any = None
+  queue: queue_lib.Queue | None = None  # MoCo's memory of past keys, or None
+
+
+class Method(NamedTuple):
+  """What the step does beyond plain SimCLR (`train_step(method=None)`); static.
+
+  Attributes:
+    name: 'simclr' (keys: the other view's online embeddings) or 'moco' (keys: the momentum
+      encoder's, without gradient).
+    samplers: config.samplers (see contrastive/samplers/objective.py).
+    temperature: InfoNCE's tau.
+    symmetric: both directions (q1 vs k2 and q2 vs k1) or q1 vs k2 only (MoCo v2).
+    momentum: None, or the EMA momentum schedule fn(step) (needed by 'moco' and GIST's guide).
+    steps_per_epoch: for MoCHi's start epoch.
+    block_size, mesh: the loss's blockwise path (None: dense).
+    clusters: [N] int cluster of each example id (MCL's second stage), or None.
+  """
+  name: str
+  samplers: Any
+  temperature: float
+  symmetric: bool = True
+  momentum: Callable | None = None
+  steps_per_epoch: float = 1.0
+  block_size: int | None = None
+  mesh: Any = None
+  clusters: Any = None
+
+
+def create_train_state(model, tx, image_shape, rng, mesh, *, ema=False, queue_size=0,
+                       batch_size=0):
+  """Initialises the state directly with its shardings.
+
+  Args:
+    ema: also keep a momentum encoder, initialised as a copy of the online one.
+    queue_size: K > 0 adds an empty memory queue of K keys, written batch_size at a time.
+  """
+  if queue_size:
+    queue_lib.check_queue_size(queue_size, batch_size)
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.uint8), train=False)
+    params, batch_stats = variables['params'], variables['batch_stats']
+    queue = (queue_lib.init_queue(queue_size, model.head.out_dim, batch_size) if queue_size
+             else None)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                      opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32),
+                      ema_params=params if ema else None,
+                      ema_batch_stats=batch_stats if ema else None, queue=queue)
+
+  shardings = state_shardings(mesh, jax.eval_shape(init, rng))
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def state_shardings(mesh, state):
+  """Replicated everywhere, except the queue's keys and ids: split along the data axis."""
+  repl = parallel.replicated(mesh)
+  shardings = jax.tree.map(lambda _: repl, state)
+  if state.queue is not None:
+    data = parallel.data_sharding(mesh)
+    shardings = shardings.replace(queue=queue_lib.Queue(keys=data, ids=data, ptr=repl))
+  return shardings
+
+
+def _embed(model, params, batch_stats, views, b, predict=True):
+  """Both views through the model in one batch -> ([B, D] view 1, [B, D] view 2, BN stats)."""
+  (_, z), updates = model.apply({'params': params, 'batch_stats': batch_stats}, views,
+                                train=True, mutable=['batch_stats'], predict=predict)
+  z = z.reshape(b, 2, -1)
+  return z[:, 0], z[:, 1], updates['batch_stats']
+
+
+def _sampled_objective(state, params, batch, views, b, rng, *, model, method):
+  """Loss with keys from the momentum encoder (MoCo) or the online one (SimCLR), the queue's
+  extra negatives and the configured samplers. Returns (loss, (metrics, batch_stats, keys))."""
+  q1, q2, batch_stats = _embed(model, params, state.batch_stats, views, b)
+  g1 = g2 = None
+  if state.ema_params is not None:  # BatchNorm in train mode, as MoCo's key encoder
+    g1, g2, _ = _embed(model, state.ema_params, state.ema_batch_stats, views, b, predict=False)
+    g1, g2 = jax.lax.stop_gradient(g1), jax.lax.stop_gradient(g2)
+  k1, k2 = (g1, g2) if method.name == 'moco' else (q1, q2)
+  epoch = state.step / method.steps_per_epoch
+  loss, metrics = objective.sampled_loss(
+      rng, dict(q1=q1, q2=q2, k1=k1, k2=k2, g1=g1, g2=g2), batch['id'], state.queue,
+      cfg=method.samplers, temperature=method.temperature, symmetric=method.symmetric,
+      epoch=epoch, block_size=method.block_size, mesh=method.mesh, clusters=method.clusters)
+  return loss, (metrics, batch_stats, k2)
+
+
+def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonfinite='error',
+               method=None):
+  """One update on the global batch.
+
+  Args:
+    state: TrainState.
+    batch: {'image': [B, H, W, C] uint8, 'id': [B] int (with a method)}, sharded along the
+      mesh's data axis.
+    rng: key for this step (augmentations per example: fold_in(rng, example index)).
+    loss_fn: fn(z1, z2) -> (loss, metrics), the plain SimCLR objective (method=None).
+    nonfinite: 'error' applies every update (the loop raises on a non-finite loss); 'skip'
+      keeps the whole state unchanged when the loss or any gradient is NaN/inf, and counts
+      the step in `skipped_steps`.
+    method: None (SimCLR with loss_fn) or a `Method`: momentum encoder, queue, samplers.
+
+  Returns:
+    (new state, metrics): loss, the loss's metrics, lr, l2_grads, l2_params, skipped_steps
+    (and momentum with a momentum encoder).
+  """
+  aug_rng, sampler_rng = jax.random.split(rng)
+  v1, v2 = augment.two_views(aug_rng if method else rng, batch['image'], aug_cfg)
+  b = v1.shape[0]
+  # Interleave the views, [B, 2, H, W, C] -> [2B, H, W, C], so each device keeps its own rows;
+  # BatchNorm then normalises over all 2B views of the global batch.
+  views = jnp.stack([v1, v2], axis=1).reshape(2 * b, *v1.shape[1:])
+
+  def plain_objective(params):
+    z1, z2, batch_stats = _embed(model, params, state.batch_stats, views, b)
+    loss, metrics = loss_fn(z1, z2)
+    return loss, (metrics, batch_stats, None)
+
+  objective_fn = plain_objective if method is None else functools.partial(
+      _sampled_objective, state, batch=batch, views=views, b=b, rng=sampler_rng, model=model,
+      method=method)
+  (loss, (metrics, batch_stats, keys)), grads = jax.value_and_grad(
+      objective_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                      opt_state=opt_state)
+  if state.ema_params is not None:
+    m = method.momentum(state.step)
+    new = new.replace(ema_params=momentum_lib.ema_update(state.ema_params, params, m),
+                      ema_batch_stats=momentum_lib.ema_update(state.ema_batch_stats,
+                                                              batch_stats, m))
+    metrics = dict(metrics, momentum=m)
+  if state.queue is not None:
+    new = new.replace(queue=queue_lib.enqueue(state.queue, keys, batch['id']))
+  skipped = state.skipped_steps
+  if nonfinite == 'skip':
+    ok = faults.all_finite(loss, grads)
+    new = faults.keep_if_finite(ok, new, state.replace(step=state.step + 1))
+    skipped = skipped + jnp.where(ok, 0, 1).astype(skipped.dtype)
+  new = new.replace(skipped_steps=skipped)
+  metrics = dict(metrics, loss=loss, lr=schedule(state.step), skipped_steps=skipped,
+                 l2_grads=optax.tree.norm(grads), l2_params=optax.tree.norm(new.params))
+  return new, metrics
+
+
+def jit_train_step(mesh, state, **step_kwargs):
+  """train_step under jax.jit with explicit shardings; the state's buffers are donated."""
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  shardings = state_shardings(mesh, state)
+  return jax.jit(functools.partial(train_step, **step_kwargs),
+                 in_shardings=(shardings, data, repl),
+                 out_shardings=(shardings, repl),
+                 donate_argnums=(0,))
