@@ -98,6 +98,10 @@ KEEPS = {
                (SIM <= THETA)),
     'indices': (lambda: mining.indices_keep(MINED),
                 lambda: np.array([[j in MINED[i] for j in range(B + M)] for i in range(B)])),
+    # Knowing N, the dense path scatters into a [B, N] mask; tiles still binary-search.
+    'indices_scatter': (lambda: mining.indices_keep(MINED, num_candidates=B + M),
+                        lambda: np.array([[j in MINED[i] for j in range(B + M)]
+                                          for i in range(B)])),
 }
 
 
@@ -319,3 +323,16 @@ def test_mochi_negatives_in_info_nce():
   want = ref_info_nce(QUERY, CANDS, TAU, own=np.asarray(negs), own_mask=np.asarray(valid))
   np.testing.assert_allclose(loss, want, rtol=RTOL)
   assert not np.isclose(want, ref_info_nce(QUERY, CANDS, TAU))  # the negatives count
+
+
+def test_mochi_reuses_mined_hard_sets():
+  """Hard sets handed over (the first num_hard of a larger mining) give the same mixtures."""
+  _, idx = mining.top_k_negatives(QUERY, CANDS, 5)
+  rng = jax.random.key(4)
+  fresh = mochi.mochi_negatives(rng, QUERY, CANDS, num_hard=3, num_mix=2, num_query_mix=1)
+  reused = mochi.mochi_negatives(rng, QUERY, CANDS, num_hard=3, num_mix=2, num_query_mix=1,
+                                 hard_indices=idx[:, :3])
+  np.testing.assert_array_equal(fresh[0], reused[0])
+  with pytest.raises(ValueError, match='hard_indices must be'):
+    mochi.mochi_negatives(rng, QUERY, CANDS, num_hard=3, num_mix=2, num_query_mix=1,
+                          hard_indices=idx)

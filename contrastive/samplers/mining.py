@@ -108,7 +108,7 @@ def top_k_negatives(query, candidates, k, *, skip_top=0, keep=None, block_size=N
   return sims, idx
 
 
-def indices_keep(indices):
+def indices_keep(indices, num_candidates=None):
   """Keep-function keeping, for query r, only the candidates listed in indices[r].
 
       keep_ij = [j in indices[i]],
@@ -119,20 +119,33 @@ def indices_keep(indices):
 
   Args:
     indices: [B, k] int candidate positions per query.
+    num_candidates: N, if known. A call over all N columns (the dense path) then scatters
+      the indices into a [b, N] mask (O(b (N + k))); tiles of the blockwise path binary-search
+      each row's sorted indices (O(b c log k)).
 
   Returns:
-    keep(row_ids, col_ids, sim) -> bool [b, c] (a [b, c, k] comparison per tile).
+    keep(row_ids, col_ids, sim) -> bool [b, c].
   """
   indices = jnp.asarray(indices)
   if indices.ndim != 2 or not jnp.issubdtype(indices.dtype, jnp.integer):
     raise ValueError(f'indices must be an int [B, k] array; got {indices.dtype} '
                      f'{tuple(indices.shape)}.')
-  indices = jax.lax.stop_gradient(indices)
+  indices = jax.lax.stop_gradient(indices).astype(jnp.int32)
+  ordered = jnp.sort(indices, axis=1)  # -1 (missing) first
+  k = indices.shape[1]
 
   def keep(row_ids, col_ids, sim):
     del sim
-    mine = indices[row_ids]  # (b, k)
-    hit = (mine[:, None, :] == col_ids[None, :, None]) & (col_ids[None, :, None] >= 0)
-    return jnp.any(hit, axis=2)  # (b, c, k) -> (b, c)
+    valid = col_ids[None, :] >= 0
+    if num_candidates is not None and col_ids.shape[0] == num_candidates:
+      rows = jnp.arange(row_ids.shape[0])[:, None]
+      mine = jnp.where(indices[row_ids] < 0, num_candidates, indices[row_ids])  # -1: dropped
+      mask = jnp.zeros((row_ids.shape[0], num_candidates), bool).at[rows, mine].set(
+          True, mode='drop')
+      return mask[:, jnp.clip(col_ids, 0, num_candidates - 1)] & valid
+    mine = ordered[row_ids]  # (b, k) sorted
+    pos = jax.vmap(lambda r: jnp.searchsorted(r, col_ids))(mine)  # (b, c)
+    found = jnp.take_along_axis(mine, jnp.clip(pos, 0, k - 1), axis=1) == col_ids[None, :]
+    return found & valid
 
   return keep

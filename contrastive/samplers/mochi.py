@@ -43,7 +43,7 @@ def _mix_row(rng, q, hard, count, *, num_mix, num_query_mix):
 
 
 def mochi_negatives(rng, query, candidates, *, num_hard, num_mix, num_query_mix, keep=None,
-                    block_size=None):
+                    block_size=None, hard_indices=None):
   """MoCHi's synthetic negatives for each query, from its num_hard hardest real negatives.
 
   Per query i, with H_i its hard set (the top-`num_hard` negatives by cosine similarity:
@@ -69,6 +69,8 @@ def mochi_negatives(rng, query, candidates, *, num_hard, num_mix, num_query_mix,
     num_query_mix: >= 0 negatives mixed from the query and a hard negative.
     keep: optional keep-function restricting the negatives, as in `mining.top_k_negatives`.
     block_size: None or the column block of the streamed mining (`mining.top_k_negatives`).
+    hard_indices: optional [B, num_hard] int, the hard sets already mined (e.g. the first
+      num_hard columns of `mining.top_k_negatives` with a larger k); -1 marks a missing one.
 
   Returns:
     (negatives, valid): negatives [B, S, D] float32 with S = num_mix + num_query_mix, unit
@@ -89,8 +91,13 @@ def mochi_negatives(rng, query, candidates, *, num_hard, num_mix, num_query_mix,
       raise ValueError(f'{name} must be an int >= {low}, got {value!r}.')
   if num_mix + num_query_mix < 1:
     raise ValueError('num_mix + num_query_mix must be >= 1: nothing to synthesise.')
-  _, idx = mining.top_k_negatives(query, candidates, num_hard, keep=keep,
-                                  block_size=block_size)  # (B, H), -1: missing
+  idx = hard_indices
+  if idx is None:
+    _, idx = mining.top_k_negatives(query, candidates, num_hard, keep=keep,
+                                    block_size=block_size)  # (B, H), -1: missing
+  elif tuple(idx.shape) != (query.shape[0], num_hard):
+    raise ValueError(f'hard_indices must be [B, num_hard] = {(query.shape[0], num_hard)}; got '
+                     f'{tuple(idx.shape)}.')
   q = jax.lax.stop_gradient(common.l2_normalize(query))
   c = jax.lax.stop_gradient(common.l2_normalize(candidates))
   b, s = q.shape[0], num_mix + num_query_mix

@@ -78,15 +78,18 @@ def one_direction(rng, q, k, guide_q, guide_k, ids, queue, *, cfg, temperature, 
   if cfg.gist:  # queue entries are momentum keys already: their own guide embeddings
     guide_cands = guide_k if extra is None else jnp.concatenate([guide_k, extra])
   keep = candidate_keeps(ids, cand_ids, guide_q, guide_cands, cfg, clusters)
+  hard = None  # MoCHi's hard sets, when mining has ranked enough negatives already
   if cfg.mining_k:
     _, idx = mining.top_k_negatives(q, cands, cfg.mining_k, skip_top=cfg.mining_skip_top,
                                     keep=keep, block_size=block_size)
-    keep = masks.all_of(keep, mining.indices_keep(idx))
+    keep = masks.all_of(keep, mining.indices_keep(idx, num_candidates=cands.shape[0]))
+    hard = idx[:, :cfg.mochi.num_hard] if cfg.mochi.num_hard <= cfg.mining_k else None
   own, own_mask = None, None
   if cfg.mochi.num_hard:
     own, own_mask = mochi.mochi_negatives(
         rng_mochi, q, cands, num_hard=cfg.mochi.num_hard, num_mix=cfg.mochi.num_mix,
-        num_query_mix=cfg.mochi.num_query_mix, keep=keep, block_size=block_size)
+        num_query_mix=cfg.mochi.num_query_mix, keep=keep, block_size=block_size,
+        hard_indices=hard)
     own_mask = own_mask & (epoch >= cfg.mochi.start_epoch)
   return info_nce(q, k, temperature=temperature, extra_negatives=extra, negative_mask=keep,
                   query_negatives=own, query_negative_mask=own_mask, block_size=block_size,
