@@ -1,12 +1,16 @@
-"""Test-session setup: 8 virtual CPU devices, so meshes of 1, 2 and 8 devices fit in one process.
+"""Test-session setup: 8 virtual CPU devices, so meshes of 1, 2 and 8 devices fit in one process,
+and a compilation cache for the session.
 
 XLA reads the flag once, when jax first initialises its backend, so it is set here, before
 any test module imports jax. Meshes over `jax.devices()[:n]` then give the 1-, 2- and 8-device
 runs that the distributed tests compare.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 NUM_TEST_DEVICES = 8
 
@@ -15,3 +19,12 @@ if 'jax' in sys.modules:
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            f' --xla_force_host_platform_device_count={NUM_TEST_DEVICES}').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+# One persistent XLA compilation cache for this test session, shared with the subprocesses the
+# tests start (they inherit the environment): the resume and multi-process tests run the same
+# programs in several processes. A cached executable is the same binary, so bitwise-equality
+# checks are unaffected; a user's own JAX_COMPILATION_CACHE_DIR is kept.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='contrastive_jax_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')

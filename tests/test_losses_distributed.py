@@ -24,7 +24,7 @@ DEVICE_COUNTS = (1, 2, 8)
 # margin, while keeping negatives per device moves the loss by > 1e-2 (checked below).
 RTOL, ATOL = 1e-5, 1e-6
 B, D, M = 32, 16, 16  # batch, embedding width, extra negatives: 4 / 2 rows per device on 8
-PAIR_KWARGS = {'temperature': 0.2, 'bias': -2.0, 'beta': 1.0, 'tau_plus': 0.1}
+PAIR_KWARGS = {'temperature': 0.2, 'bias': -2.0, 'beta': 1.0, 'tau_plus': 0.1, 'block_size': None}
 
 
 def mesh_of(n):

@@ -147,7 +147,8 @@ def test_moco_step_moves_the_momentum_encoder_and_fills_the_queue(moco_one_devic
   assert any(not np.allclose(a, b) for a, b in zip(online, ema))  # a lagging copy, not a tie
 
 
-@pytest.mark.parametrize('mesh_devices', [None, 2])
+# A 2-device ring with the masks alone runs in test_samplers.py; all samplers: make test-all.
+@pytest.mark.parametrize('mesh_devices', [None, pytest.param(2, marks=pytest.mark.slow)])
 def test_every_sampler_on_the_blockwise_path_equals_dense(mesh_devices):
   """Queue, same-instance/threshold/GIST/cluster masks, mining, MoCHi and feature
   transformation together: the blockwise loss (one device, or a 2-device ring) gives the dense
