@@ -60,7 +60,7 @@ def time_variant(config_file, variants, batch_size, repeats):
   model = build_model(config.model)
   tx, schedule = optim.build_optimizer(
       ml_collections.ConfigDict(dict(config.optimizer, batch_size=batch_size)), 1000)
-  method = train.build_method(config, steps=1000, steps_per_epoch=60000 / batch_size, mesh=mesh)
+  method = train.build_method(config, steps=1000, steps_per_epoch=60000 / batch_size)
   state = step_lib.create_train_state(model, tx, (28, 28, 1), jax.random.key(0), mesh,
                                       ema=bool(validate.momentum_base(config)),
                                       queue_size=config.queue_size, batch_size=batch_size)

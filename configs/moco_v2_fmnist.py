@@ -17,9 +17,10 @@ from contrastive import config_lib
 
 def get_config(arg=None):
   """The MoCo v2 config; `arg`: comma-separated variants as in simclr_fmnist.py."""
-  config = config_lib.sibling(__file__, 'simclr_fmnist.py').get_config(arg)
+  simclr = config_lib.sibling(__file__, 'simclr_fmnist.py')
+  config = simclr.get_config(arg)
   config.method = 'moco'
   config.momentum = dict(base=0.99, schedule='constant')  # 0.999 in the paper's 200 epochs
   config.queue_size = 256 if config.batch_size == 64 else 4096  # runlocal: 4 batches
-  config.loss = dict(name='info_nce', temperature=0.2, block_size=config.loss.get('block_size'))
+  config.loss = simclr.loss_config('info_nce', temperature=0.2)
   return config

@@ -14,10 +14,11 @@ from contrastive import config_lib
 
 def get_config(arg=None):
   """The MoCo v3 config; `arg`: comma-separated variants as in simclr_fmnist.py."""
-  config = config_lib.sibling(__file__, 'simclr_fmnist.py').get_config(arg)
+  simclr = config_lib.sibling(__file__, 'simclr_fmnist.py')
+  config = simclr.get_config(arg)
   config.method = 'moco'
   config.momentum = dict(base=0.99, schedule='cosine')
   config.queue_size = 0
   config.model.predictor_hidden_dims = tuple(config.model.head_hidden_dims)
-  config.loss = dict(name='info_nce', temperature=0.2, block_size=config.loss.get('block_size'))
+  config.loss = simclr.loss_config('info_nce', temperature=0.2)
   return config

@@ -15,21 +15,23 @@ InfoNCE, the loss they act on). Single fields from the command line:
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 # Each selectable loss with its arguments (`:loss=NAME`); values are common starting points.
-# block_size: None (dense) or the tile side of the blockwise path (O(B D) memory).
 LOSSES = {
     'nt_xent': dict(temperature=0.2),
-    'info_nce': dict(temperature=0.2, block_size=None),
-    'clip_loss': dict(temperature=0.2, block_size=None),
-    'sigmoid_loss': dict(temperature=0.1, bias=-10.0,  # SigLIP's initial t' = 10, b = -10
-                         block_size=None),
+    'info_nce': dict(temperature=0.2),
+    'clip_loss': dict(temperature=0.2),
+    'sigmoid_loss': dict(temperature=0.1, bias=-10.0),  # SigLIP's initial t' = 10, b = -10
     'dcl': dict(temperature=0.2),
-    'debiased_info_nce': dict(temperature=0.2, tau_plus=0.1,  # 10 balanced classes
-                              block_size=None),
-    'hard_negative_info_nce': dict(temperature=0.2, beta=1.0, tau_plus=0.1, block_size=None),
+    'debiased_info_nce': dict(temperature=0.2, tau_plus=0.1),  # 10 balanced classes
+    'hard_negative_info_nce': dict(temperature=0.2, beta=1.0, tau_plus=0.1),
     'supcon': dict(temperature=0.2),
 }
+# These also take `block_size`: unset (None) is the dense path; an int, the tile side of the
+# blockwise path (O(B D) memory), e.g. --config.loss.block_size=1024.
+BLOCKWISE_LOSSES = ('info_nce', 'clip_loss', 'sigmoid_loss', 'debiased_info_nce',
+                    'hard_negative_info_nce')
 
 # Each sampler variant with the config.samplers fields it sets (contrastive/samplers/objective.py).
 SAMPLERS = {
@@ -64,8 +66,7 @@ def apply_sampler_variants(config, variants):
   if 'gist' in chosen and not config.momentum.base:
     config.momentum.base = 0.99
   if chosen and config.loss.name != 'info_nce':
-    config.loss = dict(name='info_nce', temperature=config.loss.temperature,
-                       block_size=config.loss.get('block_size'))
+    config.loss = loss_config('info_nce', temperature=config.loss.temperature)
 
 
 def shrink_samplers(samplers, factor):
@@ -74,6 +75,15 @@ def shrink_samplers(samplers, factor):
     samplers[field] = -(-samplers[field] // factor)
   for field in ('num_hard', 'num_mix', 'num_query_mix'):
     samplers.mochi[field] = -(-samplers.mochi[field] // factor)
+
+
+def loss_config(name, **changes):
+  """config.loss for LOSSES[name] (with an unset, command-line settable block_size)."""
+  loss = ml_collections.ConfigDict(dict(name=name, **LOSSES[name]))
+  loss.update(changes)
+  if name in BLOCKWISE_LOSSES:
+    loss.block_size = config_dict.placeholder(int)
+  return loss
 
 
 def get_config(arg=None):
@@ -104,7 +114,7 @@ def get_config(arg=None):
   loss = options.get('loss', 'nt_xent')
   if loss not in LOSSES:
     raise ValueError(f'Variant loss={loss!r} is unknown; choose one of {sorted(LOSSES)}.')
-  config.loss = dict(name=loss, **LOSSES[loss])
+  config.loss = loss_config(loss)
   # Beyond plain SimCLR (contrastive/step.py): keys from a momentum encoder ('moco'), a memory
   # queue of past keys, negative samplers; MCL's multi-stage run (contrastive/mcl.py).
   config.method = 'simclr'

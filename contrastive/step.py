@@ -50,7 +50,11 @@ class Method(NamedTuple):
     symmetric: both directions (q1 vs k2 and q2 vs k1) or q1 vs k2 only (MoCo v2).
     momentum: None, or the EMA momentum schedule fn(step) (needed by 'moco' and GIST's guide).
     steps_per_epoch: for MoCHi's start epoch.
-    block_size, mesh: the loss's blockwise path (None: dense).
+    block_size: the loss's blockwise path (None: dense). It runs as one tiled scan on the
+      global arrays, partitioned by XLA; the samplers' masks close over global per-row data
+      (ids, guide embeddings), which the explicit shard_map ring of the plain losses
+      (`mesh=`) cannot take in yet.
+    mesh: for that ring: None here (see block_size).
     clusters: [N] int cluster of each example id (MCL's second stage), or None.
   """
   name: str

@@ -37,7 +37,7 @@ def total_steps(config, num_train):
   return int(config.num_epochs * num_train // config.batch_size)
 
 
-def build_method(config, *, steps, steps_per_epoch, mesh, clusters=None):
+def build_method(config, *, steps, steps_per_epoch, clusters=None):
   """The step's `Method` from config, or None for plain SimCLR with config.loss."""
   if not validate.uses_samplers(config) and clusters is None:
     return None
@@ -49,7 +49,6 @@ def build_method(config, *, steps, steps_per_epoch, mesh, clusters=None):
                 temperature=config.loss.temperature, symmetric=config.get('symmetric', True),
                 momentum=momentum, steps_per_epoch=steps_per_epoch,
                 block_size=config.loss.get('block_size'),
-                mesh=mesh if config.loss.get('block_size') else None,
                 clusters=None if clusters is None else jnp.asarray(clusters, jnp.int32))
 
 
@@ -88,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, clust
   tx, schedule = optim.build_optimizer(
       ml_collections.ConfigDict(dict(config.optimizer, batch_size=config.batch_size)), steps)
   loss_fn = pair_loss_from_config(config.loss, mesh=mesh)
-  method = build_method(config, steps=steps, mesh=mesh, clusters=clusters,
+  method = build_method(config, steps=steps, clusters=clusters,
                         steps_per_epoch=len(train_source) / config.batch_size)
   rng = jax.random.key(config.seed)
   state = create_train_state(model, tx, image_shape, jax.random.fold_in(rng, 0), mesh,
@@ -114,15 +113,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, clust
   # ---- Evaluation ---------------------------------------------------------------------------
   evaluator = evaluate.Evaluator(config.eval, config.dataset, model, mesh)
 
-  histograms = []  # (step, pos/neg score counts) at each evaluation (config.samplers.histograms)
+  histograms = []  # (step, pos/neg score counts) at each logged step (config.samplers.histograms)
 
-  def run_eval(step, prefix='', last_metrics=None):
+  def record_histograms(step, metrics):
+    if 'hist_pos' in metrics:
+      bins = len(metrics['hist_pos'])
+      histograms.append((step, dict(pos=metrics['hist_pos'], neg=metrics['hist_neg'],
+                                    edges=np.linspace(-1, 1, bins + 1))))
+
+  def run_eval(step, prefix=''):
     metrics = {prefix + k: v for k, v in evaluator(state).items()}
     writer.write(step, metrics)
     print(metric_writer.format_metrics(step, metrics), flush=True)
-    if last_metrics and 'hist_pos' in last_metrics and jax.process_index() == 0:
-      histograms.append((step, dict(pos=last_metrics['hist_pos'], neg=last_metrics['hist_neg'],
-                                    edges=np.linspace(-1, 1, len(last_metrics['hist_pos']) + 1))))
+    if histograms and jax.process_index() == 0:  # the scores so far, one line per logged step
       feature_transform.plot_score_histograms(
           histograms, os.path.join(workdir, f'score_histograms_{step}.png'))
     return metrics
@@ -146,9 +149,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, clust
             f'{ckpt.latest_step()} in {ckpt.directory} (config.nonfinite=\'skip\' skips such '
             'steps instead).')
       progress.update(step, metrics, every=config.log_every)
+      if step % config.log_every == 0 or step == steps:
+        record_histograms(step, metrics)
       if step == steps or (config.eval.every and step % config.eval.every == 0):
         with progress.paused():
-          eval_metrics = run_eval(step, last_metrics=metrics)
+          eval_metrics = run_eval(step)
       ckpt.save(step, state, batch_iter.get_state(), force=step == steps)
       if step < steps and preemption.requested():
         ckpt.save(step, state, batch_iter.get_state(), force=True)

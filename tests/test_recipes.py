@@ -80,7 +80,7 @@ def test_cluster_table_is_indexed_by_example_id():
 def _method(config_arg):
   config = config_lib.load_config(os.path.join(REPO, 'configs', config_arg.split(':')[0]),
                                   (config_arg.split(':') + [None])[1])
-  return train.build_method(config, steps=100, steps_per_epoch=10.0, mesh=None), config
+  return train.build_method(config, steps=100, steps_per_epoch=10.0), config
 
 
 def test_each_recipe_builds_its_step_method():
