@@ -47,7 +47,7 @@ def test_loss_and_grads_equal_on_1_2_8_devices():
 
 def _config():
   return ml_collections.ConfigDict(dict(
-      model=dict(preset='', stage_sizes=(1, 1), width=4, block='basic', stem_strides=1,
+      model=dict(preset='', stage_sizes=(1,), width=4, block='basic', stem_strides=1,
                  head_hidden_dims=(16,), head_out_dim=8),
       optimizer=dict(name='lars', lr=0.5, scale_lr_by_batch=False, warmup_steps=1,
                      weight_decay=1e-4, momentum=0.9, batch_size=32),
