@@ -2,7 +2,9 @@
 
 One JSON line per variant: the median wall time of --repeats jitted steps (after two warm-up
 calls, the first compiling) of the default recipe's model at batch --batch_size on this
-machine's devices, and its ratio to the baseline of the same method measured in the same run:
+machine's devices, and its ratio to the baseline of the same method measured in the same run.
+The variants are compiled first, then timed in interleaved rounds (one step of each per
+round), so a slow drift of a shared machine does not favour one of them:
 
   python benchmarks/step_overhead.py >> benchmarks/results/step_overhead.jsonl
 
@@ -50,8 +52,9 @@ VARIANTS = [
 ]
 
 
-def time_variant(config_file, variants, batch_size, repeats):
-  """Median seconds per train step of the config at batch_size (synthetic 28x28 images)."""
+def build_variant(config_file, variants, batch_size):
+  """A function run(i) that runs train step i of the config at batch_size (synthetic 28x28
+  images) and returns its wall time in seconds."""
   config = config_lib.load_config(os.path.join(CONFIGS, config_file), variants)
   config.batch_size = batch_size
   config.dataset.name = 'not_local'  # no data is read: skip the dataset check
@@ -68,16 +71,18 @@ def time_variant(config_file, variants, batch_size, repeats):
                                  loss_fn=pair_loss_from_config(config.loss, mesh=mesh),
                                  aug_cfg=config.augment, schedule=schedule, method=method)
   rng = np.random.default_rng(0)
-  times = []
-  for i in range(repeats + 2):
+  holder = [state]
+
+  def run(i):
     batch = {'image': rng.integers(0, 256, (batch_size, 28, 28, 1), np.uint8),
              'id': np.arange(i * batch_size, (i + 1) * batch_size, dtype=np.int32)}
     batch = jax.device_put(batch, parallel.data_sharding(mesh))
     start = time.perf_counter()
-    state, metrics = step(state, batch, jax.random.key(i))
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times[2:]), times
+    holder[0], metrics = step(holder[0], batch, jax.random.key(i))
+    jax.block_until_ready((holder[0], metrics))
+    return time.perf_counter() - start
+
+  return run
 
 
 def main(argv=None):
@@ -86,20 +91,22 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--variants', default=','.join(v[0] for v in VARIANTS))
   args = p.parse_args(argv)
-  chosen = set(args.variants.split(','))
-  baselines = {}
-  for name, config_file, variants, baseline in VARIANTS:
-    if name not in chosen:
-      continue
-    median, times = time_variant(config_file, variants, args.batch_size, args.repeats)
-    baselines.setdefault(baseline, median if name == baseline else None)
-    base = baselines.get(baseline)
+  chosen = [v for v in VARIANTS if v[0] in set(args.variants.split(','))]
+  runs, times = {}, {}
+  for name, config_file, variants, _ in chosen:  # compile (first call) and warm up (second)
+    runs[name] = build_variant(config_file, variants, args.batch_size)
+    times[name] = [runs[name](0), runs[name](1)]
+  for i in range(args.repeats):  # interleaved rounds: slow drifts of the machine hit all alike
+    for name, *_ in chosen:
+      times[name].append(runs[name](2 + i))
+  medians = {name: statistics.median(t[2:]) for name, t in times.items()}
+  for name, config_file, variants, baseline in chosen:
+    base = medians.get(baseline)
     print(json.dumps(dict(
         variant=name, config=f'{config_file}:{variants}', batch=args.batch_size,
-        devices=jax.device_count(), time_s=round(median, 4),
-        times_s=[round(t, 4) for t in times], baseline=baseline,
-        ratio=None if base is None else round(median / base, 4))), flush=True)
-
+        devices=jax.device_count(), time_s=round(medians[name], 4),
+        times_s=[round(t, 4) for t in times[name]], baseline=baseline,
+        ratio=None if base is None else round(medians[name] / base, 4))), flush=True)
 
 if __name__ == '__main__':
   main()
