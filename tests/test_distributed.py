@@ -74,12 +74,22 @@ def _run(n, loss_fn=None, num_steps=3):
   loss_fn = loss_fn(mesh) if loss_fn else functools.partial(nt_xent, temperature=0.2)
   step = train.jit_train_step(mesh, state, model=model, tx=tx, loss_fn=loss_fn,
                               aug_cfg=cfg.augment, schedule=schedule)
+  history, state = run_steps(step, state, mesh, num_steps)
+  return history, jax.device_get(state)
+
+
+def run_steps(step, state, mesh, num_steps, num_ids=None):
+  """num_steps calls of the jitted `step` on `_batches` (with example ids modulo num_ids, if
+  given) -> (per-step metrics on the host, the final state on the devices)."""
   history = []
   for i, batch in enumerate(_batches(num_steps)):
+    if num_ids:
+      batch['id'] = np.arange(i * len(batch['image']), (i + 1) * len(batch['image']),
+                              dtype=np.int32) % num_ids
     batch = jax.device_put(batch, parallel.data_sharding(mesh))
     state, metrics = step(state, batch, jax.random.key(100 + i))
     history.append(jax.device_get(metrics))
-  return history, jax.device_get(state)
+  return history, state
 
 
 @pytest.fixture(scope='module')

@@ -110,12 +110,8 @@ def _moco_run(n, num_steps=2, block_size=None):
                          threshold=0.9), block_size=block_size)
   step = step_lib.jit_train_step(mesh, state, model=model, tx=tx, loss_fn=None,
                                  aug_cfg=cfg.augment, schedule=schedule, method=method)
-  history = []
-  for i, batch in enumerate(test_distributed._batches(num_steps)):  # pylint: disable=protected-access
-    batch['id'] = np.arange(i * 32, (i + 1) * 32, dtype=np.int32) % 40  # ids repeat: masked
-    batch = jax.device_put(batch, parallel.data_sharding(mesh))
-    state, metrics = step(state, batch, jax.random.key(100 + i))
-    history.append(jax.device_get(metrics))
+  # Ids modulo 40: examples repeat, so the queue holds keys of the queries' own instances.
+  history, state = test_distributed.run_steps(step, state, mesh, num_steps, num_ids=40)
   assert state.queue.keys.sharding.spec == parallel.data_sharding(mesh).spec
   return history, jax.device_get(state)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastive import parallel
+from contrastive.losses import l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -135,7 +136,7 @@ def lloyd(x, centroids, num_iters):
 def _kmeans(rng, x, *, k, num_iters, cosine, mesh):
   x = x.astype(jnp.float32)
   if cosine:
-    x = x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+    x = l2_normalize(x)
   if mesh is not None:
     x = jax.lax.with_sharding_constraint(x, parallel.data_sharding(mesh))
   centroids = kmeans_plus_plus_init(rng, x, k)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from contrastive.losses import info_nce
+from contrastive.losses import l2_normalize
 from contrastive.samplers import feature_transform
 from contrastive.samplers import masks
 from contrastive.samplers import mining
@@ -102,8 +103,7 @@ def score_histograms(q, k):
   The negatives are each query against the first HISTOGRAM_COLUMNS other keys, so the cost
   stays O(B) at any batch size.
   """
-  qn = q * jax.lax.rsqrt(jnp.sum(q * q, 1, keepdims=True) + 1e-12)
-  kn = k * jax.lax.rsqrt(jnp.sum(k * k, 1, keepdims=True) + 1e-12)
+  qn, kn = l2_normalize(q), l2_normalize(k)
   cols = min(HISTOGRAM_COLUMNS, k.shape[0])
   sim = qn @ kn[:cols].T  # (B, D) . (D, cols) -> (B, cols)
   negative = jnp.arange(q.shape[0])[:, None] != jnp.arange(cols)[None, :]

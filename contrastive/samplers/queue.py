@@ -14,6 +14,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from contrastive.losses import l2_normalize
+
 EMPTY = -1  # id of a slot that was never written
 
 
@@ -54,8 +56,7 @@ def enqueue(queue, keys, ids):
   """
   b, k = keys.shape[0], queue.keys.shape[0]
   check_queue_size(k, b)
-  keys = jax.lax.stop_gradient(keys.astype(jnp.float32))
-  keys = keys * jax.lax.rsqrt(jnp.sum(keys * keys, axis=1, keepdims=True) + 1e-12)
+  keys = l2_normalize(jax.lax.stop_gradient(keys))
   new_keys = jax.lax.dynamic_update_slice(queue.keys, keys, (queue.ptr, 0))
   new_ids = jax.lax.dynamic_update_slice(queue.ids, ids.astype(jnp.int32), (queue.ptr,))
   return Queue(keys=new_keys, ids=new_ids, ptr=(queue.ptr + b) % k)
