@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from contrastive import losses
 from contrastive.losses import blockwise
@@ -127,7 +128,11 @@ def test_compiled_temp_memory_is_linear_in_batch():
     return jax.value_and_grad(lambda x, y: losses.sigmoid_loss(
         x, y, temperature=0.1, bias=-10.0, block_size=256)[0], argnums=(0, 1))
 
-  for make_fn in (functools.partial(_clip_grad, block_size=256), sigmoid):
+  def info_nce(b, d):  # the fused path: strips of 128 rows x B columns
+    return jax.value_and_grad(lambda x, y: losses.info_nce(
+        x, y, temperature=0.1, block_size=256)[0], argnums=(0, 1))
+
+  for make_fn in (functools.partial(_clip_grad, block_size=256), sigmoid, info_nce):
     small, large = temp_bytes(make_fn, 2048), temp_bytes(make_fn, 4096)
     assert large < 2.5 * small, (small, large)  # linear (B^2 would give 4x)
     assert large < 4096 ** 2 * 4 / 8, large  # far below one [B, B] float32 matrix
@@ -156,6 +161,39 @@ def test_traced_graph_does_not_grow_with_blocks():
     return _num_equations(jax.make_jaxpr(_clip_grad(b, D, 4))(x, x).jaxpr)
 
   assert equations(16) == equations(256)  # 4 x 4 tiles or 64 x 64: the same lax.scans
+
+
+def _row_lse_grads(outer, fused_gradient):
+  """Gradients w.r.t. (q, k, extra, scale) of outer(row_lse [B]) on the blockwise path."""
+  z1, z2, extra, _ = _inputs()
+  q, k, extra = (losses.l2_normalize(x) for x in (z1, z2, extra))
+
+  def fn(q, k, extra, scale):
+    stats = blockwise.softmax_stats(q, k, scale=scale, extra=extra, block_size=7,
+                                    fused_gradient=fused_gradient)
+    return outer(stats.row_lse[:, 0])
+
+  return jax.jit(jax.grad(fn, argnums=(0, 1, 2, 3)))(q, k, extra, jnp.float32(5.0))
+
+
+def test_fused_gradient_is_exact_for_one_cotangent_and_nan_otherwise():
+  # The fused path (3 matmul passes) computes the gradients for a unit cotangent in the forward
+  # pass: any function of the mean gives every row the same cotangent, and the same gradients
+  # as the recomputing path; per-row weights cannot be served, and must not pass silently.
+  through_mean = lambda lse: jnp.exp(jnp.mean(lse) / 4)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL),
+               _row_lse_grads(through_mean, True), _row_lse_grads(through_mean, False))
+  per_row = lambda lse: jnp.sum(jnp.linspace(0.5, 1.5, B) * lse)
+  assert all(np.all(np.isnan(g)) for g in _row_lse_grads(per_row, True))
+  assert all(np.all(np.isfinite(g)) for g in _row_lse_grads(per_row, False))
+
+
+def test_blockwise_info_nce_check_grads():
+  # The fused path against finite differences (labels mask: no threshold to step across).
+  z1, z2, extra, labels = _inputs()
+  fn = jax.jit(lambda x, y, e: losses.info_nce(x, y, temperature=0.5, extra_negatives=e,
+                                               block_size=7, **_by_label(labels))[0])
+  check_grads(fn, (z1, z2, extra), order=1, modes=['rev'], atol=1e-2, rtol=1e-2)
 
 
 def test_bad_blockwise_arguments_raise():

@@ -7,7 +7,9 @@ of the similarity matrix through `lax.scan` (`tiles.py`):
   softmax  per row (and, for CLIP, per column) an online log-sum-exp: running max m and sum
            l <- l e^{m_old - m} + sum_j e^{x_ij - m}, one or two channels x = mult * s / tau;
            a `jax.custom_vjp` recomputes each tile in the backward pass from the final
-           log-sum-exps (4 matmul passes over the tiles in all, as in FlashAttention).
+           log-sum-exps (4 matmul passes over the tiles in all, as in FlashAttention); with
+           `fused_gradient` (InfoNCE) strips of rows compute loss and gradient in one
+           sweep, 3 passes (`fused.py`).
   sigmoid  no normaliser: the forward pass of the gradient computes the loss and the
            gradients tile by tile (3 matmul passes, nothing recomputed).
 
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from contrastive.losses import fused
 from contrastive.losses import ring
 from contrastive.losses import tiles
 
@@ -136,7 +139,7 @@ def _on_mesh(mesh, fn, num_args, out_specs):
 
 def softmax_stats(q, k, *, scale, extra=None, row_mult=(1.0,), row_positive=(True,), col_mult=(),
                   col_positive=(), negative_mask=None, mask_ids=None, block_size, mesh=None,
-                  collective=DEFAULT_COLLECTIVE):
+                  collective=DEFAULT_COLLECTIVE, fused_gradient=False):
   """Streamed log-sum-exps of x = mult * scale * s over each row's (and column's) candidates.
 
   Args:
@@ -148,6 +151,11 @@ def softmax_stats(q, k, *, scale, extra=None, row_mult=(1.0,), row_positive=(Tru
     col_mult, col_positive: the same for column channels (over the B keys).
     negative_mask, mask_ids: see the module docstring.
     block_size: tile side; mesh, collective: see the module docstring.
+    fused_gradient: the caller differentiates row_lse only through one cotangent value shared
+      by all rows (any function of mean_i row_lse_i): the forward pass then computes the
+      gradients too, 3 matmul passes instead of 4 (`fused.py`; one row channel, no column
+      channels, one device or collective='all_gather'; ignored otherwise). A per-row cotangent
+      gives NaN gradients.
 
   Returns:
     SoftmaxStats; differentiable in row_lse and col_lse w.r.t. scale, q, k and extra.
@@ -160,7 +168,7 @@ def softmax_stats(q, k, *, scale, extra=None, row_mult=(1.0,), row_positive=(Tru
   ids, comm = _prepare(q, k, extra, mask_ids, mesh, collective)
   plan = tiles.Plan(q.shape[0], 0 if extra is None else extra.shape[0], int(block_size),
                     tuple(map(float, row_mult)), tuple(row_positive), tuple(map(float, col_mult)),
-                    tuple(col_positive), negative_mask)
+                    tuple(col_positive), negative_mask, bool(fused_gradient))
   if extra is not None:
     extra = tiles.pad_to(extra, ids[2].shape[0])
   scale = jnp.asarray(scale, jnp.float32)
@@ -177,12 +185,19 @@ def _softmax(plan, comm, mesh, scale, q, k, extra, row_ids, key_ids, extra_ids):
 
 def _softmax_fwd(plan, comm, mesh, scale, q, k, extra, row_ids, key_ids, extra_ids):
   args = (scale, q, k, extra, row_ids, key_ids, extra_ids)
+  if fused.applies(plan, comm):  # the gradients now, for a unit cotangent
+    body = functools.partial(fused.forward, plan, comm)
+    *stats, grads = _on_mesh(mesh, body, (1, 6), _STATS_SPECS + ((P(DATA),) * 3,))(*args)
+    return SoftmaxStats(*stats), (args, grads)
   body = functools.partial(ring.softmax_forward, plan, comm)
   stats = SoftmaxStats(*_on_mesh(mesh, body, (1, 6), _STATS_SPECS)(*args))
   return stats, (args, stats.row_lse, stats.col_lse)
 
 
 def _softmax_bwd(plan, comm, mesh, residuals, cotangents):
+  if fused.applies(plan, comm):
+    (scale, q, *_), grads = residuals
+    return fused.backward(scale, q, grads, cotangents.row_lse) + (None, None, None)
   args, row_lse, col_lse = residuals
   body = functools.partial(ring.softmax_backward, plan, comm)
   out_specs = (P(), P(DATA), P(DATA), P(DATA))

@@ -117,7 +117,8 @@ def info_nce(query, key, *, temperature, extra_negatives=None, negative_mask=Non
     pos_sim = jnp.sum(q * k, axis=1)
     stats = blockwise.softmax_stats(q, k, scale=1.0 / temperature, extra=extra,
                                     negative_mask=negative_mask, mask_ids=mask_ids,
-                                    block_size=block_size, mesh=mesh, collective=collective)
+                                    block_size=block_size, mesh=mesh, collective=collective,
+                                    fused_gradient=own is None)  # the loss is a mean of lse
     lse, row_neg_max = stats.row_lse[:, 0], stats.row_neg_max
     neg_sum, neg_count = stats.neg_sum, stats.neg_count
     if own is not None:  # fold each row's own negatives into its streamed statistics

@@ -33,7 +33,7 @@ class Comm(NamedTuple):
   kind: str
 
 
-def _device(comm):
+def device_index(comm):
   return 0 if comm.axis is None else lax.axis_index(comm.axis)
 
 
@@ -45,7 +45,7 @@ def _shift(comm, tree):
   return lax.ppermute(tree, comm.axis, perm)
 
 
-def _varying(comm, tree):
+def varying(comm, tree):
   """Marks fresh constants as per-device values: shard_map's loops need carries typed alike."""
   if comm.axis is None:
     return tree
@@ -53,11 +53,11 @@ def _varying(comm, tree):
       x, comm.axis, to='varying'), tree)
 
 
-def _gather(comm, tree):
+def gather(comm, tree):
   return lax.all_gather(tree, comm.axis, tiled=True)
 
 
-def _all_positions(plan, comm):
+def all_positions(plan, comm):
   """Positions of the gathered chunks of every device, in device order."""
   return jax.vmap(lambda s: tiles.chunk_positions(plan, comm.size, s))(
       jnp.arange(comm.size)).reshape(-1)
@@ -69,19 +69,19 @@ def _gathering(comm):
 
 def _ring_loop(comm, step, carry):
   """carry = step(source, carry) for source = this device, the previous one, ... (n steps)."""
-  device = _device(comm)
+  device = device_index(comm)
   if comm.size == 1:  # one chunk: no loop (and no loop-carried copies of it)
     return step(device, carry)
   return lax.fori_loop(0, comm.size, lambda t, c: step((device - t) % comm.size, c), carry)
 
 
-def _psum(comm, tree):
+def psum(comm, tree):
   return tree if comm.axis is None else lax.psum(tree, comm.axis)
 
 
-def _layouts(plan, comm, q, k, extra, row_ids, key_ids, extra_ids):
+def layouts(plan, comm, q, k, extra, row_ids, key_ids, extra_ids):
   n, b = comm.size, q.shape[0]
-  rows = tiles.row_layout(plan, n, _device(comm), q, row_ids)
+  rows = tiles.row_layout(plan, n, device_index(comm), q, row_ids)
   chunk = tiles.chunk_layout(plan, n, k, extra, key_ids, extra_ids)
   return rows, chunk, tiles.row_block(plan, n), tiles.col_block(plan, n), b
 
@@ -100,18 +100,18 @@ def softmax_forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids)
     (row_lse [b, C], col_lse [b, Cc] (the keys' columns), row_neg_max [b], col_neg_max [b] (or
     [b] -inf without col channels), neg_sum, neg_count (global totals)).
   """
-  (qr, rpos, rid), (kc, cid), rb, cb, b = _layouts(plan, comm, q, k, extra, row_ids, key_ids,
+  (qr, rpos, rid), (kc, cid), rb, cb, b = layouts(plan, comm, q, k, extra, row_ids, key_ids,
                                                    extra_ids)
   pos_sim = jnp.sum(q * k, axis=1)  # s_ii: bounds the positive's term, and is column i's too
   rsim = tiles.pad_to(pos_sim, qr.shape[0], tiles.NEG_INF)
   csim = tiles.pad_to(pos_sim, kc.shape[0], tiles.NEG_INF)
   rows = (qr, rpos, rid, rsim)
   if _gathering(comm):  # every chunk at once; column state combined over devices after
-    kc, cid, csim = _gather(comm, (kc, cid, csim))
+    kc, cid, csim = gather(comm, (kc, cid, csim))
   row_state, col_state = tiles.softmax_init(plan, qr.shape[0], kc.shape[0])
-  row_state, col_state, sums = _varying(comm, (row_state, col_state, (jnp.zeros(()),) * 2))
+  row_state, col_state, sums = varying(comm, (row_state, col_state, (jnp.zeros(()),) * 2))
   if _gathering(comm):
-    cols = (kc, _all_positions(plan, comm), cid, csim)
+    cols = (kc, all_positions(plan, comm), cid, csim)
     row_state, col_state, sums = tiles.softmax_forward(plan, scale, rb, cb, rows, row_state,
                                                        cols, col_state, sums)
     if plan.col_mult:
@@ -128,7 +128,7 @@ def softmax_forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids)
 
     row_state, sums, _, col_state = _ring_loop(comm, step,
                                                (row_state, sums, (kc, cid, csim), col_state))
-  (m, l, row_max), sums = row_state, _psum(comm, sums)
+  (m, l, row_max), sums = row_state, psum(comm, sums)
   if plan.col_mult:
     cm, cl, col_max = col_state
     col_lse, col_max = tiles.logsumexp(cm, cl)[:b], col_max[:b]
@@ -141,7 +141,7 @@ def _combine_columns(comm, col_state):
   """Per-device partial column (max, sum, neg max) over all chunks -> this chunk's totals."""
   m, l, col_max = col_state
   length = m.shape[0] // comm.size
-  start = _device(comm) * length
+  start = device_index(comm) * length
   m_all = lax.pmax(m, comm.axis)
   safe = jnp.where(m_all == tiles.NEG_INF, 0.0, m_all)
   l = lax.psum_scatter(l * jnp.exp(m - safe), comm.axis, tiled=True)
@@ -156,18 +156,18 @@ def softmax_backward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids
   Returns:
     (d scale (global), dq [b, D], dk [b, D], d extra [m, D] or None).
   """
-  (qr, rpos, rid), (kc, cid), rb, cb, b = _layouts(plan, comm, q, k, extra, row_ids, key_ids,
+  (qr, rpos, rid), (kc, cid), rb, cb, b = layouts(plan, comm, q, k, extra, row_ids, key_ids,
                                                    extra_ids)
   length = qr.shape[0]
   rows = (qr, rpos, rid, tiles.pad_to(row_lse, length, tiles.NEG_INF), tiles.pad_to(g_row, length))
   chunk = (kc, cid)
   if plan.col_mult:  # padding and extra negatives have no column statistics
     chunk += (tiles.pad_to(col_lse, kc.shape[0], tiles.NEG_INF), tiles.pad_to(g_col, kc.shape[0]))
-  dq = _varying(comm, jnp.zeros_like(qr))
+  dq = varying(comm, jnp.zeros_like(qr))
   if _gathering(comm):
-    chunk = _gather(comm, chunk)
-    cols = (chunk[0], _all_positions(plan, comm)) + chunk[1:]
-    dk = _varying(comm, jnp.zeros_like(chunk[0]))
+    chunk = gather(comm, chunk)
+    cols = (chunk[0], all_positions(plan, comm)) + chunk[1:]
+    dk = varying(comm, jnp.zeros_like(chunk[0]))
     dq, dk = tiles.softmax_backward(plan, scale, rb, cb, rows, dq, cols, dk)
     dk = lax.psum_scatter(dk, comm.axis, tiled=True)
   else:
@@ -178,9 +178,9 @@ def softmax_backward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids
       dq, dk = tiles.softmax_backward(plan, scale, rb, cb, rows, dq, cols, dk)
       return dq, incoming, _shift(comm, dk)
 
-    dq, _, dk = _ring_loop(comm, step, (dq, chunk, _varying(comm, jnp.zeros_like(kc))))
+    dq, _, dk = _ring_loop(comm, step, (dq, chunk, varying(comm, jnp.zeros_like(kc))))
   # sum_ij dS_ij s_ij = sum_i q_i . dq_i, and every logit is scale * mult * s_ij.
-  d_scale = _psum(comm, jnp.sum(qr * dq)) / scale
+  d_scale = psum(comm, jnp.sum(qr * dq)) / scale
   d_extra = None if extra is None else dk[b:b + extra.shape[0]]
   return d_scale, dq[:b], dk[:b], d_extra
 
@@ -195,18 +195,18 @@ def sigmoid_forward(plan, comm, with_grad, t, bias, q, k, extra, row_ids, key_id
     (loss_sum, row_neg_max [b], neg_sum, neg_count) (totals global), then if with_grad
     (dt, db, dq [b, D], dk [b, D], d extra [m, D] or None).
   """
-  (qr, rpos, rid), (kc, cid), rb, cb, b = _layouts(plan, comm, q, k, extra, row_ids, key_ids,
+  (qr, rpos, rid), (kc, cid), rb, cb, b = layouts(plan, comm, q, k, extra, row_ids, key_ids,
                                                    extra_ids)
   rows = (qr, rpos, rid)
   if _gathering(comm):
-    kc, cid = _gather(comm, (kc, cid))
+    kc, cid = gather(comm, (kc, cid))
   row_state = (jnp.full((qr.shape[0],), tiles.NEG_INF),)
   row_state += (jnp.zeros_like(qr),) if with_grad else ()
   dk = (jnp.zeros_like(kc),) if with_grad else ()
-  row_state, dk, sums = _varying(comm, (row_state, dk, (jnp.zeros(()),) * 4))
+  row_state, dk, sums = varying(comm, (row_state, dk, (jnp.zeros(()),) * 4))
   if _gathering(comm):
     row_state, dk, sums = tiles.sigmoid_tiles(plan, t, bias, with_grad, rb, cb, rows, row_state,
-                                              (kc, _all_positions(plan, comm), cid), dk, sums)
+                                              (kc, all_positions(plan, comm), cid), dk, sums)
     dk = tuple(lax.psum_scatter(x, comm.axis, tiled=True) for x in dk)
   else:
     def step(source, carry):
@@ -218,11 +218,11 @@ def sigmoid_forward(plan, comm, with_grad, t, bias, q, k, extra, row_ids, key_id
       return row_state, sums, incoming, _shift(comm, dk)
 
     row_state, sums, _, dk = _ring_loop(comm, step, (row_state, sums, (kc, cid), dk))
-  loss, total, count, db = _psum(comm, sums)
+  loss, total, count, db = psum(comm, sums)
   out = (loss, row_state[0][:b], total, count)
   if not with_grad:
     return out
   dq, dk = row_state[1], dk[0]
-  dt = _psum(comm, jnp.sum(qr * dq)) / t  # sum_ij dz_ij s_ij = sum_i q_i . dq_i / t
+  dt = psum(comm, jnp.sum(qr * dq)) / t  # sum_ij dz_ij s_ij = sum_i q_i . dq_i / t
   d_extra = None if extra is None else dk[b:b + extra.shape[0]]
   return out + ((dt, db, dq[:b], dk[:b], d_extra),)

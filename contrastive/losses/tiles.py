@@ -37,6 +37,7 @@ class Plan(NamedTuple):
     col_mult, col_positive: the column channels (CLIP's second direction; empty otherwise).
     keep: None or keep(row_ids [b], col_ids [c], sim [b, c]) -> bool [b, c], False drops a
       negative (never the positive).
+    fused: compute the gradient in the forward pass (`fused.py`) where the layout allows.
   """
   num_rows: int
   num_extra: int
@@ -46,6 +47,7 @@ class Plan(NamedTuple):
   col_mult: tuple = ()
   col_positive: tuple = ()
   keep: Callable | None = None
+  fused: bool = False  # one row channel, row-uniform cotangent: see fused.py
 
 
 # ---- Layout: padding and positions ----------------------------------------------------------
@@ -78,10 +80,11 @@ def chunk_length(plan, num_devices):
   return round_up(b + extras_per_device(plan, num_devices), col_block(plan, num_devices))
 
 
-def row_layout(plan, num_devices, device, q, row_ids):
-  """One device's rows padded to its row block: (q [R, D], positions [R], ids [R])."""
+def row_layout(plan, num_devices, device, q, row_ids, block=None):
+  """One device's rows padded to `block` (default its row block): (q [R, D], positions [R],
+  ids [R])."""
   b = q.shape[0]
-  length = round_up(b, row_block(plan, num_devices))
+  length = round_up(b, block or row_block(plan, num_devices))
   r = jnp.arange(length)
   return pad_to(q, length), jnp.where(r < b, device * b + r, -1), pad_to(row_ids, length)
 
