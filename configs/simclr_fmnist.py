@@ -83,6 +83,7 @@ def loss_config(name, **changes):
   loss.update(changes)
   if name in BLOCKWISE_LOSSES:
     loss.block_size = config_dict.placeholder(int)
+    loss.collective = config_dict.placeholder(str)  # None: 'ring'; or 'all_gather'
   return loss
 
 

@@ -120,5 +120,9 @@ def validate_method(config):
     raise ConfigError(f'config.loss.name={config.loss.name!r}: the momentum encoder, queue, '
                       'samplers and MCL act on InfoNCE; set config.loss.name=\'info_nce\'.')
   stages = config.get('mcl', {}).get('stages', 1)
+  if (uses_samplers(config) or stages > 1) and config.loss.get('collective') is not None:
+    raise ConfigError('config.loss.collective: the MoCo / sampler / MCL step runs its blockwise '
+                      'loss as one tiled scan partitioned by XLA, with no collective to choose; '
+                      'unset it.')
   if stages > 1 and config.mcl.num_clusters < 2:
     raise ConfigError(f'config.mcl.num_clusters={config.mcl.num_clusters} must be >= 2.')

@@ -4,7 +4,8 @@ tests/conftest.py gives the process 8 virtual CPU devices; a mesh over the first
 n-device run. With `mesh=`, each device keeps its B/n query rows and the key chunks (keys plus
 extra negatives) travel around a ppermute ring or are all-gathered (`ring.py`); masks by ids
 and similarity, labels as ids, and extra negatives (M not divisible by n: padded) included,
-with block sizes that do not divide the B/n rows per device.
+with block sizes that do not divide the B/n rows per device. Each device's compiled temporary
+memory must grow like B, not like its B/n x B block.
 """
 
 import functools
@@ -86,3 +87,23 @@ def test_blockwise_on_mesh_needs_divisible_batch():
   x = jnp.ones((12, 4))
   with pytest.raises(ValueError, match='B = 12 must be divisible by the 8 devices'):
     losses.clip_loss(x, x, temperature=0.1, block_size=4, mesh=mesh)
+
+
+@pytest.mark.parametrize('collective', ['ring', 'all_gather'])
+def test_per_device_temp_memory_is_linear_in_batch(collective):
+  # Per device, the compiled temporaries must grow like B (chunks, gathered keys, strips of
+  # rows), not like the device's B/n x B block of similarities.
+  mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:8])
+
+  def temp_bytes(loss, b, d=32):
+    z = jax.ShapeDtypeStruct((b, d), jnp.float32, sharding=parallel.data_sharding(mesh))
+    fn = jax.value_and_grad(lambda x, y: loss(x, y, temperature=0.1, block_size=128, mesh=mesh,
+                                              collective=collective)[0], argnums=(0, 1))
+    return jax.jit(fn).lower(z, z).compile().memory_analysis().temp_size_in_bytes
+
+  for loss in (losses.clip_loss, losses.info_nce):  # info_nce + all_gather: the fused path
+    small, large = temp_bytes(loss, 4096), temp_bytes(loss, 8192)
+    assert large < 2.5 * small, (loss.__name__, small, large)
+    # Below a quarter of one device's B/n x B block (1024 x 8192 floats) even at this small
+    # size, where the fused path's strip is 128 of the device's 1024 rows.
+    assert large < 8192 // 8 * 8192 * 4 / 4, (loss.__name__, large)

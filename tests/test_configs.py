@@ -105,3 +105,14 @@ def test_unknown_variant():
 def test_batch_not_divisible_by_processes():
   with pytest.raises(validate.ConfigError, match='not divisible by the 3 processes'):
     validate.validate_config(_base(batch_size=512), num_devices=1, num_processes=3)
+
+
+def test_collective_is_refused_where_there_is_none_to_choose():
+  config = load_config(os.path.join(CONFIG_DIR, 'moco_v2_fmnist.py'), 'runlocal')
+  config.dataset.name = 'not_local'
+  config.loss.block_size = 64
+  validate.validate_config(config, num_devices=1, num_processes=1)  # block_size alone: fine
+  config.loss.collective = 'all_gather'
+  with pytest.raises(validate.ConfigError,
+                     match='config.loss.collective: the MoCo / sampler / MCL step'):
+    validate.validate_config(config, num_devices=1, num_processes=1)

@@ -8,7 +8,6 @@ comparison is sharp enough to catch it.
 import functools
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest

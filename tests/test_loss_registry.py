@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from contrastive import losses
+from contrastive import parallel
 from contrastive.losses import registry
 from tests.test_losses import normal
 from tests.test_losses import PAIR_KWARGS
@@ -26,6 +27,11 @@ def test_every_registered_loss_builds_and_runs(name):
     blocked = registry.pair_loss_from_config(
         ml_collections.ConfigDict(dict(name=name, block_size=3, **kw)))
     np.testing.assert_allclose(jax.jit(blocked)(z1, z2)[0], loss, rtol=1e-5)
+    mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:2])
+    gathered = registry.pair_loss_from_config(ml_collections.ConfigDict(
+        dict(name=name, block_size=3, collective='all_gather', **kw)), mesh=mesh)
+    z1, z2 = (jax.device_put(z, parallel.data_sharding(mesh)) for z in (z1, z2))
+    np.testing.assert_allclose(jax.jit(gathered)(z1, z2)[0], loss, rtol=1e-5)
 
 
 @pytest.mark.parametrize('fields,message', [
@@ -36,6 +42,10 @@ def test_every_registered_loss_builds_and_runs(name):
     (dict(name='sigmoid_loss', temperature=0.1), "config.loss.bias is missing"),
     (dict(name='debiased_info_nce', temperature=0.1, tau_plus=1.0),
      r'config.loss.tau_plus=1.0 must be in \[0, 1\)'),
+    (dict(name='clip_loss', temperature=0.1, block_size=4, collective='tree'),
+     r"config.loss.collective='tree' must be one of \('ring', 'all_gather'\)"),
+    (dict(name='clip_loss', temperature=0.1, collective='all_gather'),
+     'config.loss.collective only acts on the blockwise path'),
 ])
 def test_bad_loss_config_raises(fields, message):
   with pytest.raises(ValueError, match=message):

@@ -117,7 +117,8 @@ LOSSES = {
     'supcon': (lambda a, b, t: registry.PAIR_LOSSES['supcon'](a, b, temperature=t),
                ref_supcon_pairs),
 }
-PAIR_KWARGS = {'temperature': 0.2, 'bias': -2.0, 'beta': 1.0, 'tau_plus': 0.1, 'block_size': None}
+PAIR_KWARGS = {'temperature': 0.2, 'bias': -2.0, 'beta': 1.0, 'tau_plus': 0.1, 'block_size': None,
+               'collective': 'ring'}
 
 
 def normal(seed, *shape):

@@ -8,7 +8,6 @@ would catch a loss whose negatives stay local.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -17,6 +16,7 @@ from contrastive import parallel
 from contrastive.losses import info_nce
 from contrastive.losses import registry
 from contrastive.losses import supcon
+from tests.test_losses import PAIR_KWARGS
 
 DEVICE_COUNTS = (1, 2, 8)
 # float32 matmuls and reductions are summed in a different order on each mesh: here losses agree
@@ -24,7 +24,6 @@ DEVICE_COUNTS = (1, 2, 8)
 # margin, while keeping negatives per device moves the loss by > 1e-2 (checked below).
 RTOL, ATOL = 1e-5, 1e-6
 B, D, M = 32, 16, 16  # batch, embedding width, extra negatives: 4 / 2 rows per device on 8
-PAIR_KWARGS = {'temperature': 0.2, 'bias': -2.0, 'beta': 1.0, 'tau_plus': 0.1, 'block_size': None}
 
 
 def mesh_of(n):

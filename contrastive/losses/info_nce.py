@@ -85,7 +85,9 @@ def info_nce(query, key, *, temperature, extra_negatives=None, negative_mask=Non
     query_negative_mask: optional [B, S] bool; False drops query i's own negative s.
     block_size: None (dense) or the tile side of the blockwise path: same loss, gradients and
       metrics (ties between the positive and a negative count as misses there), memory
-      O(B D + block_size^2) instead of O(B (B + M)).
+      O(B D + block_size^2) instead of O(B (B + M)). Without query_negatives, on one device or
+      with collective='all_gather', the gradient is computed in the forward sweep (3 matmul
+      passes, not 4) over strips of max(128, block_size^2 / (B + M)) rows (`fused.py`).
     mesh: with block_size, a Mesh whose `data` axis splits the batch: the blockwise path runs
       per device under shard_map; None: one device.
     collective: 'ring' (ppermute) or 'all_gather', how key chunks reach the other devices.

@@ -14,7 +14,8 @@ config's other fields (checked against the signature before anything is compiled
   supcon                  temperature                 on [z1; z2] with labels = pair ids (= nt_xent)
 
 Every loss but nt_xent, dcl and supcon also takes `block_size` (None: dense; an int: the
-blockwise path of `blockwise.py`, O(B D) memory), e.g. `--config.loss.block_size=1024`.
+blockwise path of `blockwise.py`, O(B D) memory), e.g. `--config.loss.block_size=1024`, and
+with it `collective` ('ring' by default, or 'all_gather'), as `--config.loss.collective=...`.
 
 Asymmetric query/key losses are used in both directions and their metrics averaged. A learned
 temperature or SigLIP bias is a model parameter, not a config value: call the loss functions
@@ -27,6 +28,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 
+from contrastive.losses import blockwise
 from contrastive.losses import common
 from contrastive.losses.debiased import debiased_info_nce
 from contrastive.losses.debiased import hard_negative_info_nce
@@ -46,32 +48,39 @@ def _both_directions(loss_fn, z1, z2, **kwargs):
   return 0.5 * (loss_12 + loss_21), metrics
 
 
-def _info_nce_pair(z1, z2, *, temperature, block_size=None, mesh=None):
+RING = blockwise.DEFAULT_COLLECTIVE
+
+
+def _info_nce_pair(z1, z2, *, temperature, block_size=None, mesh=None, collective=RING):
   return _both_directions(info_nce, z1, z2, temperature=temperature, block_size=block_size,
-                          mesh=mesh)
+                          mesh=mesh, collective=collective)
 
 
 def _dcl_pair(z1, z2, *, temperature):
   return _both_directions(dcl, z1, z2, temperature=temperature)
 
 
-def _debiased_pair(z1, z2, *, temperature, tau_plus, block_size=None, mesh=None):
+def _debiased_pair(z1, z2, *, temperature, tau_plus, block_size=None, mesh=None,
+                   collective=RING):
   return _both_directions(debiased_info_nce, z1, z2, temperature=temperature, tau_plus=tau_plus,
-                          block_size=block_size, mesh=mesh)
+                          block_size=block_size, mesh=mesh, collective=collective)
 
 
-def _hard_negative_pair(z1, z2, *, temperature, beta, tau_plus, block_size=None, mesh=None):
+def _hard_negative_pair(z1, z2, *, temperature, beta, tau_plus, block_size=None, mesh=None,
+                        collective=RING):
   return _both_directions(hard_negative_info_nce, z1, z2, temperature=temperature, beta=beta,
-                          tau_plus=tau_plus, block_size=block_size, mesh=mesh)
+                          tau_plus=tau_plus, block_size=block_size, mesh=mesh,
+                          collective=collective)
 
 
-def _clip_pair(z1, z2, *, temperature, block_size=None, mesh=None):
-  return clip_loss(z1, z2, temperature=temperature, block_size=block_size, mesh=mesh)
+def _clip_pair(z1, z2, *, temperature, block_size=None, mesh=None, collective=RING):
+  return clip_loss(z1, z2, temperature=temperature, block_size=block_size, mesh=mesh,
+                   collective=collective)
 
 
-def _sigmoid_pair(z1, z2, *, temperature, bias, block_size=None, mesh=None):
+def _sigmoid_pair(z1, z2, *, temperature, bias, block_size=None, mesh=None, collective=RING):
   return sigmoid_loss(z1, z2, temperature=temperature, bias=bias, block_size=block_size,
-                      mesh=mesh)
+                      mesh=mesh, collective=collective)
 
 
 def _supcon_pair(z1, z2, *, temperature):
@@ -123,6 +132,13 @@ def check_loss_config(cfg):
   temperature = cfg.get('temperature')
   if temperature is not None and not temperature > 0:
     raise ValueError(f'config.loss.temperature={temperature} must be > 0 (e.g. 0.1-0.5).')
+  collective = cfg.get('collective')
+  if collective is not None and collective not in blockwise.COLLECTIVES:
+    raise ValueError(f'config.loss.collective={collective!r} must be one of '
+                     f'{blockwise.COLLECTIVES}.')
+  if collective is not None and cfg.get('block_size') is None:
+    raise ValueError('config.loss.collective only acts on the blockwise path: set '
+                     'config.loss.block_size as well.')
   tau_plus = cfg.get('tau_plus')
   if tau_plus is not None and not 0 <= tau_plus < 1:
     raise ValueError(f'config.loss.tau_plus={tau_plus} must be in [0, 1) (e.g. 0.1 for 10 '
@@ -133,10 +149,14 @@ def pair_loss_from_config(cfg, mesh=None):
   """fn(z1, z2) -> (loss, metrics) with the config's keyword arguments bound.
 
   With `block_size` set (the blockwise path), `mesh` (the trainer's) runs the loss per device
-  under shard_map: each device keeps its rows and the key blocks travel around the ring.
+  under shard_map: each device keeps its rows and the key blocks travel around the ring
+  (`collective`: 'ring', the default, or 'all_gather': faster for InfoNCE, whose gradient is
+  then computed in the forward sweep, for B x D more memory per device).
   """
   check_loss_config(cfg)
-  kwargs = {k: v for k, v in cfg.items() if k != 'name'}
+  optional = {k for k, required in loss_arguments(cfg.get('name')).items() if not required}
+  kwargs = {k: v for k, v in cfg.items()  # an unset optional one takes the loss's default
+            if k != 'name' and not (k in optional and v is None)}
   if kwargs.get('block_size') is not None:
     kwargs['mesh'] = mesh
   return functools.partial(PAIR_LOSSES[cfg.get('name')], **kwargs)
