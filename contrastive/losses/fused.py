@@ -50,14 +50,14 @@ def strip_rows(plan, num_rows, num_cols):
 
 
 def _strips(plan, scale, q, rpos, rid, k, cpos, cid, rows):
-  """Exact log-sum-exps, negative statistics and unit gradients of every strip.
+  """The `lax.scan` over strips of `rows` rows: (body, strips, initial carry).
 
   Args:
     q, rpos, rid: [R, D], [R], [R] rows (R a multiple of `rows`), padding at position -1.
     k, cpos, cid: [N, D], [N], [N] every candidate (keys, extras, padding at -1).
 
-  Returns:
-    (row_lse [R], row_neg_max [R], dq [R, D], dk [N, D], (neg sum, neg count)).
+  The scan's carry ends as (dk [N, D], (neg sum, neg count)); its outputs are each strip's
+  (row_lse [rows], row_neg_max [rows], dq [rows, D]), gradients for a unit cotangent.
   """
   a = plan.row_mult[0] * scale
   with_positive = plan.row_positive[0]
