@@ -9,6 +9,7 @@ import pytest
 from contrastive import losses
 from contrastive import parallel
 from contrastive.losses import registry
+from tests.test_distributed import mesh_of
 from tests.test_losses import normal
 from tests.test_losses import PAIR_KWARGS
 
@@ -27,7 +28,7 @@ def test_every_registered_loss_builds_and_runs(name):
     blocked = registry.pair_loss_from_config(
         ml_collections.ConfigDict(dict(name=name, block_size=3, **kw)))
     np.testing.assert_allclose(jax.jit(blocked)(z1, z2)[0], loss, rtol=1e-5)
-    mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:2])
+    mesh = mesh_of(2)
     gathered = registry.pair_loss_from_config(ml_collections.ConfigDict(
         dict(name=name, block_size=3, collective='all_gather', **kw)), mesh=mesh)
     z1, z2 = (jax.device_put(z, parallel.data_sharding(mesh)) for z in (z1, z2))

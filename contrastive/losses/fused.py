@@ -49,15 +49,16 @@ def strip_rows(plan, num_rows, num_cols):
   return max(1, min(plan.block, num_rows, max(MIN_ROWS, plan.block ** 2 // num_cols)))
 
 
-def _strips(plan, scale, q, rpos, rid, k, cpos, cid, rows):
-  """The `lax.scan` over strips of `rows` rows: (body, strips, initial carry).
+def _sweep(plan, comm, scale, q, rpos, rid, k, cpos, cid, rows):
+  """Every strip of `rows` rows against all candidates, in one `lax.scan`.
 
   Args:
     q, rpos, rid: [R, D], [R], [R] rows (R a multiple of `rows`), padding at position -1.
     k, cpos, cid: [N, D], [N], [N] every candidate (keys, extras, padding at -1).
 
-  The scan's carry ends as (dk [N, D], (neg sum, neg count)); its outputs are each strip's
-  (row_lse [rows], row_neg_max [rows], dq [rows, D]), gradients for a unit cotangent.
+  Returns:
+    ((dk [N, D], (neg sum, neg count)), (row_lse [R / rows, rows], row_neg_max [R / rows, rows],
+    dq [R / rows, rows, D])), the gradients for a unit cotangent.
   """
   a = plan.row_mult[0] * scale
   with_positive = plan.row_positive[0]
@@ -82,7 +83,7 @@ def _strips(plan, scale, q, rpos, rid, k, cpos, cid, rows):
   split = (q.reshape(num_strips, rows, d), rpos.reshape(num_strips, rows),
            rid.reshape(num_strips, rows))
   carry = (jnp.zeros_like(k), (jnp.zeros(()), jnp.zeros(())))
-  return strip, split, carry
+  return lax.scan(strip, ring.varying(comm, carry), split)
 
 
 def forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids):
@@ -106,8 +107,7 @@ def forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids):
     cpos = ring.all_positions(plan, comm)
   rows = strip_rows(plan, b, kc.shape[0])
   qr, rpos, rid = tiles.row_layout(plan, n, ring.device_index(comm), q, row_ids, block=rows)
-  strip, split, carry = _strips(plan, scale, qr, rpos, rid, kc, cpos, cid, rows)
-  (dk, sums), (lse, neg_max, dq) = lax.scan(strip, ring.varying(comm, carry), split)
+  (dk, sums), (lse, neg_max, dq) = _sweep(plan, comm, scale, qr, rpos, rid, kc, cpos, cid, rows)
   if comm.axis is not None:
     dk = lax.psum_scatter(dk, comm.axis, tiled=True)  # each device's chunk of the key gradient
   sums = ring.psum(comm, sums)
