@@ -24,6 +24,7 @@ LOSSES = {
     'clip_loss': dict(temperature=0.2),
     'sigmoid_loss': dict(temperature=0.1, bias=-10.0),  # SigLIP's initial t' = 10, b = -10
     'dcl': dict(temperature=0.2),
+    'dclw': dict(temperature=0.2, sigma=0.5),  # sigma of the paper's weights
     'debiased_info_nce': dict(temperature=0.2, tau_plus=0.1),  # 10 balanced classes
     'hard_negative_info_nce': dict(temperature=0.2, beta=1.0, tau_plus=0.1),
     'supcon': dict(temperature=0.2),

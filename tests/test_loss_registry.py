@@ -40,6 +40,7 @@ def test_every_registered_loss_builds_and_runs(name):
     (dict(name='dcl', temperature=-1.0), 'config.loss.temperature=-1.0 must be > 0'),
     (dict(name='dcl', temperature=0.1, tau_plus=0.1),
      "config.loss.tau_plus is not an argument of the 'dcl' loss"),
+    (dict(name='dclw', temperature=0.1, sigma=-1.0), 'config.loss.sigma=-1.0 must be > 0'),
     (dict(name='sigmoid_loss', temperature=0.1), "config.loss.bias is missing"),
     (dict(name='debiased_info_nce', temperature=0.1, tau_plus=1.0),
      r'config.loss.tau_plus=1.0 must be in \[0, 1\)'),
@@ -66,5 +67,9 @@ def test_bad_inputs_raise():
     losses.debiased_info_nce(x, x, temperature=0.1, tau_plus=-0.1)
   with pytest.raises(ValueError, match=r'labels: \(2,\)'):
     losses.supcon(x, jnp.zeros(2, jnp.int32), temperature=0.1)
+  with pytest.raises(ValueError, match=r'z1: \(3, 4\), z2: \(2, 4\)'):
+    losses.dcl(x, x[:2], temperature=0.1)
+  with pytest.raises(ValueError, match='sigma must be > 0, got -1.0'):
+    losses.dclw(x, x, temperature=0.1, sigma=-1.0)
   with pytest.raises(ValueError, match=r'za: \(3, 4\), zb: \(2, 4\)'):
     losses.sigmoid_loss(x, x[:2], temperature=0.1, bias=0.0)

@@ -1,6 +1,6 @@
-"""InfoNCE and its two close relatives: CLIP's symmetric form and Decoupled CL (no positive below).
+"""InfoNCE and its symmetric relative, CLIP's loss (DCL's query/key form is in `dcl.py`).
 
-All three score a query against a set of candidate keys with cosine similarities s_ij (each
+Both score a query against a set of candidate keys with cosine similarities s_ij (each
 input is L2-normalised inside, see `common.l2_normalize`) divided by a temperature tau. Row i
 of `key` is the positive of row i of `query`; the other rows of `key` are its negatives N(i).
 They are written on logical global arrays: under `jax.jit` with the batch sharded along a mesh
@@ -229,43 +229,3 @@ def _clip_blockwise(a, c, temperature, **kwargs):
   metrics['logsumexp'] = 0.5 * (jnp.mean(lse_ab) + jnp.mean(lse_ba))
   return loss, metrics
 
-
-def dcl(query, key, *, temperature):
-  """Decoupled Contrastive Learning: InfoNCE with the positive removed from the denominator.
-
-      l_i = -s_ii/tau + log sum_{j in N(i)} exp(s_ij / tau),     loss = mean_i l_i,
-
-  with N(i) the B - 1 other rows of `key`. Dropping the positive removes InfoNCE's
-  "negative-positive coupling" (the factor 1 - p_ii that shrinks every gradient once the
-  positive is easy), so small batches learn faster. l_i is not a log-probability: it can be
-  negative, down to -2/tau + log(B - 1). With B = 1 the negative set is empty (log sum = -inf);
-  the loss is then defined as 0, with a zero gradient.
-
-  Args:
-    query: [B, D] embeddings.
-    key: [B, D] embeddings; row i is the positive of query i, the other rows its negatives.
-    temperature: tau > 0, a Python float or a traced scalar.
-
-  Returns:
-    (loss, metrics): loss a float32 scalar; metrics with `accuracy` (fraction of queries whose
-    positive has the largest similarity), `pos_sim`, `neg_sim` and `logsumexp` (mean log-sum
-    over the negatives only).
-
-  References:
-    Yeh et al. 2022, "Decoupled Contrastive Learning" (ECCV), eq. 6 (DCL, unweighted).
-
-  >>> q, k = jax.random.normal(jax.random.key(0), (2, 8, 16))
-  >>> loss, metrics = dcl(q, k, temperature=0.1)
-  """
-  common.check_pair(query, key, 'query', 'key')
-  common.check_temperature(temperature)
-  b = query.shape[0]
-  sim = common.l2_normalize(query) @ common.l2_normalize(key).T  # (B, D) . (D, B) -> (B, B)
-  eye = jnp.eye(b, dtype=bool)
-  logits = sim / temperature
-  lse_neg = common.masked_logsumexp(logits, ~eye)  # -inf (zero gradient) when B = 1
-  has_neg = jnp.isfinite(lse_neg)
-  loss = jnp.mean(jnp.where(has_neg, lse_neg - jnp.diagonal(logits), 0.0))
-  metrics = common.similarity_metrics(sim, eye, ~eye)
-  metrics['logsumexp'] = jnp.mean(jnp.where(has_neg, lse_neg, 0.0))
-  return loss, metrics

@@ -8,12 +8,13 @@ config's other fields (checked against the signature before anything is compiled
   info_nce                temperature                 1/2 (info_nce(z1, z2) + info_nce(z2, z1))
   clip_loss               temperature                 symmetric already; equals info_nce here
   sigmoid_loss            temperature, bias           SigLIP with a fixed tau and b
-  dcl                     temperature                 both directions, averaged
+  dcl                     temperature                 DCL eq. 6: the 2B views, 2B - 2 negatives each
+  dclw                    temperature, sigma          dcl with DCLW's weights on the positives
   debiased_info_nce       temperature, tau_plus       both directions, averaged
   hard_negative_info_nce  temperature, beta, tau_plus both directions, averaged
   supcon                  temperature                 on [z1; z2] with labels = pair ids (= nt_xent)
 
-Every loss but nt_xent, dcl and supcon also takes `block_size` (None: dense; an int: the
+Every loss but nt_xent, dcl, dclw and supcon also takes `block_size` (None: dense; an int: the
 blockwise path of `blockwise.py`, O(B D) memory), e.g. `--config.loss.block_size=1024`, and
 with it `collective` ('ring' by default, or 'all_gather'), as `--config.loss.collective=...`.
 
@@ -30,10 +31,11 @@ import jax.numpy as jnp
 
 from contrastive.losses import blockwise
 from contrastive.losses import common
+from contrastive.losses.dcl import dcl
+from contrastive.losses.dcl import dclw
 from contrastive.losses.debiased import debiased_info_nce
 from contrastive.losses.debiased import hard_negative_info_nce
 from contrastive.losses.info_nce import clip_loss
-from contrastive.losses.info_nce import dcl
 from contrastive.losses.info_nce import info_nce
 from contrastive.losses.nt_xent import nt_xent
 from contrastive.losses.sigmoid import sigmoid_loss
@@ -54,10 +56,6 @@ RING = blockwise.DEFAULT_COLLECTIVE
 def _info_nce_pair(z1, z2, *, temperature, block_size=None, mesh=None, collective=RING):
   return _both_directions(info_nce, z1, z2, temperature=temperature, block_size=block_size,
                           mesh=mesh, collective=collective)
-
-
-def _dcl_pair(z1, z2, *, temperature):
-  return _both_directions(dcl, z1, z2, temperature=temperature)
 
 
 def _debiased_pair(z1, z2, *, temperature, tau_plus, block_size=None, mesh=None,
@@ -95,7 +93,8 @@ PAIR_LOSSES = {
     'info_nce': _info_nce_pair,
     'clip_loss': _clip_pair,
     'sigmoid_loss': _sigmoid_pair,
-    'dcl': _dcl_pair,
+    'dcl': dcl,  # symmetric in (z1, z2) already
+    'dclw': dclw,
     'debiased_info_nce': _debiased_pair,
     'hard_negative_info_nce': _hard_negative_pair,
     'supcon': _supcon_pair,
@@ -139,6 +138,9 @@ def check_loss_config(cfg):
   if collective is not None and cfg.get('block_size') is None:
     raise ValueError('config.loss.collective only acts on the blockwise path: set '
                      'config.loss.block_size as well.')
+  sigma = cfg.get('sigma')
+  if sigma is not None and not sigma > 0:
+    raise ValueError(f'config.loss.sigma={sigma} must be > 0 (0.5 in the DCL paper).')
   tau_plus = cfg.get('tau_plus')
   if tau_plus is not None and not 0 <= tau_plus < 1:
     raise ValueError(f'config.loss.tau_plus={tau_plus} must be in [0, 1) (e.g. 0.1 for 10 '
