@@ -1,7 +1,10 @@
 """k-means against a plain NumPy Lloyd's written from the algorithm, in float64.
 
-The JAX version computes in float32 (distances via |x|^2 - 2 x.c + |c|^2), so centroids are
-compared at atol 1e-5 on well-separated blobs where no point is near a tie.
+The JAX version computes in its input's dtype. On float32 blobs (distances via |x|^2 - 2 x.c +
+|c|^2) centroids are compared at atol 1e-5 on well-separated blobs where no point is near a
+tie. k-means on 2 and 8 devices sums the centroid means in another order than on one device:
+that comparison runs on float64 points (tests/float64.py), where the orders agree to ~1e-15,
+compared at rtol 1e-9, so it holds on any CPU.
 """
 
 import jax
@@ -10,6 +13,8 @@ import pytest
 
 from contrastive import parallel
 from contrastive.samplers import kmeans as km
+from tests import float64
+from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
 # ---- NumPy reference ------------------------------------------------------------------------
 
@@ -85,16 +90,18 @@ def test_kmeans_plus_plus_one_centre_per_blob():
 @pytest.fixture(scope='module')
 def one_device():
   x, labels = blobs(6, CENTRES4, 16)  # N = 64, D = 3
+  x = x.astype(np.float64)
   return x, labels, km.kmeans(jax.random.key(3), x, 4, num_iters=6)
 
 
 def test_kmeans_recovers_blobs(one_device):
   x, labels, (c, a, inertia) = one_device
+  assert c.dtype == inertia.dtype == np.float64
   a = np.asarray(a)
   assert len(set(a)) == 4 and all(len(set(a[labels == j])) == 1 for j in range(4))
   c_ref, a_ref, inertia_ref = ref_lloyd(x, c, 0)
   np.testing.assert_array_equal(a, a_ref)
-  np.testing.assert_allclose(float(inertia), inertia_ref, rtol=1e-5)
+  float64.assert_close(inertia, inertia_ref)
 
 
 def test_kmeans_cosine_ignores_row_norms():
@@ -114,14 +121,15 @@ def test_kmeans_on_mesh_equals_one_device(one_device, n):
   c, a, inertia = km.kmeans(jax.random.key(3), x, 4, num_iters=6, mesh=mesh)
   assert len(a.sharding.device_set) == n
   np.testing.assert_array_equal(np.asarray(a), np.asarray(a1))
-  np.testing.assert_allclose(np.asarray(c), np.asarray(c1), atol=1e-5)
-  np.testing.assert_allclose(float(inertia), float(i1), rtol=1e-5)
+  assert c.dtype == inertia.dtype == np.float64
+  float64.assert_close(c, c1, err_msg='centroids')
+  float64.assert_close(inertia, i1, err_msg='inertia')
   if n == 8:  # rows stay on their devices: only [k, D]-sized sums cross, x is never gathered
     xs = jax.device_put(x, parallel.data_sharding(mesh))
     hlo = km._kmeans.lower(jax.random.key(3), xs, k=4, num_iters=6, cosine=False,
                            mesh=mesh).compile().as_text()
-    assert 'all-reduce' in hlo
-    assert not [l for l in hlo.splitlines() if 'all-gather(' in l and 'f32[64,3]' in l]
+    assert 'all-reduce' in hlo and 'f64[8,3]' in hlo  # each device's 8 rows, in float64
+    assert not [l for l in hlo.splitlines() if 'all-gather(' in l and 'f64[64,3]' in l]
 
 
 def test_errors():

@@ -4,6 +4,10 @@ The queue against a plain-Python FIFO; the momentum schedule against its formula
 same-instance mask of the step's objective against a NumPy InfoNCE; and two full MoCo v2 steps
 (momentum encoder, queue, MoCHi, threshold mask) on 1 device with the dense loss and on 8 with
 the blockwise one (and 2, dense, marked slow): equal loss, params, momentum encoder and queue.
+
+The module runs with float64 enabled (tests/float64.py). The MoCo steps and the blockwise vs
+dense comparison of every sampler run in float64: their reordered sums agree to ~1e-14, compared
+at rtol 1e-9, so they hold on any CPU. The tests against NumPy formulas keep float32 inputs.
 """
 
 import functools
@@ -21,9 +25,9 @@ from contrastive.models import build_model
 from contrastive.samplers import momentum
 from contrastive.samplers import objective
 from contrastive.samplers import queue as queue_lib
+from tests import float64
 from tests import test_distributed
-
-RTOL, ATOL = 2e-5, 2e-6
+from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
 
 def unit(x):
@@ -103,7 +107,7 @@ def _moco_run(n, num_steps=2, block_size=None):
   model = build_model(cfg.model)
   tx, schedule = optim.build_optimizer(cfg.optimizer, total_steps=10)
   state = step_lib.create_train_state(model, tx, (16, 16, 1), jax.random.key(0), mesh, ema=True,
-                                      queue_size=64, batch_size=32)
+                                      queue_size=64, batch_size=32, dtype=jnp.float64)
   method = step_lib.Method(
       name='moco', temperature=0.2, momentum=momentum.momentum_schedule(0.9, 10, 'cosine'),
       samplers=_samplers(mochi=dict(num_hard=8, num_mix=4, num_query_mix=2, start_epoch=0.0),
@@ -125,12 +129,13 @@ def moco_one_device():
 def test_moco_step_equal_on_1_2_8_devices(moco_one_device, n):
   history_1, state_1 = moco_one_device
   history_n, state_n = _moco_run(n, block_size=8 if n == 8 else None)  # 8: the tiled loss
+  assert history_1[0]['loss'].dtype == state_1.queue.keys.dtype == np.float64
   for m1, mn in zip(history_1, history_n):
+    assert set(m1) == set(mn)
     for k in m1:
-      np.testing.assert_allclose(mn[k], m1[k], rtol=RTOL, atol=ATOL, err_msg=k)
+      float64.assert_close(mn[k], m1[k], err_msg=k)
   for part in ('params', 'ema_params', 'ema_batch_stats', 'queue'):
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=RTOL, atol=ATOL),
-                 getattr(state_1, part), getattr(state_n, part))
+    float64.assert_close(getattr(state_n, part), getattr(state_1, part), err_msg=part)
 
 
 def test_moco_step_moves_the_momentum_encoder_and_fills_the_queue(moco_one_device):
@@ -151,9 +156,9 @@ def test_every_sampler_on_the_blockwise_path_equals_dense(mesh_devices):
   loss and gradient."""
   rng = np.random.default_rng(2)
   b, k, d = 8, 16, 6
-  q, keys, guide_q, guide_k = rng.normal(size=(4, b, d)).astype(np.float32)
+  q, keys, guide_q, guide_k = rng.normal(size=(4, b, d))  # float64
   ids = np.arange(b, dtype=np.int32)
-  queue = queue_lib.init_queue(k, d, b)
+  queue = queue_lib.init_queue(k, d, b, dtype=jnp.float64)
   for i in range(2):
     queue = queue_lib.enqueue(queue, rng.normal(size=(b, d)), np.arange(b) + 4 * i)
   clusters = jnp.asarray(rng.integers(0, 2, size=40), jnp.int32)
@@ -169,6 +174,6 @@ def test_every_sampler_on_the_blockwise_path_equals_dense(mesh_devices):
 
   dense = jax.jit(jax.value_and_grad(functools.partial(loss, block_size=None)))(q)
   blocks = jax.jit(jax.value_and_grad(functools.partial(loss, block_size=4, mesh=mesh)))(q)
-  np.testing.assert_allclose(blocks[0], dense[0], rtol=1e-5)
-  np.testing.assert_allclose(blocks[1], dense[1], rtol=1e-4, atol=1e-6)
+  assert dense[0].dtype == dense[1].dtype == np.float64
+  float64.assert_close(blocks, dense)
   assert np.isfinite(dense[0]) and np.abs(dense[1]).max() > 0

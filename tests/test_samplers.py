@@ -2,9 +2,15 @@
 
 Each keep-function is compared with a NumPy bool mask written from its formula, directly and
 through `info_nce` (dense, blockwise with padded tiles, and per device on a 2-device mesh):
-the loss and its gradient w.r.t. the query must equal the dense loss with the NumPy mask
-(rtol 1e-5), whose value is also checked against a float64 InfoNCE. Mining is compared with a
+the loss and its gradient w.r.t. the query must equal the dense loss with the NumPy mask,
+whose value is also checked against a NumPy InfoNCE. Mining is compared with a
 sort-and-filter loop; MoCHi's mixtures are checked by solving for their mixing coefficients.
+
+Everything runs in float64 (tests/float64.py): the dense, blockwise and sharded paths sum in
+other orders and agree to ~1e-15 (losses relative, gradients absolute), the NumPy references
+(which normalise without l2_normalize's 1e-12 epsilon) to ~1e-12; all are compared at rtol 1e-9
+(atol 1e-12), so the checks hold on any CPU. A wrong mask or a dropped negative moves the loss
+by > 1e-3.
 """
 
 import functools
@@ -19,10 +25,11 @@ from contrastive import parallel
 from contrastive.samplers import masks
 from contrastive.samplers import mining
 from contrastive.samplers import mochi
+from tests import float64
+from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
 B, M, D = 6, 4, 5  # queries, extra negatives, width
 TAU = 0.2
-RTOL, ATOL = 1e-5, 1e-6
 
 
 def unit(x):
@@ -56,9 +63,9 @@ def ref_top_k(query, cands, k, skip_top=0, mask=None):
 
 def _data():
   rng = np.random.default_rng(0)
-  query = rng.normal(size=(B, D)).astype(np.float32)
-  key = (query + rng.normal(size=(B, D))).astype(np.float32)
-  extra = rng.normal(size=(M, D)).astype(np.float32)
+  query = rng.normal(size=(B, D))  # float64
+  key = query + rng.normal(size=(B, D))
+  extra = rng.normal(size=(M, D))
   return query, key, extra
 
 
@@ -80,7 +87,7 @@ MINED = np.array([[3, 7, -1], [9, 0, 2], [1, 1, 8], [-1, -1, -1], [5, 6, 0], [4,
 def _mask_from(keep_fn):
   """A keep-function evaluated on the whole (B, B + M) grid, as NumPy."""
   grid = jax.jit(lambda sim: keep_fn(jnp.arange(B), jnp.arange(B + M), sim))
-  return jax.tree.map(np.asarray, grid(jnp.asarray(SIM, jnp.float32)))
+  return jax.tree.map(np.asarray, grid(jnp.asarray(SIM)))
 
 
 # name -> (keep-function, NumPy mask from the formula)
@@ -112,6 +119,12 @@ def test_reference_masks_are_not_borderline_or_trivial():
   for name, (_, ref) in KEEPS.items():
     negatives = ref() & ~np.eye(B, B + M, dtype=bool)
     assert 0 < negatives.sum() < negatives.size - B, name
+    # One negative more or less moves the loss by > 1e-3 (by 2.6e-3 or more here): far outside
+    # the rtol of 1e-9 the paths are compared at.
+    fewer = ref().copy()
+    fewer[tuple(np.argwhere(negatives)[0])] = False
+    loss = ref_info_nce(QUERY, CANDS, TAU, ref())
+    assert abs(ref_info_nce(QUERY, CANDS, TAU, fewer) - loss) > 1e-3, name
 
 
 @functools.cache
@@ -152,10 +165,11 @@ def _keep_losses():
 def test_keep_in_info_nce_dense_and_blockwise(name):
   mask = KEEPS[name][1]()
   want, want_grad = _masked_loss_and_grad(QUERY, mask)
-  np.testing.assert_allclose(want, ref_info_nce(QUERY, CANDS, TAU, mask), rtol=RTOL)
+  assert want.dtype == want_grad.dtype == np.float64
+  float64.assert_close(want, ref_info_nce(QUERY, CANDS, TAU, mask))
   for path, (got, got_grad) in zip(('dense', 'blockwise'), _keep_losses()[name]):
-    np.testing.assert_allclose(got, want, rtol=RTOL, err_msg=path)
-    np.testing.assert_allclose(got_grad, want_grad, rtol=RTOL, atol=ATOL, err_msg=path)
+    float64.assert_close(got, want, err_msg=path)
+    float64.assert_close(got_grad, want_grad, err_msg=path)
 
 
 def test_keeps_on_a_two_device_mesh():
@@ -168,8 +182,9 @@ def test_keeps_on_a_two_device_mesh():
   want, want_grad = _masked_loss_and_grad(QUERY, mask)
   loss_fn = _loss_fn(negative_mask=keep_fn, block_size=2, mesh=mesh)  # 3 rows per device
   got, got_grad = jax.jit(jax.value_and_grad(loss_fn))(QUERY)
-  np.testing.assert_allclose(got, want, rtol=RTOL)
-  np.testing.assert_allclose(got_grad, want_grad, rtol=RTOL, atol=ATOL)
+  assert got.dtype == np.float64
+  float64.assert_close(got, want)
+  float64.assert_close(got_grad, want_grad)
 
 
 def test_all_of_with_nothing_is_none():
@@ -195,9 +210,9 @@ def test_top_k_negatives_matches_numpy(block_size):
 
   for (skip_top, _, mask), (sims, idx) in zip(cases, run(QUERY)):
     want_sims, want_idx = ref_top_k(QUERY, CANDS, 3, skip_top, mask)
-    assert sims.dtype == jnp.float32 and idx.dtype == jnp.int32
+    assert sims.dtype == QUERY.dtype and idx.dtype == jnp.int32
     np.testing.assert_array_equal(idx, want_idx, err_msg=f'skip_top={skip_top}')
-    np.testing.assert_allclose(sims, want_sims, rtol=RTOL, atol=ATOL)
+    float64.assert_close(sims, want_sims, err_msg=f'skip_top={skip_top}')
   assert np.sum(want_idx == -1) > 0  # the last case really has missing slots
 
 
@@ -206,7 +221,7 @@ def test_top_k_negatives_more_than_there_are():
   sims, idx = jax.jit(top_k)(QUERY, CANDS[:4])
   want_sims, want_idx = ref_top_k(QUERY, CANDS[:4], 5)
   np.testing.assert_array_equal(idx, want_idx)
-  np.testing.assert_allclose(sims, want_sims, rtol=RTOL, atol=ATOL)
+  float64.assert_close(sims, want_sims)
 
 
 def test_top_k_negatives_has_no_gradient_and_checks_args():
@@ -231,10 +246,13 @@ def test_mined_negatives_in_the_loss_denominator():
   idx, loss = run(QUERY)
   mask = np.zeros((B, B + M), bool)
   mask[np.arange(B)[:, None], idx] = True  # the positive and the 2 mined negatives remain
-  np.testing.assert_allclose(loss, ref_info_nce(QUERY, CANDS, TAU, mask), rtol=RTOL)
+  float64.assert_close(loss, ref_info_nce(QUERY, CANDS, TAU, mask))
 
 
 # ---- MoCHi ------------------------------------------------------------------------------------
+
+
+FIT_TOL = 1e-9  # float64 fits of the mixtures are exact to ~1e-15
 
 
 def _solve_mix(h, a, b):
@@ -244,7 +262,10 @@ def _solve_mix(h, a, b):
 
 
 def _check_mixtures(negs, valid, hard_idx, num_mix, q, c):
-  """Each h mixes two distinct hard negatives (alpha in [0, 1]), each h' the query and one."""
+  """Each h mixes two distinct hard negatives (alpha in [0, 1]), each h' the query and one.
+
+  In float64 a fit is exact to ~1e-15 (residual, t), checked at 1e-9; h equal to one of the
+  negatives (a pair i = j) would have h . n = 1 to ~1e-15, a true mix has h . n < 1 - 1e-9."""
   for i in range(B):
     hard = [c[j] for j in hard_idx[i] if j >= 0]
     if not hard:
@@ -255,12 +276,12 @@ def _check_mixtures(negs, valid, hard_idx, num_mix, q, c):
     for s, h in enumerate(np.asarray(negs[i], np.float64)):
       if s < num_mix:
         if len(hard) > 1:  # a true mix of two distinct ones: none of them (P(alpha in {0, 1}) = 0)
-          assert max(h @ n for n in hard) < 1 - 1e-5, (i, s)
+          assert max(h @ n for n in hard) < 1 - FIT_TOL, (i, s)
         fits = [_solve_mix(h, hard[x], hard[y]) for x, y in pairs]
-        ok = [res < 1e-5 and -1e-5 <= t <= 1 + 1e-5 and r > 0 for t, res, r in fits]
+        ok = [res < FIT_TOL and -FIT_TOL <= t <= 1 + FIT_TOL and r > 0 for t, res, r in fits]
       else:
         fits = [_solve_mix(h, q[i], n) for n in hard]
-        ok = [res < 1e-5 and -1e-5 <= t <= 0.5 + 1e-5 and r > 0 for t, res, r in fits]
+        ok = [res < FIT_TOL and -FIT_TOL <= t <= 0.5 + FIT_TOL and r > 0 for t, res, r in fits]
       assert any(ok), (i, s, fits)
 
 
@@ -294,9 +315,9 @@ def _mochi_cases():
 
 def test_mochi_mixtures_shapes_norms_and_spans():
   negs, valid, _ = _mochi_cases()[0]
-  assert negs.shape == (B, 7, D) and negs.dtype == jnp.float32 and valid.shape == (B, 7)
+  assert negs.shape == (B, 7, D) and negs.dtype == QUERY.dtype and valid.shape == (B, 7)
   norms = np.linalg.norm(negs, axis=-1)
-  np.testing.assert_allclose(norms[np.asarray(valid)], 1.0, rtol=1e-5)
+  float64.assert_close(norms[np.asarray(valid)], 1.0)
   np.testing.assert_array_equal(valid[:, 0], [True] * 5 + [False])
   mask = KEEPS['cluster'][1]()
   mask[5] = False
@@ -311,7 +332,7 @@ def test_mochi_with_one_hard_negative_and_no_gradient():
   np.testing.assert_array_equal(grad, 0.0)
   _, hard_idx = ref_top_k(QUERY, CANDS, 1)
   hardest = unit(CANDS)[hard_idx[:, 0]]  # (B, D)
-  np.testing.assert_allclose(negs[:, :2], np.repeat(hardest[:, None], 2, 1), atol=1e-6)
+  float64.assert_close(negs[:, :2], np.repeat(hardest[:, None], 2, 1))
   _check_mixtures(negs, np.ones((B, 4), bool), hard_idx, 2, unit(QUERY), unit(CANDS))
   with pytest.raises(ValueError, match='num_mix'):
     mochi.mochi_negatives(jax.random.key(1), QUERY, CANDS, num_hard=1, num_mix=0,
@@ -321,8 +342,8 @@ def test_mochi_with_one_hard_negative_and_no_gradient():
 def test_mochi_negatives_in_info_nce():
   negs, valid, loss = _mochi_cases()[0]  # row 5's negatives are invalid and masked out
   want = ref_info_nce(QUERY, CANDS, TAU, own=np.asarray(negs), own_mask=np.asarray(valid))
-  np.testing.assert_allclose(loss, want, rtol=RTOL)
-  assert not np.isclose(want, ref_info_nce(QUERY, CANDS, TAU))  # the negatives count
+  float64.assert_close(loss, want)
+  assert abs(want - ref_info_nce(QUERY, CANDS, TAU)) > 1e-3  # the negatives count
 
 
 def test_mochi_reuses_mined_hard_sets():

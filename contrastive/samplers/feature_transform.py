@@ -13,11 +13,12 @@ import numpy as np
 from contrastive.losses import l2_normalize
 
 
-def beta_lambdas(rng, shape, alpha):
-  """lam ~ Beta(alpha, alpha), float32 [shape] in [0, 1]: the draws both transforms use."""
+def beta_lambdas(rng, shape, alpha, dtype=jnp.float32):
+  """lam ~ Beta(alpha, alpha), [shape] of dtype in [0, 1]: the draws both transforms use (in
+  the embeddings' dtype: float32, or float64 for float64 inputs)."""
   if isinstance(alpha, (int, float)) and not alpha > 0:
     raise ValueError(f'alpha must be > 0; got {alpha}.')
-  return jax.random.beta(rng, alpha, alpha, tuple(shape), jnp.float32)
+  return jax.random.beta(rng, alpha, alpha, tuple(shape), dtype)
 
 
 def extrapolate_positives(rng, z1, z2, alpha):
@@ -31,13 +32,14 @@ def extrapolate_positives(rng, z1, z2, alpha):
   The pair's similarity drops (a harder positive); gradients flow through to z1 and z2.
 
   Args:
-    rng: a PRNG key, used as is for the lam draw (so `beta_lambdas` reproduces it).
+    rng: a PRNG key, used as is for the lam draw (so `beta_lambdas` reproduces it, given the
+      embeddings' dtype).
     z1: [B, D] embeddings of the first view.
     z2: [B, D] embeddings of the second view.
     alpha: Beta parameter > 0.
 
   Returns:
-    (z1' [B, D], z2' [B, D]) float32, not renormalised.
+    (z1' [B, D], z2' [B, D]) float32 (float64 for float64 inputs), not renormalised.
 
   References:
     Zhu, Zhao, Liu, Sun & Chen 2021, "Improving Contrastive Learning by Visualizing Feature
@@ -49,17 +51,18 @@ def extrapolate_positives(rng, z1, z2, alpha):
   if z1.ndim != 2 or z1.shape != z2.shape:
     raise ValueError(f'z1 and z2 must both be [B, D] with the same shape; got z1: '
                      f'{tuple(z1.shape)}, z2: {tuple(z2.shape)}.')
-  lam = beta_lambdas(rng, z1.shape[:1], alpha)[:, None]  # [B, 1]
   z1, z2 = l2_normalize(z1), l2_normalize(z2)
+  lam = beta_lambdas(rng, z1.shape[:1], alpha, jnp.result_type(z1, z2))[:, None]  # [B, 1]
   return z1 + lam * (z1 - z2), z2 + lam * (z2 - z1)
 
 
-def interpolation_pairs(rng, m, num, alpha):
-  """The random mixes of `interpolate_negatives`: (a [num], b [num] int32 with a != b, lam [num])."""
+def interpolation_pairs(rng, m, num, alpha, dtype=jnp.float32):
+  """The random mixes of `interpolate_negatives`: (a [num], b [num] int32 with a != b,
+  lam [num] of dtype)."""
   rng_a, rng_b, rng_lam = jax.random.split(rng, 3)
   a = jax.random.randint(rng_a, (num,), 0, m)
   b = (a + jax.random.randint(rng_b, (num,), 1, m)) % m  # uniform over the other m - 1 rows
-  return a.astype(jnp.int32), b.astype(jnp.int32), beta_lambdas(rng_lam, (num,), alpha)
+  return a.astype(jnp.int32), b.astype(jnp.int32), beta_lambdas(rng_lam, (num,), alpha, dtype)
 
 
 def interpolate_negatives(rng, negatives, num, alpha):
@@ -79,8 +82,8 @@ def interpolate_negatives(rng, negatives, num, alpha):
     alpha: Beta parameter > 0.
 
   Returns:
-    [num, D] float32 mixes (inside the unit ball, not renormalised), e.g. appended to the
-    loss's extra negatives.
+    [num, D] float32 mixes (float64 for float64 inputs), inside the unit ball, not
+    renormalised, e.g. appended to the loss's extra negatives.
 
   References:
     Zhu et al. 2021 (ICCV, arXiv:2108.02982): interpolation among negatives.
@@ -90,7 +93,7 @@ def interpolate_negatives(rng, negatives, num, alpha):
   if num < 1:
     raise ValueError(f'num must be >= 1; got {num}.')
   n = l2_normalize(jax.lax.stop_gradient(negatives))
-  a, b, lam = interpolation_pairs(rng, negatives.shape[0], num, alpha)
+  a, b, lam = interpolation_pairs(rng, negatives.shape[0], num, alpha, n.dtype)
   lam = lam[:, None]
   return lam * n[a] + (1.0 - lam) * n[b]  # (num, D)
 
@@ -114,7 +117,8 @@ def score_histograms(pos_sim, neg_sim, bins=20):
     dict(pos=[bins] int32, neg=[bins] int32, edges=[bins + 1] float32).
   """
   def counts(s):
-    s = jnp.ravel(jnp.asarray(s, jnp.float32))
+    s = jnp.asarray(s)
+    s = jnp.ravel(s.astype(jnp.promote_types(s.dtype, jnp.float32)))  # float64 stays float64
     s = jnp.where(jnp.abs(s) <= 1.0 + _CLIP_TOL, jnp.clip(s, -1.0, 1.0), s)
     c, _ = jnp.histogram(s, bins=bins, range=(-1.0, 1.0))
     return c.astype(jnp.int32)

@@ -108,7 +108,8 @@ def lloyd(x, centroids, num_iters):
 
   Returns:
     (centroids [k, D], assignments [N] int32, inertia): the final centroids, each point's
-    nearest final centroid, and the float32 scalar sum_i |x_i - c_{a_i}|^2.
+    nearest final centroid, and the scalar sum_i |x_i - c_{a_i}|^2; floats in float32 (float64
+    for float64 points).
 
   References:
     Lloyd 1982, "Least squares quantization in PCM" (IEEE Trans. Inf. Theory).
@@ -117,7 +118,8 @@ def lloyd(x, centroids, num_iters):
   if centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
     raise ValueError(f'centroids must be [k, D] with D = {x.shape[1]} as in x; got '
                      f'centroids: {tuple(centroids.shape)}, x: {tuple(x.shape)}.')
-  x = jnp.asarray(x, jnp.float32)
+  x = jnp.asarray(x)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   k = centroids.shape[0]
 
   def step(_, c):
@@ -126,7 +128,7 @@ def lloyd(x, centroids, num_iters):
     counts = jnp.sum(onehot, 0)[:, None]  # [k, 1]
     return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), c)
 
-  centroids = jax.lax.fori_loop(0, num_iters, step, jnp.asarray(centroids, jnp.float32))
+  centroids = jax.lax.fori_loop(0, num_iters, step, jnp.asarray(centroids, x.dtype))
   assignments = assign(x, centroids)
   inertia = jnp.sum((x - centroids[assignments]) ** 2)
   return centroids, assignments, inertia
@@ -134,7 +136,7 @@ def lloyd(x, centroids, num_iters):
 
 @functools.partial(jax.jit, static_argnames=('k', 'num_iters', 'cosine', 'mesh'))
 def _kmeans(rng, x, *, k, num_iters, cosine, mesh):
-  x = x.astype(jnp.float32)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   if cosine:
     x = l2_normalize(x)
   if mesh is not None:
@@ -165,7 +167,8 @@ def kmeans(rng, x, k, *, num_iters=20, cosine=False, mesh=None):
       the summation order of the centroid means.
 
   Returns:
-    (centroids [k, D] float32, assignments [N] int32, inertia float32 scalar), as in `lloyd`.
+    (centroids [k, D], assignments [N] int32, inertia scalar), as in `lloyd`: float32, or
+    float64 for float64 points.
 
   >>> x = jax.random.normal(jax.random.key(0), (64, 8))
   >>> centroids, assignments, inertia = kmeans(jax.random.key(1), x, 4, num_iters=10)

@@ -63,9 +63,10 @@ def top_k_negatives(query, candidates, k, *, skip_top=0, keep=None, block_size=N
       masked entries.
 
   Returns:
-    (sims, indices): sims [B, k] float32 in decreasing order, indices [B, k] int32 positions in
-    `candidates`. When a query has fewer than skip_top + k negatives, the missing slots (at
-    the end) hold sim -inf and index -1. Both carry no gradient.
+    (sims, indices): sims [B, k] in decreasing order, float32 (float64 for float64 inputs),
+    indices [B, k] int32 positions in `candidates`. When a query has fewer than skip_top + k
+    negatives, the missing slots (at the end) hold sim -inf and index -1. Both carry no
+    gradient.
 
   References:
     Xiong et al. 2021, "Approximate Nearest Neighbor Negative Contrastive Learning for Dense
@@ -81,6 +82,7 @@ def top_k_negatives(query, candidates, k, *, skip_top=0, keep=None, block_size=N
   _check(query, candidates, k, skip_top, block_size)
   q = jax.lax.stop_gradient(common.l2_normalize(query))
   c = jax.lax.stop_gradient(common.l2_normalize(candidates))
+  dtype = jnp.result_type(q, c)  # float32, or float64 for float64 inputs
   b, n, depth = q.shape[0], c.shape[0], k + skip_top
   if block_size is None:
     pad = max(depth - n, 0)  # lax.top_k needs at least `depth` columns
@@ -101,7 +103,7 @@ def top_k_negatives(query, candidates, k, *, skip_top=0, keep=None, block_size=N
       best, pos = jax.lax.top_k(scores, depth)  # the running entries come first: ties go
       return (best, jnp.take_along_axis(all_idx, pos, axis=1)), None  # to the lower index
 
-    init = (jnp.full((b, depth), -jnp.inf, jnp.float32), jnp.full((b, depth), -1, jnp.int32))
+    init = (jnp.full((b, depth), -jnp.inf, dtype), jnp.full((b, depth), -1, jnp.int32))
     (sims, idx), _ = jax.lax.scan(step, init, (blocks, block_ids))
   sims, idx = sims[:, skip_top:], idx[:, skip_top:]
   idx = jnp.where(jnp.isneginf(sims), -1, idx).astype(jnp.int32)

@@ -29,7 +29,7 @@ def _pick(u, n):
 def _mix_row(rng, q, hard, count, *, num_mix, num_query_mix):
   """One query's mixes: q [D], hard [H, D] (the first `count` valid) -> [S, D] unnormalised."""
   # One draw per row, sliced: [i | offset | alpha] x num_mix, [j | beta / 0.5] x num_query_mix.
-  u = jax.random.uniform(rng, (3 * num_mix + 2 * num_query_mix,))
+  u = jax.random.uniform(rng, (3 * num_mix + 2 * num_query_mix,), q.dtype)
   u_i, u_off, alpha, u_j, u_beta = jnp.split(
       u, np.cumsum([num_mix, num_mix, num_mix, num_query_mix]))
   n = jnp.maximum(count, 1)
@@ -73,9 +73,10 @@ def mochi_negatives(rng, query, candidates, *, num_hard, num_mix, num_query_mix,
       num_hard columns of `mining.top_k_negatives` with a larger k); -1 marks a missing one.
 
   Returns:
-    (negatives, valid): negatives [B, S, D] float32 with S = num_mix + num_query_mix, unit
-    norm where valid, zero elsewhere, without gradient; valid [B, S] bool, False for the rows
-    that have no negative at all.
+    (negatives, valid): negatives [B, S, D] float32 (float64 for float64 inputs, whose draws
+    are made in float64) with S = num_mix + num_query_mix, unit norm where valid, zero
+    elsewhere, without gradient; valid [B, S] bool, False for the rows that have no negative
+    at all.
 
   References:
     Kalantidis et al. 2020, "Hard Negative Mixing for Contrastive Learning" (MoCHi, NeurIPS),
@@ -100,6 +101,8 @@ def mochi_negatives(rng, query, candidates, *, num_hard, num_mix, num_query_mix,
                      f'{tuple(idx.shape)}.')
   q = jax.lax.stop_gradient(common.l2_normalize(query))
   c = jax.lax.stop_gradient(common.l2_normalize(candidates))
+  dtype = jnp.result_type(q, c)  # float32, or float64 for float64 inputs
+  q, c = q.astype(dtype), c.astype(dtype)
   b, s = q.shape[0], num_mix + num_query_mix
   hard = c[jnp.maximum(idx, 0)]  # (B, H, D); the valid entries come first
   count = jnp.sum(idx >= 0, axis=1)  # (B,)

@@ -21,8 +21,9 @@ EMPTY = -1  # id of a slot that was never written
 
 @flax.struct.dataclass
 class Queue:
-  """keys: [K, D] float32 L2-normalised keys; ids: [K] int32 example ids (EMPTY = unwritten);
-  ptr: [] int32, the slot of the next write (the oldest entries)."""
+  """keys: [K, D] L2-normalised keys (float32, or float64 for reference runs); ids: [K] int32
+  example ids (EMPTY = unwritten); ptr: [] int32, the slot of the next write (the oldest
+  entries)."""
   keys: jax.Array
   ids: jax.Array
   ptr: jax.Array
@@ -36,10 +37,11 @@ def check_queue_size(size, batch_size):
                      f'K={max(1, round(size / batch_size)) * batch_size}.')
 
 
-def init_queue(size, dim, batch_size):
-  """An empty queue of `size` slots for `dim`-wide keys, written `batch_size` at a time."""
+def init_queue(size, dim, batch_size, dtype=jnp.float32):
+  """An empty queue of `size` slots for `dim`-wide keys of `dtype`, written `batch_size` at a
+  time."""
   check_queue_size(size, batch_size)
-  return Queue(keys=jnp.zeros((size, dim), jnp.float32),
+  return Queue(keys=jnp.zeros((size, dim), dtype),
                ids=jnp.full((size,), EMPTY, jnp.int32), ptr=jnp.zeros((), jnp.int32))
 
 
@@ -48,7 +50,8 @@ def enqueue(queue, keys, ids):
 
   Args:
     queue: Queue with K slots.
-    keys: [B, D] keys of this step (any scale: stored L2-normalised, without gradient).
+    keys: [B, D] keys of this step (any scale: stored L2-normalised, without gradient, in
+      the queue's dtype).
     ids: [B] int example ids of the keys (for same-instance masking).
 
   Returns:
@@ -56,8 +59,9 @@ def enqueue(queue, keys, ids):
   """
   b, k = keys.shape[0], queue.keys.shape[0]
   check_queue_size(k, b)
-  keys = l2_normalize(jax.lax.stop_gradient(keys))
-  new_keys = jax.lax.dynamic_update_slice(queue.keys, keys, (queue.ptr, 0))
+  keys = l2_normalize(jax.lax.stop_gradient(keys)).astype(queue.keys.dtype)
+  new_keys = jax.lax.dynamic_update_slice(queue.keys, keys,
+                                          (queue.ptr, jnp.zeros_like(queue.ptr)))  # int32s
   new_ids = jax.lax.dynamic_update_slice(queue.ids, ids.astype(jnp.int32), (queue.ptr,))
   return Queue(keys=new_keys, ids=new_ids, ptr=(queue.ptr + b) % k)
 
