@@ -99,6 +99,9 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.mesh = [('data', -1)]
+  # 'float64': every parameter and activation in float64 (a reference run whose results do not
+  # depend on the order of float32 sums, e.g. across device or process counts).
+  config.dtype = 'float32'
 
   config.dataset = dict(name='fashion_mnist_idx', data_dir='',  # '' = ~/tensorflow_datasets
                         idx_dir='/usr/share/datasets/fashion-mnist')

@@ -69,12 +69,15 @@ class Method(NamedTuple):
 
 
 def create_train_state(model, tx, image_shape, rng, mesh, *, ema=False, queue_size=0,
-                       batch_size=0):
+                       batch_size=0, dtype=jnp.float32):
   """Initialises the state directly with its shardings.
 
   Args:
     ema: also keep a momentum encoder, initialised as a copy of the online one.
     queue_size: K > 0 adds an empty memory queue of K keys, written batch_size at a time.
+    dtype: of every float leaf (params, BatchNorm statistics, optimizer slots, queue):
+      float32, or float64 (under jax_enable_x64) for reference runs whose results must not
+      depend on the order of float32 sums, such as the tests across device counts.
   """
   if queue_size:
     queue_lib.check_queue_size(queue_size, batch_size)
@@ -84,6 +87,9 @@ def create_train_state(model, tx, image_shape, rng, mesh, *, ema=False, queue_si
     params, batch_stats = variables['params'], variables['batch_stats']
     queue = (queue_lib.init_queue(queue_size, model.head.out_dim, batch_size) if queue_size
              else None)
+    params, batch_stats, queue = jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        (params, batch_stats, queue))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32),
                       ema_params=params if ema else None,

@@ -1,5 +1,6 @@
 """Training: the train/eval loop around the sharded jitted step of `contrastive.step`."""
 
+import contextlib
 import os
 
 import jax
@@ -61,13 +62,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, clust
 
   Rerunning with the same workdir resumes from the latest checkpoint that restores. SIGTERM
   (preemption) saves a checkpoint after the current step and returns (state, {}).
+  `config.dtype='float64'` runs everything in float64 (jax_enable_x64 for this call only).
 
   Returns:
     The final TrainState and the last evaluation's metrics.
   """
-  # ---- Checks (before any compilation) -----------------------------------------------------
   validate.validate_config(config, num_devices=jax.device_count(),
                            num_processes=jax.process_count())
+  with jax.enable_x64(True) if config.get('dtype') == 'float64' else contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir, clusters=clusters)
+
+
+def _train_and_evaluate(config, workdir, *, clusters):
+  """train_and_evaluate once the config is checked and the precision set."""
   os.makedirs(workdir, exist_ok=True)
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
 
@@ -93,7 +100,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, clust
   state = create_train_state(model, tx, image_shape, jax.random.fold_in(rng, 0), mesh,
                              ema=bool(validate.momentum_base(config)),
                              queue_size=config.get('queue_size', 0),
-                             batch_size=config.batch_size)
+                             batch_size=config.batch_size,
+                             dtype=jnp.dtype(config.get('dtype', 'float32')))
 
   # ---- Checkpoint (resume) ------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),

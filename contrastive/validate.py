@@ -13,6 +13,9 @@ from contrastive.samplers.momentum import MOMENTUM_SCHEDULES
 from contrastive.samplers.queue import check_queue_size
 
 
+DTYPES = ('float32', 'float64')
+
+
 class ConfigError(ValueError):
   """A config field is invalid; the message names the field and the fix."""
 
@@ -57,6 +60,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
   if keep is not None and keep < 1:
     raise ConfigError(f'config.checkpoint_keep={keep} must be >= 1 (or None to keep all): the '
                       'last good checkpoint is never deleted.')
+  if config.get('dtype', 'float32') not in DTYPES:
+    raise ConfigError(f'config.dtype={config.get("dtype")!r} is unknown; choose one of {DTYPES}.')
   nonfinite = config.get('nonfinite', 'error')
   if nonfinite not in faults.NONFINITE_MODES:
     raise ConfigError(f'config.nonfinite={nonfinite!r} is unknown; choose one of '

@@ -77,7 +77,7 @@ def gaussian_blur(key, image, *, sigma=(0.1, 2.0), kernel_frac=0.1):
   """Separable Gaussian blur, sigma ~ U[sigma], kernel ~ kernel_frac of the side (odd, >= 3)."""
   size = max(3, int(round(kernel_frac * image.shape[0])) // 2 * 2 + 1)
   s = jax.random.uniform(key, (), minval=sigma[0], maxval=sigma[1])
-  t = jnp.arange(size, dtype=jnp.float32) - size // 2
+  t = jnp.arange(size, dtype=image.dtype) - size // 2
   k = jnp.exp(-0.5 * (t / s) ** 2)
   k = k / jnp.sum(k)
   pad = size // 2
@@ -100,7 +100,7 @@ def simclr_view(key, image, cfg):
   saturation, hue, gray_prob (RGB only), blur_prob.
   """
   keys = jax.random.split(key, 7)
-  x = image.astype(jnp.float32) / 255.0
+  x = to_float(image)
   x = random_resized_crop(keys[0], x, scale=tuple(cfg.crop_scale))
   if cfg.flip:
     x = random_flip(keys[1], x)
@@ -128,4 +128,10 @@ def two_views(rng, images, cfg):
 
 def center_view(images):
   """The un-augmented input the encoder sees at evaluation: uint8 -> float32 in [0, 1]."""
-  return images.astype(jnp.float32) / 255.0
+  return to_float(images)
+
+
+def to_float(images):
+  """uint8 -> [0, 1] in the default float dtype: float32, or float64 where jax_enable_x64 is on
+  (`config.dtype='float64'`, the reference precision the device-count tests compare in)."""
+  return images.astype(jnp.result_type(float)) / 255.0

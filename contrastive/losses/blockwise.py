@@ -96,7 +96,7 @@ def dense_mask(negative_mask, mask_ids, sim):
 def similarity_metrics(pos_sim, row_neg_max, neg_sum, neg_count):
   """`common.similarity_metrics` from streamed statistics (a positive tied with the best
   negative counts as a miss)."""
-  return {'accuracy': jnp.mean((pos_sim > row_neg_max).astype(jnp.float32)),
+  return {'accuracy': jnp.mean((pos_sim > row_neg_max).astype(pos_sim.dtype)),
           'pos_sim': jnp.mean(pos_sim), 'neg_sim': neg_sum / jnp.maximum(neg_count, 1.0)}
 
 
@@ -171,7 +171,7 @@ def softmax_stats(q, k, *, scale, extra=None, row_mult=(1.0,), row_positive=(Tru
                     tuple(col_positive), negative_mask, bool(fused_gradient))
   if extra is not None:
     extra = tiles.pad_to(extra, ids[2].shape[0])
-  scale = jnp.asarray(scale, jnp.float32)
+  scale = jnp.asarray(scale, q.dtype)
   return _softmax(plan, comm, mesh, scale, q, k, extra, *ids)
 
 
@@ -231,7 +231,7 @@ def sigmoid_stats(q, k, *, scale, bias, extra=None, negative_mask=None, mask_ids
                     keep=negative_mask)
   if extra is not None:
     extra = tiles.pad_to(extra, ids[2].shape[0])
-  scale, bias = jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
+  scale, bias = jnp.asarray(scale, q.dtype), jnp.asarray(bias, q.dtype)
   return _sigmoid(plan, comm, mesh, scale, bias, q, k, extra, *ids)
 
 

@@ -10,8 +10,8 @@ NORM_EPS = 1e-12
 
 
 def l2_normalize(x, axis=-1):
-  """x / sqrt(|x|^2 + NORM_EPS) in float32: [..., D] -> [..., D]."""
-  x = x.astype(jnp.float32)
+  """x / sqrt(|x|^2 + NORM_EPS) in float32 (or float64 inputs' float64): [..., D] -> [..., D]."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return x * jnp.reciprocal(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True) + NORM_EPS))
 
 
@@ -70,4 +70,4 @@ def similarity_metrics(sim, pos_mask, neg_mask, exclude=None):
   accuracy = jnp.sum(hit & rows) / jnp.maximum(jnp.sum(rows), 1)
   pos_sim = jnp.sum(jnp.where(pos_mask, sim, 0.0)) / jnp.maximum(jnp.sum(pos_mask), 1)
   neg_sim = jnp.sum(jnp.where(neg_mask, sim, 0.0)) / jnp.maximum(jnp.sum(neg_mask), 1)
-  return {'accuracy': accuracy.astype(jnp.float32), 'pos_sim': pos_sim, 'neg_sim': neg_sim}
+  return {'accuracy': accuracy.astype(sim.dtype), 'pos_sim': pos_sim, 'neg_sim': neg_sim}

@@ -124,7 +124,7 @@ def debiased_info_nce(query, key, *, temperature, tau_plus, block_size=None, mes
         query, key, temperature, (1.0,), block_size=block_size, mesh=mesh, collective=collective)
     log_sum = log_sums[:, 0]
   rows, clamped = _debiased_rows(pos_logit, log_sum, n, temperature, tau_plus)
-  metrics['clamped'] = jnp.mean(clamped.astype(jnp.float32))
+  metrics['clamped'] = jnp.mean(clamped.astype(pos_logit.dtype))
   return jnp.mean(rows), metrics
 
 
@@ -181,5 +181,5 @@ def hard_negative_info_nce(query, key, *, temperature, beta, tau_plus, block_siz
         collective=collective)
     log_reweighted = log_sums[:, 0] - log_sums[:, 1] + jnp.log(max(n, 1))
   rows, clamped = _debiased_rows(pos_logit, log_reweighted, n, temperature, tau_plus)
-  metrics['clamped'] = jnp.mean(clamped.astype(jnp.float32))
+  metrics['clamped'] = jnp.mean(clamped.astype(pos_logit.dtype))
   return jnp.mean(rows), metrics

@@ -82,7 +82,7 @@ def _sweep(plan, comm, scale, q, rpos, rid, k, cpos, cid, rows):
 
   split = (q.reshape(num_strips, rows, d), rpos.reshape(num_strips, rows),
            rid.reshape(num_strips, rows))
-  carry = (jnp.zeros_like(k), (jnp.zeros(()), jnp.zeros(())))
+  carry = (jnp.zeros_like(k), (jnp.zeros((), k.dtype), jnp.zeros((), k.dtype)))
   return lax.scan(strip, ring.varying(comm, carry), split)
 
 
@@ -113,8 +113,8 @@ def forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids):
   sums = ring.psum(comm, sums)
   d_extra = None if extra is None else dk[b:b + extra.shape[0]]
   grads = (dq.reshape(-1, q.shape[1])[:b], dk[:b], d_extra)
-  return (lse.reshape(-1, 1)[:b], jnp.zeros((b, 0)), neg_max.reshape(-1)[:b],
-          jnp.full((b,), tiles.NEG_INF), sums[0], sums[1], grads)
+  return (lse.reshape(-1, 1)[:b], jnp.zeros((b, 0), k.dtype), neg_max.reshape(-1)[:b],
+          jnp.full((b,), tiles.NEG_INF, k.dtype), sums[0], sums[1], grads)
 
 
 def backward(scale, q, grads, g_row):

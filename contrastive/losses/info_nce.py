@@ -224,7 +224,7 @@ def _clip_blockwise(a, c, temperature, **kwargs):
   loss = 0.5 * (jnp.mean(lse_ab - pos_logit) + jnp.mean(lse_ba - pos_logit))
   metrics = blockwise.similarity_metrics(pos_sim, stats.row_neg_max, stats.neg_sum,
                                          stats.neg_count)
-  accuracy_ba = jnp.mean((pos_sim > stats.col_neg_max).astype(jnp.float32))
+  accuracy_ba = jnp.mean((pos_sim > stats.col_neg_max).astype(pos_sim.dtype))
   metrics['accuracy'] = 0.5 * (metrics['accuracy'] + accuracy_ba)
   metrics['logsumexp'] = 0.5 * (jnp.mean(lse_ab) + jnp.mean(lse_ba))
   return loss, metrics

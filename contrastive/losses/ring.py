@@ -108,8 +108,8 @@ def softmax_forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids)
   rows = (qr, rpos, rid, rsim)
   if _gathering(comm):  # every chunk at once; column state combined over devices after
     kc, cid, csim = gather(comm, (kc, cid, csim))
-  row_state, col_state = tiles.softmax_init(plan, qr.shape[0], kc.shape[0])
-  row_state, col_state, sums = varying(comm, (row_state, col_state, (jnp.zeros(()),) * 2))
+  row_state, col_state = tiles.softmax_init(plan, qr.shape[0], kc.shape[0], qr.dtype)
+  row_state, col_state, sums = varying(comm, (row_state, col_state, (jnp.zeros((), qr.dtype),) * 2))
   if _gathering(comm):
     cols = (kc, all_positions(plan, comm), cid, csim)
     row_state, col_state, sums = tiles.softmax_forward(plan, scale, rb, cb, rows, row_state,
@@ -133,7 +133,7 @@ def softmax_forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids)
     cm, cl, col_max = col_state
     col_lse, col_max = tiles.logsumexp(cm, cl)[:b], col_max[:b]
   else:
-    col_lse, col_max = jnp.zeros((b, 0)), jnp.full((b,), tiles.NEG_INF)
+    col_lse, col_max = jnp.zeros((b, 0), qr.dtype), jnp.full((b,), tiles.NEG_INF, qr.dtype)
   return tiles.logsumexp(m, l)[:b], col_lse, row_max[:b], col_max, sums[0], sums[1]
 
 
@@ -200,10 +200,10 @@ def sigmoid_forward(plan, comm, with_grad, t, bias, q, k, extra, row_ids, key_id
   rows = (qr, rpos, rid)
   if _gathering(comm):
     kc, cid = gather(comm, (kc, cid))
-  row_state = (jnp.full((qr.shape[0],), tiles.NEG_INF),)
+  row_state = (jnp.full((qr.shape[0],), tiles.NEG_INF, qr.dtype),)
   row_state += (jnp.zeros_like(qr),) if with_grad else ()
   dk = (jnp.zeros_like(kc),) if with_grad else ()
-  row_state, dk, sums = varying(comm, (row_state, dk, (jnp.zeros(()),) * 4))
+  row_state, dk, sums = varying(comm, (row_state, dk, (jnp.zeros((), qr.dtype),) * 4))
   if _gathering(comm):
     row_state, dk, sums = tiles.sigmoid_tiles(plan, t, bias, with_grad, rb, cb, rows, row_state,
                                               (kc, all_positions(plan, comm), cid), dk, sums)

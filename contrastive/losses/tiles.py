@@ -178,10 +178,12 @@ def _fold(mults, positives, scale, sim, pos, neg, m, l, neg_max, pos_sim, axis):
   return jnp.stack(ms, axis=1), jnp.stack(ls, axis=1)
 
 
-def softmax_init(plan, num_rows, num_cols):
-  """Empty running statistics: rows (m, l [R, C], neg max [R]), cols likewise or ()."""
+def softmax_init(plan, num_rows, num_cols, dtype):
+  """Empty running statistics in `dtype` (the similarities'): rows (m, l [R, C], neg max [R]),
+  cols likewise or ()."""
   def side(n, channels):
-    return (jnp.full((n, channels), NEG_INF), jnp.zeros((n, channels)), jnp.full((n,), NEG_INF))
+    return (jnp.full((n, channels), NEG_INF, dtype), jnp.zeros((n, channels), dtype),
+            jnp.full((n,), NEG_INF, dtype))
   cols = side(num_cols, len(plan.col_mult)) if plan.col_mult else ()
   return side(num_rows, len(plan.row_mult)), cols
 

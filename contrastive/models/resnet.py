@@ -73,7 +73,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     block_cls = BLOCKS[self.block]
-    x = x.astype(jnp.float32)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # uint8 -> float32; float64 stays
     x = nn.Conv(self.width, (3, 3), self.stem_strides, use_bias=False, name='stem')(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name='stem_bn')(x))
     for i, num_blocks in enumerate(self.stage_sizes):
