@@ -12,6 +12,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 NUM_TEST_DEVICES = 8
 
 if 'jax' in sys.modules:
@@ -28,3 +30,18 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='contrastive_jax_cache_')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory):
+  """A tfds data_dir holding Fashion-MNIST converted from the Debian IDX files, shared by every
+  test that trains on it (converting takes ~20 s); skips where the package is absent."""
+  from contrastive.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+  from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(fashion_mnist.DEBIAN_IDX_DIR):
+    pytest.skip('apt-get install dataset-fashion-mnist')
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  pipeline.get_source(ml_collections.ConfigDict(dict(
+      name='fashion_mnist_idx', data_dir=data_dir, idx_dir=fashion_mnist.DEBIAN_IDX_DIR)), 'train')
+  return data_dir

@@ -5,7 +5,8 @@ n-device run. With `mesh=`, each device keeps its B/n query rows and the key chu
 extra negatives) travel around a ppermute ring or are all-gathered (`ring.py`); masks by ids
 and similarity, labels as ids, and extra negatives (M not divisible by n: padded) included,
 with block sizes that do not divide the B/n rows per device. Each device's compiled temporary
-memory must grow like B, not like its B/n x B block.
+memory must grow like B, not like its B/n x B block. Values compare in float64
+(tests/float64.py), so rtol 1e-9 holds on any CPU.
 """
 
 import functools
@@ -19,9 +20,10 @@ from jax.sharding import PartitionSpec as P
 from contrastive import losses
 from contrastive import parallel
 from contrastive.losses import blockwise
+from tests import float64
+from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
 B, D, M = 32, 8, 12  # 4 rows and 2 extra negatives (1.5, padded) per device on 8
-RTOL, ATOL = 1e-5, 1e-6  # as tests/test_blockwise.py: float32 sums in another order
 
 
 def threshold_mask(row_ids, col_ids, sim):
@@ -30,9 +32,9 @@ def threshold_mask(row_ids, col_ids, sim):
 
 def _inputs():
   rng = np.random.default_rng(1)
-  z1 = rng.normal(size=(B, D)).astype(np.float32)
-  z2 = (z1 + rng.normal(size=(B, D))).astype(np.float32)
-  extra = rng.normal(size=(M, D)).astype(np.float32)
+  z1 = rng.normal(size=(B, D))  # float64
+  z2 = z1 + rng.normal(size=(B, D))
+  extra = rng.normal(size=(M, D))
   labels = rng.integers(0, 6, size=B + M).astype(np.int32)
   return z1, z2, extra, labels
 
@@ -75,11 +77,11 @@ def test_blockwise_on_mesh_equals_dense(num_devices, block_size, collective):
   (total, metrics), grads = fn(*args, 0.2, -2.0)
   assert grads[0].sharding.spec == P(parallel.DATA)  # each device's rows keep their gradient
   (d_total, d_metrics), d_grads = _dense()
-  np.testing.assert_allclose(total, d_total, rtol=RTOL)
+  assert total.dtype == np.float64
+  float64.assert_close(total, d_total)
   for g, d_g, name in zip(grads, d_grads, ('z1', 'z2', 'extra', 'tau', 'bias')):
-    np.testing.assert_allclose(g, d_g, rtol=RTOL, atol=ATOL, err_msg=f'd/d{name}')
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL), metrics,
-               d_metrics)
+    float64.assert_close(g, d_g, err_msg=f'd/d{name}')
+  float64.assert_close(metrics, d_metrics)
 
 
 def test_blockwise_on_mesh_needs_divisible_batch():

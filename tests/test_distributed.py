@@ -1,13 +1,15 @@
 """Device-count invariance: the loss and the full train step on 1, 2 and 8 CPU devices.
 
 tests/conftest.py gives the process 8 virtual CPU devices; a mesh over the first n of them is
-an n-device run. A per-device NT-Xent (negatives never cross devices) is run too, to show the
-comparison is sharp enough to catch it.
+an n-device run. Everything here runs in float64 (tests/float64.py: reordered sums agree to
+~1e-14, compared at rtol 1e-9), so the checks hold on any CPU. A per-device NT-Xent
+(negatives never cross devices) is run too, to show the comparison is sharp enough to catch it.
 """
 
 import functools
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -18,11 +20,10 @@ from contrastive import parallel
 from contrastive import train
 from contrastive.losses import nt_xent
 from contrastive.models import build_model
+from tests import float64
+from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
 DEVICE_COUNTS = (1, 2, 8)
-# fp32 reductions are summed in a different order on each mesh; after 3 LARS steps params
-# agree to ~1e-6 relative, the loss to ~1e-6.
-RTOL, ATOL = 2e-5, 2e-6
 
 
 def mesh_of(n):
@@ -32,16 +33,16 @@ def mesh_of(n):
 
 def test_loss_and_grads_equal_on_1_2_8_devices():
   rng = np.random.default_rng(0)
-  z1, z2 = (rng.normal(size=(32, 16)).astype(np.float32) for _ in range(2))
+  z1, z2 = (rng.normal(size=(32, 16)) for _ in range(2))  # float64
   fn = jax.value_and_grad(lambda a, b: nt_xent(a, b, temperature=0.2)[0], argnums=(0, 1))
   results = []
   for n in DEVICE_COUNTS:
     sharding = parallel.data_sharding(mesh_of(n))
     a, b = jax.device_put(z1, sharding), jax.device_put(z2, sharding)
     results.append(jax.device_get(jax.jit(fn)(a, b)))
+  assert results[0][0].dtype == np.float64
   for loss_grads in results[1:]:
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL),
-                 results[0], loss_grads)
+    float64.assert_close(loss_grads, results[0])
 
 
 def _config():
@@ -69,7 +70,8 @@ def _run(n, loss_fn=None, num_steps=3):
   mesh = mesh_of(n)
   model = build_model(cfg.model)
   tx, schedule = optim.build_optimizer(cfg.optimizer, total_steps=10)
-  state = train.create_train_state(model, tx, (16, 16, 1), jax.random.key(0), mesh)
+  state = train.create_train_state(model, tx, (16, 16, 1), jax.random.key(0), mesh,
+                                   dtype=jnp.float64)
   loss_fn = loss_fn(mesh) if loss_fn else functools.partial(nt_xent, temperature=0.2)
   step = train.jit_train_step(mesh, state, model=model, tx=tx, loss_fn=loss_fn,
                               aug_cfg=cfg.augment, schedule=schedule)
@@ -101,13 +103,13 @@ def one_device_run():
 def test_train_step_equal_on_1_2_8_devices(one_device_run, n):
   history_1, state_1 = one_device_run
   history_n, state_n = _run(n)
+  assert history_1[0]['loss'].dtype == np.float64
   for m1, mn in zip(history_1, history_n):
     assert set(m1) == set(mn)
     for k in m1:
-      np.testing.assert_allclose(mn[k], m1[k], rtol=RTOL, atol=ATOL, err_msg=k)
+      float64.assert_close(mn[k], m1[k], err_msg=k)
   for part in ('params', 'batch_stats', 'opt_state'):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
-                 getattr(state_1, part), getattr(state_n, part))
+    float64.assert_close(getattr(state_n, part), getattr(state_1, part), err_msg=part)
   assert int(state_n.step) == 3
 
 
@@ -128,31 +130,34 @@ def test_per_device_negatives_are_caught(one_device_run):
   history_1, state_1 = one_device_run
   history_bug, state_bug = _run(8, loss_fn=_per_device_nt_xent, num_steps=1)
   # 8 devices x 4 examples: each view has 6 negatives instead of 62, so the loss is far lower.
+  # A margin of > 1 against the rtol of 1e-9 the step comparison uses.
   assert history_1[0]['loss'] - history_bug[0]['loss'] > 1.0
   with pytest.raises(AssertionError):
-    np.testing.assert_allclose(history_bug[0]['loss'], history_1[0]['loss'], rtol=RTOL, atol=ATOL)
+    float64.assert_close(history_bug[0]['loss'], history_1[0]['loss'])
   # The same per-device loss on one device is the global loss: the check compares like with like.
   history_bug_1, _ = _run(1, loss_fn=_per_device_nt_xent, num_steps=1)
-  np.testing.assert_allclose(history_bug_1[0]['loss'], history_1[0]['loss'], rtol=RTOL)
+  float64.assert_close(history_bug_1[0]['loss'], history_1[0]['loss'])
 
 
 def test_batchnorm_statistics_are_global():
   """BatchNorm's batch statistics on 8 devices equal a NumPy mean/var over the global batch."""
   cfg = _config()
   model = build_model(cfg.model)
-  x = _batches(1)[0]['image']
-  variables = model.init(jax.random.key(0), x[:2], train=False)
+  x = _batches(1)[0]['image'].astype(np.float64)
+  variables = float64.cast(model.init(jax.random.key(0), x[:2], train=False))
   mesh = mesh_of(8)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])[1])
   stats = jax.device_get(apply(variables, jax.device_put(x, parallel.data_sharding(mesh))))
   # The stem's output is a plain conv of the input, so its statistics can be recomputed here.
   kernel = np.asarray(variables['params']['encoder']['stem']['kernel'])
-  conv = jax.lax.conv_general_dilated(x.astype(np.float32), kernel, (1, 1), 'SAME',
+  conv = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  conv = np.asarray(conv, np.float64)
+  conv = np.asarray(conv)
+  assert conv.dtype == np.float64
   momentum = 0.9  # running = momentum * init + (1 - momentum) * batch
   bn = stats['batch_stats']['encoder']['stem_bn']
-  np.testing.assert_allclose(bn['mean'], (1 - momentum) * conv.mean(axis=(0, 1, 2)),
-                             rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(bn['var'], momentum + (1 - momentum) * conv.var(axis=(0, 1, 2)),
-                             rtol=1e-4, atol=1e-5)
+  float64.assert_close(bn['mean'], (1 - momentum) * conv.mean(axis=(0, 1, 2)))
+  float64.assert_close(bn['var'], momentum + (1 - momentum) * conv.var(axis=(0, 1, 2)))
+  # Per-device statistics (4 rows each, of different brightness) would be far off.
+  local = conv[:4].mean(axis=(0, 1, 2))
+  assert np.max(np.abs((1 - momentum) * (local - conv.mean(axis=(0, 1, 2))))) > 1e-3

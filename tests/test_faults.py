@@ -13,7 +13,6 @@ from contrastive import optim
 from contrastive import parallel
 from contrastive import train
 from contrastive import validate
-from contrastive.data import fashion_mnist
 from contrastive.losses import nt_xent
 from contrastive.models import build_model
 from tests import test_distributed
@@ -67,11 +66,9 @@ def test_error_mode_applies_the_update():
 
 
 @pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
-def test_skip_mode_finishes_a_diverging_run(tmp_path, tmp_path_factory):
-  if not os.path.isdir(fashion_mnist.DEBIAN_IDX_DIR):
-    pytest.skip('apt-get install dataset-fashion-mnist')
+def test_skip_mode_finishes_a_diverging_run(tmp_path, tfds_dir):
   config = _config(total_steps=5, nonfinite='skip')
-  config.dataset.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  config.dataset.data_dir = tfds_dir
   config.optimizer.lr = 1e30  # the 'error' twin of this run raises (tests/test_train.py)
   config.eval.update(max_train_examples=200, max_test_examples=200, linear_steps=2)
   state, _ = train.train_and_evaluate(config, str(tmp_path))

@@ -9,6 +9,7 @@ import pytest
 from contrastive import losses
 from contrastive import parallel
 from contrastive.losses import registry
+from tests import float64
 from tests.test_distributed import mesh_of
 from tests.test_losses import normal
 from tests.test_losses import PAIR_KWARGS
@@ -24,15 +25,18 @@ def test_every_registered_loss_builds_and_runs(name):
   loss, metrics = jax.jit(fn)(z1, z2)
   assert np.isfinite(float(loss))
   assert {'accuracy', 'pos_sim', 'neg_sim'} <= set(metrics)
-  if 'block_size' in arguments:  # the blockwise path, selected from the config
-    blocked = registry.pair_loss_from_config(
-        ml_collections.ConfigDict(dict(name=name, block_size=3, **kw)))
-    np.testing.assert_allclose(jax.jit(blocked)(z1, z2)[0], loss, rtol=1e-5)
-    mesh = mesh_of(2)
-    gathered = registry.pair_loss_from_config(ml_collections.ConfigDict(
-        dict(name=name, block_size=3, collective='all_gather', **kw)), mesh=mesh)
-    z1, z2 = (jax.device_put(z, parallel.data_sharding(mesh)) for z in (z1, z2))
-    np.testing.assert_allclose(jax.jit(gathered)(z1, z2)[0], loss, rtol=1e-5)
+  if 'block_size' in arguments:  # the blockwise path, selected from the config, in float64
+    with float64.enabled():      # (tests/float64.py: reordered sums compared at rtol 1e-9)
+      z1, z2 = float64.cast((z1, z2))
+      loss = jax.jit(fn)(z1, z2)[0]
+      blocked = registry.pair_loss_from_config(
+          ml_collections.ConfigDict(dict(name=name, block_size=3, **kw)))
+      float64.assert_close(jax.jit(blocked)(z1, z2)[0], loss)
+      mesh = mesh_of(2)
+      gathered = registry.pair_loss_from_config(ml_collections.ConfigDict(
+          dict(name=name, block_size=3, collective='all_gather', **kw)), mesh=mesh)
+      z1, z2 = (jax.device_put(z, parallel.data_sharding(mesh)) for z in (z1, z2))
+      float64.assert_close(jax.jit(gathered)(z1, z2)[0], loss)
 
 
 @pytest.mark.parametrize('fields,message', [

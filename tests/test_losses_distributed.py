@@ -4,7 +4,8 @@ tests/conftest.py gives the process 8 virtual CPU devices; a mesh over the first
 n-device run. The losses are written on logical global arrays, so under `jax.jit` XLA must
 gather every device's keys as negatives for every other device's queries. A per-device version
 (jax.shard_map, negatives never leave their device) is run too, to show that the comparison
-would catch a loss whose negatives stay local.
+would catch a loss whose negatives stay local. All in float64 (tests/float64.py), so the
+comparison at rtol 1e-9 holds on any CPU.
 """
 
 import jax
@@ -16,13 +17,13 @@ from contrastive import parallel
 from contrastive.losses import info_nce
 from contrastive.losses import registry
 from contrastive.losses import supcon
+from tests import float64
+from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 from tests.test_losses import PAIR_KWARGS
 
 DEVICE_COUNTS = (1, 2, 8)
-# float32 matmuls and reductions are summed in a different order on each mesh: here losses agree
-# to ~1e-7 relative and gradients (entries up to ~0.08) to ~1e-8 absolute, so 1e-5 / 1e-6 leaves
-# margin, while keeping negatives per device moves the loss by > 1e-2 (checked below).
-RTOL, ATOL = 1e-5, 1e-6
+# In float64 the meshes' reordered sums agree to ~1e-15 relative; keeping negatives per device
+# moves the loss by > 1e-2 (checked below): 7 orders of magnitude above the rtol of 1e-9.
 B, D, M = 32, 16, 16  # batch, embedding width, extra negatives: 4 / 2 rows per device on 8
 
 
@@ -39,9 +40,9 @@ def _pair_loss(name):
 
 def _inputs():
   rng = np.random.default_rng(0)
-  z1 = rng.normal(size=(B, D)).astype(np.float32)
-  z2 = (z1 + rng.normal(size=(B, D))).astype(np.float32)  # positives more similar than negatives
-  extra = rng.normal(size=(M, D)).astype(np.float32)
+  z1 = rng.normal(size=(B, D))  # float64
+  z2 = z1 + rng.normal(size=(B, D))  # positives more similar than negatives
+  extra = rng.normal(size=(M, D))
   mask = rng.random((B, B + M)) < 0.7
   labels = rng.integers(0, 6, size=B).astype(np.int32)
   return z1, z2, extra, mask, labels
@@ -82,10 +83,9 @@ def test_loss_and_grads_equal_on_1_2_8_devices(name):
     loss, grads = jax.jit(step)(*sharded)
     assert loss.sharding.is_fully_replicated and grads[0].sharding.spec == P(parallel.DATA)
     results.append(jax.device_get((loss, grads)))
-  assert np.isfinite(results[0][0])
+  assert np.isfinite(results[0][0]) and results[0][0].dtype == np.float64
   for loss_grads in results[1:]:
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL),
-                 results[0], loss_grads)
+    float64.assert_close(loss_grads, results[0])
   if name not in registry.PAIR_LOSSES:
     return
   # The same loss with per-device negatives differs on 8 devices (4 rows each: 3 in-batch
@@ -94,7 +94,7 @@ def test_loss_and_grads_equal_on_1_2_8_devices(name):
   local_loss = _per_device(fn, mesh_of(8))(*sharded)  # `sharded`: the 8-device inputs
   assert abs(local_loss - global_loss) > 1e-2, (local_loss, global_loss)
   with pytest.raises(AssertionError):
-    np.testing.assert_allclose(local_loss, global_loss, rtol=RTOL, atol=ATOL)
+    float64.assert_close(local_loss, global_loss)
 
 
 @pytest.mark.parametrize('name', ['info_nce', 'sigmoid_loss'])
@@ -106,4 +106,4 @@ def test_per_device_variant_is_the_loss_on_one_device(name):
   sharding = parallel.data_sharding(one)
   local_one = _per_device(_pair_loss(name), one)(jax.device_put(z1, sharding),
                                                  jax.device_put(z2, sharding))
-  np.testing.assert_allclose(local_one, jax.jit(_pair_loss(name))(z1, z2), rtol=RTOL, atol=ATOL)
+  float64.assert_close(local_one, jax.jit(_pair_loss(name))(z1, z2))

@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -83,15 +84,16 @@ def saved_steps(workdir):
   return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
 
 
-def final_state(workdir):
-  """The newest checkpoint's TrainState, restored with contrastive.checkpoint onto the host."""
+def final_state(workdir, dtype=jnp.float32):
+  """The newest checkpoint's TrainState, restored with contrastive.checkpoint onto the host
+  (a run with config.dtype='float64': dtype=jnp.float64, under float64.enabled())."""
   from tests.test_configs import load_config  # pylint: disable=g-import-not-at-top
   config = load_config(CONFIG, 'runlocal')
   mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:1])
   tx, _ = optim.build_optimizer(
       ml_collections.ConfigDict(dict(config.optimizer, batch_size=config.batch_size)), TOTAL)
   state = train.create_train_state(build_model(config.model), tx, (28, 28, 1),
-                                   jax.random.key(0), mesh)
+                                   jax.random.key(0), mesh, dtype=dtype)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=None)
   state, _ = ckpt.restore_latest(state)
   ckpt.close()
@@ -103,11 +105,6 @@ def assert_bitwise_equal(a, b):
   assert len(leaves_a) == len(leaves_b)
   for x, y in zip(leaves_a, leaves_b):
     assert np.array_equal(x, y), np.max(np.abs(np.asarray(x, np.float64) - y))
-
-
-@pytest.fixture(scope='module')
-def tfds_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
 
 
 @pytest.fixture(scope='module')

@@ -26,11 +26,6 @@ def _config(arg='runlocal', **overrides):
   return config
 
 
-@pytest.fixture(scope='module')
-def tfds_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('tfds'))
-
-
 def _read_metrics(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]
@@ -73,8 +68,6 @@ def test_main_entry_point_runs(tfds_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_with_step(tfds_dir, tmp_path):
-  if not os.path.isdir(fashion_mnist.DEBIAN_IDX_DIR):
-    pytest.skip('apt-get install dataset-fashion-mnist')
   config = _config(total_steps=5)
   config.dataset.data_dir = tfds_dir
   config.optimizer.lr = 1e30  # diverges within a couple of steps
