@@ -65,7 +65,8 @@ def test_loader_gives_each_process_its_rows_of_the_global_batch(tfds_dir, monkey
 
 def test_two_processes_match_one(tfds_dir, tmp_path):
   args = [f'--config.dataset.data_dir={tfds_dir}', f'--config.total_steps={STEPS}',
-          '--config.dtype=float64']
+          '--config.dtype=float64', '--config.eval.max_train_examples=400',
+          '--config.eval.max_test_examples=200', '--config.eval.linear_steps=10']
   single = str(tmp_path / 'single')
   cmd = [sys.executable, '-m', 'contrastive.main', f'--config={CONFIG}:runlocal',
          f'--workdir={single}', *args]

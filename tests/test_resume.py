@@ -51,9 +51,9 @@ def _env():
               JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
 
 
-def run(workdir, tfds_dir):
-  """Runs the command to completion; returns its stdout."""
-  out = subprocess.run(_command(workdir, tfds_dir), cwd=REPO, env=_env(), capture_output=True,
+def run(workdir, tfds_dir, cwd=REPO):
+  """Runs the command to completion (from `cwd`); returns its stdout."""
+  out = subprocess.run(_command(workdir, tfds_dir), cwd=cwd, env=_env(), capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   return out.stdout
@@ -109,9 +109,12 @@ def assert_bitwise_equal(a, b):
 
 @pytest.fixture(scope='module')
 def reference(tfds_dir, tmp_path_factory):
-  """One uninterrupted run: (workdir, {step: loss}, final state)."""
-  workdir = str(tmp_path_factory.mktemp('reference'))
-  run(workdir, tfds_dir)
+  """One uninterrupted run: (workdir, {step: loss}, final state). As in the README's command,
+  --workdir is relative, and the command runs from outside the checkout."""
+  base = tmp_path_factory.mktemp('reference')
+  out = run('run', tfds_dir, cwd=str(base))
+  assert f'step {TOTAL}/{TOTAL}' in out and 'knn_top1' in out, out[-2000:]
+  workdir = str(base / 'run')
   return workdir, losses(workdir), final_state(workdir)
 
 

@@ -53,6 +53,8 @@ def test_runlocal_trains_loss_decreases_and_resumes(tfds_dir, tmp_path):
   assert steps == list(range(1, 16))
 
 
+# CI runs the same command (relative --workdir, another cwd) as test_resume.py's reference run.
+@pytest.mark.slow
 @needs_data
 def test_main_entry_point_runs(tfds_dir, tmp_path):
   # A relative --workdir, as in the README's command (orbax itself needs absolute paths).
