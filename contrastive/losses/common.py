@@ -71,3 +71,21 @@ def similarity_metrics(sim, pos_mask, neg_mask, exclude=None):
   pos_sim = jnp.sum(jnp.where(pos_mask, sim, 0.0)) / jnp.maximum(jnp.sum(pos_mask), 1)
   neg_sim = jnp.sum(jnp.where(neg_mask, sim, 0.0)) / jnp.maximum(jnp.sum(neg_mask), 1)
   return {'accuracy': accuracy.astype(sim.dtype), 'pos_sim': pos_sim, 'neg_sim': neg_sim}
+
+
+def two_view_similarities(z1, z2):
+  """The set-up of NT-Xent and DCL: v = [z1; z2] (2B rows) L2-normalised, s_ij = v_i . v_j.
+
+  Args:
+    z1, z2: [B, D] the two views; row i of z2 is the positive of row i of z1.
+
+  Returns:
+    (sim [2B, 2B], self_mask [2B, 2B] bool (j = i), pos_mask [2B, 2B] bool (j = p(i) = i +- B)).
+  """
+  b = z1.shape[0]
+  v = l2_normalize(jnp.concatenate([z1, z2], axis=0))  # (2B, D)
+  sim = v @ v.T  # (2B, D) . (D, 2B) -> (2B, 2B)
+  idx = jnp.arange(2 * b)
+  self_mask = idx[:, None] == idx[None, :]
+  pos_mask = idx[None, :] == ((idx + b) % (2 * b))[:, None]
+  return sim, self_mask, pos_mask

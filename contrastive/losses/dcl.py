@@ -21,12 +21,7 @@ def _check_sigma(sigma):
 
 def _decoupled_two_view(z1, z2, temperature, positive_weight):
   """Eq. 6 over v = [z1; z2] with the positive logit of view i scaled by positive_weight[i]."""
-  b = z1.shape[0]
-  v = common.l2_normalize(jnp.concatenate([z1, z2], axis=0))  # (2B, D)
-  sim = v @ v.T  # (2B, D) . (D, 2B) -> (2B, 2B)
-  idx = jnp.arange(2 * b)
-  self_mask = idx[:, None] == idx[None, :]
-  pos_mask = idx[None, :] == ((idx + b) % (2 * b))[:, None]  # p(i) = i +- B
+  sim, self_mask, pos_mask = common.two_view_similarities(z1, z2)  # (2B, 2B) each
   neg_mask = ~(self_mask | pos_mask)
   logits = sim / temperature
   pos_logit = jnp.sum(jnp.where(pos_mask, logits, 0.0), axis=1)  # (2B,)

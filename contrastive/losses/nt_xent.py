@@ -34,13 +34,7 @@ def nt_xent(z1, z2, *, temperature):
   """
   common.check_pair(z1, z2, 'z1', 'z2')
   common.check_temperature(temperature)
-  b = z1.shape[0]
-  v = common.l2_normalize(jnp.concatenate([z1, z2], axis=0))  # (2B, D)
-  sim = v @ v.T  # (2B, D) . (D, 2B) -> (2B, 2B)
-  idx = jnp.arange(2 * b)
-  pos_idx = (idx + b) % (2 * b)
-  self_mask = idx[:, None] == idx[None, :]
-  pos_mask = idx[None, :] == pos_idx[:, None]
+  sim, self_mask, pos_mask = common.two_view_similarities(z1, z2)  # (2B, 2B) each
   logits = jnp.where(self_mask, -jnp.inf, sim / temperature)
   lse = jax.nn.logsumexp(logits, axis=1)
   pos_logit = jnp.sum(jnp.where(pos_mask, logits, 0.0), axis=1)
