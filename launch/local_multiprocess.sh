@@ -21,10 +21,13 @@ PORT="${PORT:-12355}"
 LOG_DIR="${LOG_DIR:-$WORKDIR/logs}"
 PYTHON="${PYTHON:-python}"
 
+# The caller's XLA_FLAGS are kept; each process gets its own device count.
+PROCESS_XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
+
 run mkdir -p "$LOG_DIR"
 for (( i = 0; i < NUM_PROCESSES; i++ )); do
   run_logged "$LOG_DIR/process-$i.log" env JAX_PLATFORMS=cpu \
-      XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES_PER_PROCESS" \
+      XLA_FLAGS="$PROCESS_XLA_FLAGS" \
       "$PYTHON" -m contrastive.main --config="$CONFIG" --workdir="$WORKDIR" \
       --coordinator_address="127.0.0.1:$PORT" --num_processes="$NUM_PROCESSES" \
       --process_id="$i" ${ARGS[@]+"${ARGS[@]}"}

@@ -15,16 +15,15 @@ import tempfile
 
 import pytest
 
+from tests import xla_flags
+
 NUM_TEST_DEVICES = 8
 
 if 'jax' in sys.modules:
   raise RuntimeError('jax was imported before tests/conftest.py could set the device count.')
-# The suite's programs are tiny and compile-bound: LLVM at optimisation level 0 compiles them
-# ~30% faster. Every comparison is between runs under the same flags (subprocess runs set their
-# own; the slow full-recipe run strips XLA_FLAGS and runs optimised). pytest-xdist's workers
-# (pytest.ini: -n 2) inherit these from the controller.
-for flag in (f'--xla_force_host_platform_device_count={NUM_TEST_DEVICES}',
-             '--xla_backend_optimization_level=0'):
+# tests/xla_flags.py: 8 devices, compiled fast. pytest-xdist's workers (pytest.ini: -n 2)
+# inherit these from the controller.
+for flag in xla_flags.with_devices(NUM_TEST_DEVICES).split():
   if flag not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -60,3 +59,13 @@ def tfds_dir(tmp_path_factory):
         name='fashion_mnist_idx', data_dir=data_dir, idx_dir=fashion_mnist.DEBIAN_IDX_DIR)),
                         'train')
   return data_dir
+
+
+# Modules that train or start processes go first, so that pytest-xdist's 2 workers (whole
+# modules each, pytest.ini) finish together instead of one running a long module alone at the end.
+LONG_MODULES = ('test_multiprocess.py', 'test_resume.py', 'test_train.py', 'test_moco.py',
+                'test_notebooks.py')
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: item.path.name not in LONG_MODULES)  # stable: order kept within

@@ -28,6 +28,7 @@ from contrastive.data import fashion_mnist
 from contrastive.data import pipeline
 from tests import float64
 from tests import test_resume
+from tests import xla_flags
 
 REPO = test_resume.REPO
 CONFIG = test_resume.CONFIG
@@ -70,7 +71,7 @@ def test_two_processes_match_one(tfds_dir, tmp_path):
   single = str(tmp_path / 'single')
   cmd = [sys.executable, '-m', 'contrastive.main', f'--config={CONFIG}:runlocal',
          f'--workdir={single}', *args]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(8),
              JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -79,7 +80,7 @@ def test_two_processes_match_one(tfds_dir, tmp_path):
   env = dict(os.environ, CONFIG=f'{CONFIG}:runlocal', WORKDIR=multi, NUM_PROCESSES='2',
              DEVICES_PER_PROCESS='4', PORT=str(_free_port()), PYTHON=sys.executable,
              PYTHONPATH=REPO)
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_flags.FAST_COMPILE  # as the single run's (the script adds the devices)
   out = subprocess.run(['bash', 'launch/local_multiprocess.sh', *args], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
   logs = ''.join(open(os.path.join(multi, 'logs', f'process-{i}.log')).read()[-3000:]
@@ -104,7 +105,7 @@ def test_two_processes_match_one(tfds_dir, tmp_path):
 
 def _start(workdir, port, process_id, args):
   """One of the 2 processes of a job, as local_multiprocess.sh starts it; output to a log."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(4),
              JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
   cmd = [sys.executable, '-m', 'contrastive.main', f'--config={CONFIG}:runlocal',
          f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',

@@ -19,6 +19,7 @@ from contrastive import mcl
 from contrastive import parallel
 from contrastive import train
 from contrastive.data import fashion_mnist
+from tests import xla_flags
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
 
@@ -28,7 +29,7 @@ def _main(config, workdir, *flags):
     pytest.skip('apt-get install dataset-fashion-mnist')
   cmd = [sys.executable, '-m', 'contrastive.main', f'--config=configs/{config}',
          f'--workdir={workdir}', f'--config.dataset.data_dir={workdir}/tfds', *flags]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(2),
              PYTHONPATH=os.path.abspath(REPO))
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   assert out.returncode == 0, out.stderr[-3000:]

@@ -31,6 +31,7 @@ from contrastive import parallel
 from contrastive import train
 from contrastive.data import fashion_mnist
 from contrastive.models import build_model
+from tests import xla_flags
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 CONFIG = os.path.join(REPO, 'configs', 'simclr_fmnist.py')
@@ -47,7 +48,7 @@ def _command(workdir, tfds_dir):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  return dict(os.environ, XLA_FLAGS=xla_flags.with_devices(2),
               JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
 
 

@@ -11,6 +11,7 @@ import pytest
 from contrastive import train
 from contrastive import validate
 from contrastive.data import fashion_mnist
+from tests import xla_flags
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
 CONFIG = os.path.join(REPO, 'configs', 'simclr_fmnist.py')
@@ -61,7 +62,7 @@ def test_main_entry_point_runs(tfds_dir, tmp_path):
   cmd = [sys.executable, '-m', 'contrastive.main', f'--config={CONFIG}:runlocal',
          '--workdir=workdir/run', f'--config.dataset.data_dir={tfds_dir}',
          '--config.total_steps=3']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(2),
              PYTHONPATH=os.path.abspath(REPO))
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
