@@ -10,10 +10,12 @@ contrastive/distributed.py and launch/. Local example, 2 CPU processes:
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from contrastive import distributed
 from contrastive import mcl
+from contrastive import parallel
 from contrastive import train
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -30,9 +32,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
-                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  multi_process = distributed.initialize(
+      _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   config = flags.FLAGS.config
+  cpu_devices = None if multi_process else parallel.default_cpu_devices(
+      [config.batch_size, config.eval.batch_size])
+  if cpu_devices:  # before any backend starts; TPU/GPU backends are unaffected
+    jax.config.update('jax_num_cpu_devices', cpu_devices)
   if config.get('mcl', {}).get('stages', 1) > 1:
     mcl.train_stages(config, _WORKDIR.value)
   else:

@@ -5,6 +5,7 @@ devices the other axes leave" (as in big_vision and maxtext).
 """
 
 import math
+import os
 
 import jax
 import numpy as np
@@ -55,3 +56,29 @@ def data_sharding(mesh):
 def replicated(mesh):
   """Every device holds the whole array (parameters, optimizer state, scalars)."""
   return NamedSharding(mesh, P())
+
+
+def default_cpu_devices(batch_sizes, *, cores=None, env=None):
+  """How many CPU devices to ask for when the user has not chosen: one per core, or fewer.
+
+  XLA runs each CPU convolution on one core, so one process with one CPU device leaves the
+  other cores idle; with one device per core the mesh splits the batch over the cores
+  (BatchNorm statistics and the loss stay global, and results equal the one-device run's up to
+  float32 summation order: tests/test_distributed.py).
+
+  Args:
+    batch_sizes: every global batch size the run uses (train, eval): the count divides them all.
+    cores: the cores this process may run on (default: its CPU affinity).
+    env: environment (default os.environ).
+
+  Returns:
+    The largest count <= cores dividing every batch size, or None where the user chose already
+    (XLA_FLAGS --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES) or only one core.
+  """
+  env = os.environ if env is None else env
+  if ('xla_force_host_platform_device_count' in env.get('XLA_FLAGS', '') or
+      env.get('JAX_NUM_CPU_DEVICES')):
+    return None
+  cores = len(os.sched_getaffinity(0)) if cores is None else cores
+  count = max(d for d in range(1, max(cores, 1) + 1) if all(b % d == 0 for b in batch_sizes))
+  return count if count > 1 else None

@@ -80,6 +80,8 @@ def _train_and_evaluate(config, workdir, *, clusters):
 
   # ---- Mesh ---------------------------------------------------------------------------------
   mesh = parallel.make_mesh(config.mesh)
+  print(f'Mesh {dict(mesh.shape)} over {jax.device_count()} {jax.default_backend()} devices '
+        f'({jax.process_count()} process(es)).', flush=True)
 
   # ---- Input pipeline -----------------------------------------------------------------------
   train_source = pipeline.get_source(config.dataset, 'train')

@@ -161,3 +161,18 @@ def test_batchnorm_statistics_are_global():
   # Per-device statistics (4 rows each, of different brightness) would be far off.
   local = conv[:4].mean(axis=(0, 1, 2))
   assert np.max(np.abs((1 - momentum) * (local - conv.mean(axis=(0, 1, 2))))) > 1e-3
+
+
+def test_default_cpu_devices_one_per_core_dividing_the_batches():
+  """contrastive.main's default on CPU: one device per core, unless that does not divide the
+  batches or the user chose a count (the invariance tests above make any count give the same
+  results)."""
+  count = parallel.default_cpu_devices
+  assert count([256, 1000], cores=2, env={}) == 2
+  assert count([256, 1000], cores=6, env={}) == 4  # 6 and 5 do not divide 256
+  assert count([64, 200], cores=16, env={}) == 8  # 16 does not divide 200
+  assert count([256], cores=1, env={}) is None
+  assert count([255, 1000], cores=2, env={}) is None  # an odd batch stays on one device
+  chosen = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  assert count([256], cores=8, env=chosen) is None
+  assert count([256], cores=8, env={'JAX_NUM_CPU_DEVICES': '3'}) is None

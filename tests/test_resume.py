@@ -6,8 +6,8 @@ subprocesses and compares with one uninterrupted run of the same command: the fi
 
 Deterministic settings this relies on (and that a user must keep to reproduce a run bit for
 bit): the same backend (CPU here: XLA CPU kernels are deterministic for a fixed program), the
-same device count and mesh (XLA_FLAGS=--xla_force_host_platform_device_count=2 for every run
-of one test; a different count changes reduction order), the same XLA_FLAGS otherwise, the
+same device count and mesh (contrastive.main's default on CPU, one device per core, for every
+run of one test; a different count changes reduction order), the same XLA_FLAGS otherwise, the
 same jax/jaxlib version and the same config. The step rng is fold_in(seed, step) and the grain
 iterator state is saved with the train state, so no state lives outside the checkpoint.
 """
@@ -48,7 +48,9 @@ def _command(workdir, tfds_dir):
 
 
 def _env():
-  return dict(os.environ, XLA_FLAGS=xla_flags.with_devices(2),
+  # No device count: contrastive.main's default, one CPU device per core (as many as divide the
+  # batches), the same for every run of a test on one machine.
+  return dict(os.environ, XLA_FLAGS=xla_flags.FAST_COMPILE,
               JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
 
 
@@ -115,6 +117,8 @@ def reference(tfds_dir, tmp_path_factory):
   base = tmp_path_factory.mktemp('reference')
   out = run('run', tfds_dir, cwd=str(base))
   assert f'step {TOTAL}/{TOTAL}' in out and 'knn_top1' in out, out[-2000:]
+  devices = parallel.default_cpu_devices([64, 200], env={}) or 1  # runlocal's batch sizes
+  assert f"Mesh {{'data': {devices}}} over {devices} cpu devices" in out, out[:2000]
   workdir = str(base / 'run')
   return workdir, losses(workdir), final_state(workdir)
 
