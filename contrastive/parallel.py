@@ -79,6 +79,7 @@ def default_cpu_devices(batch_sizes, *, cores=None, env=None):
   if ('xla_force_host_platform_device_count' in env.get('XLA_FLAGS', '') or
       env.get('JAX_NUM_CPU_DEVICES')):
     return None
-  cores = len(os.sched_getaffinity(0)) if cores is None else cores
+  if cores is None:  # the cores this process may use (Linux), else all (macOS has no affinity)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   count = max(d for d in range(1, max(cores, 1) + 1) if all(b % d == 0 for b in batch_sizes))
   return count if count > 1 else None
