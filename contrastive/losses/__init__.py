@@ -1,6 +1,7 @@
 """Contrastive losses: pure functions of embeddings returning (loss, metrics)."""
 
 from contrastive.losses.blockwise import distinct_ids
+from contrastive.losses.common import at_least_float32
 from contrastive.losses.common import l2_normalize
 from contrastive.losses.common import NORM_EPS
 from contrastive.losses.dcl import dcl

@@ -9,9 +9,15 @@ import numpy as np
 NORM_EPS = 1e-12
 
 
+def at_least_float32(x):
+  """x as float32, or kept in float64 (bf16, float16 and integers become float32)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def l2_normalize(x, axis=-1):
   """x / sqrt(|x|^2 + NORM_EPS) in float32 (or float64 inputs' float64): [..., D] -> [..., D]."""
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  x = at_least_float32(x)
   return x * jnp.reciprocal(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True) + NORM_EPS))
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastive.losses import at_least_float32
 from contrastive.losses import l2_normalize
 
 
@@ -117,8 +118,7 @@ def score_histograms(pos_sim, neg_sim, bins=20):
     dict(pos=[bins] int32, neg=[bins] int32, edges=[bins + 1] float32).
   """
   def counts(s):
-    s = jnp.asarray(s)
-    s = jnp.ravel(s.astype(jnp.promote_types(s.dtype, jnp.float32)))  # float64 stays float64
+    s = jnp.ravel(at_least_float32(s))
     s = jnp.where(jnp.abs(s) <= 1.0 + _CLIP_TOL, jnp.clip(s, -1.0, 1.0), s)
     c, _ = jnp.histogram(s, bins=bins, range=(-1.0, 1.0))
     return c.astype(jnp.int32)

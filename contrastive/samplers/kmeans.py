@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from contrastive import parallel
+from contrastive.losses import at_least_float32
 from contrastive.losses import l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -118,8 +119,7 @@ def lloyd(x, centroids, num_iters):
   if centroids.ndim != 2 or centroids.shape[1] != x.shape[1]:
     raise ValueError(f'centroids must be [k, D] with D = {x.shape[1]} as in x; got '
                      f'centroids: {tuple(centroids.shape)}, x: {tuple(x.shape)}.')
-  x = jnp.asarray(x)
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  x = at_least_float32(x)
   k = centroids.shape[0]
 
   def step(_, c):
@@ -136,7 +136,7 @@ def lloyd(x, centroids, num_iters):
 
 @functools.partial(jax.jit, static_argnames=('k', 'num_iters', 'cosine', 'mesh'))
 def _kmeans(rng, x, *, k, num_iters, cosine, mesh):
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  x = at_least_float32(x)
   if cosine:
     x = l2_normalize(x)
   if mesh is not None:
