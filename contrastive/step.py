@@ -84,12 +84,10 @@ def create_train_state(model, tx, image_shape, rng, mesh, *, ema=False, queue_si
 
   def init(rng):
     variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.uint8), train=False)
-    params, batch_stats = variables['params'], variables['batch_stats']
-    queue = (queue_lib.init_queue(queue_size, model.head.out_dim, batch_size) if queue_size
-             else None)
-    params, batch_stats, queue = jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        (params, batch_stats, queue))
+    params, batch_stats = jax.tree.map(lambda x: x.astype(dtype),  # all floats (flax: float32)
+                                       (variables['params'], variables['batch_stats']))
+    queue = (queue_lib.init_queue(queue_size, model.head.out_dim, batch_size, dtype=dtype)
+             if queue_size else None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32),
                       ema_params=params if ema else None,
