@@ -11,11 +11,17 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from contrastive.data import emoji
 from contrastive.data import fashion_mnist
+from contrastive.data import pairs
+from contrastive.data import wordnet
 
 # Our builders for offline data; any other name is a standard tfds dataset (needs internet
 # the first time, e.g. 'fashion_mnist', 'cifar10').
-LOCAL_BUILDERS = {'fashion_mnist_idx': fashion_mnist.FashionMnistIdx}
+LOCAL_BUILDERS = {'fashion_mnist_idx': fashion_mnist.FashionMnistIdx,
+                  'emoji_cldr': emoji.EmojiCldr,  # image-text; two-tower records
+                  'wordnet_gloss': wordnet.WordnetGloss,  # text-text; two-tower records
+                  'jsonl_pairs': pairs.JsonlPairs}  # manual_dir (idx_dir) holds pairs.jsonl
 
 
 def _data_dir(cfg):
