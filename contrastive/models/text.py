@@ -1,0 +1,93 @@
+"""Text Transformer tower (the text encoder of CLIP, Radford et al. 2021, and SigLIP, Zhai et
+al. 2023), in Flax Linen.
+
+tokens [N, L] int (0 = padding) -> features [N, width]:
+
+    x        = E_tok[tokens] + E_pos[:L]                 [N, L, width]
+    x        = Encoder(x, mask)   (pre-LN blocks + final LN, `transformer.Encoder`)
+    features = pool(x)            'eos' | 'mean' | 'map' [N, width]
+
+Padding: a sequence ends at its first 0. Every position from there on is padding, whatever
+its id, so appending zeros or changing the ids after the first 0 does not change the
+features. The attention mask hides padded keys from every query (bidirectional attention;
+`causal=True` also hides later positions, as CLIP's text tower does):
+
+    mask[n, q, k] = valid[n, k] (and k <= q if causal),   valid[n, k] = k < length[n].
+
+Padded positions still get (unused) outputs; no pooling reads them.
+
+Pooling: 'eos' takes the last non-pad token (position length - 1; the tokenizer's EOS where
+it appends one; CLIP pools its EOT token this way); 'mean' averages the non-pad tokens;
+'map' is attention pooling over the non-pad tokens (`transformer.MAPHead`). An all-padding
+row gives finite features (position 0 for 'eos', zeros for 'mean').
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from contrastive.models import transformer
+
+POOLS = ('eos', 'mean', 'map')
+
+# Preset sizes (fields of `TextTransformer`; vocab_size and context come from the tokenizer).
+TEXT_SMALL = dict(width=128, depth=2, heads=4, mlp_dim=512)  # CPU; byte-level emoji names
+TEXT_B = dict(width=768, depth=12, heads=12, mlp_dim=3072)  # "B", paired with ViT-B/16
+TEXT_PRESETS = {'small': TEXT_SMALL, 'B': TEXT_B}
+
+
+def sequence_lengths(tokens):
+  """Number of tokens before the first 0 in each row: tokens [N, L] -> [N] int32."""
+  return jnp.sum(jnp.cumprod(tokens != 0, axis=1), axis=1).astype(jnp.int32)
+
+
+class TextTransformer(nn.Module):
+  """Text tower: tokens [N, L] int, L <= context, 0 = padding -> features [N, width].
+
+  Attributes:
+    vocab_size: number of token ids (0, the padding id, included).
+    context: maximum sequence length L (size of the learned position table).
+    width, depth, heads, mlp_dim: Transformer sizes, as `vit.ViT`.
+    pool: 'eos' (last non-pad token), 'mean' (over non-pad tokens) or 'map'.
+    causal: also mask attention to later positions (CLIP); default bidirectional.
+    dropout: dropout rate in the blocks when `train=True` (0: deterministic).
+  """
+  vocab_size: int = 32_000
+  context: int = 64
+  width: int = 768
+  depth: int = 12
+  heads: int = 12
+  mlp_dim: int = 3072
+  pool: str = 'eos'
+  causal: bool = False
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False):
+    if self.pool not in POOLS:
+      raise ValueError(f'pool must be one of {POOLS}, got {self.pool!r}.')
+    if tokens.ndim != 2 or tokens.shape[1] > self.context:
+      raise ValueError(f'tokens must be [N, L] with L <= context={self.context}, '
+                       f'got shape {tuple(tokens.shape)}.')
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f'tokens must be integer ids, got dtype {tokens.dtype}.')
+    length = tokens.shape[1]
+    lengths = sequence_lengths(tokens)  # (N,)
+    valid = jnp.arange(length)[None, :] < lengths[:, None]  # (N, L): True for real tokens
+    ids = jnp.where(valid, tokens, 0)  # ids after the first 0 are padding, whatever they are
+    x = nn.Embed(self.vocab_size, self.width, name='token_embedding')(ids)  # (N, L, width)
+    pos = self.param('pos_embedding', nn.initializers.normal(stddev=self.width**-0.5),
+                     (1, self.context, self.width))
+    x = x + pos[:, :length].astype(x.dtype)
+    key_mask = valid[:, None, None, :]  # (N, 1, 1, L): keys every query may attend to
+    mask = key_mask
+    if self.causal:
+      mask = key_mask & jnp.tril(jnp.ones((length, length), bool))[None, None]  # (N, 1, L, L)
+    x = transformer.Encoder(self.depth, self.heads, self.mlp_dim, self.dropout,
+                            name='encoder')(x, mask, train=train)  # (N, L, width)
+    if self.pool == 'eos':
+      last = jnp.maximum(lengths - 1, 0)
+      return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    if self.pool == 'mean':
+      w = valid.astype(x.dtype)[:, :, None]  # (N, L, 1)
+      return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+    return transformer.MAPHead(self.heads, self.mlp_dim, name='map_head')(x, mask=key_mask)

@@ -1,0 +1,175 @@
+"""Two-tower model of the CLIP / SigLIP / LiT recipes: two encoders, a linear projection each
+into a shared D-dimensional space, and the pair loss's learnable temperature (and bias).
+
+    za = W_a f_a(a)    [N, D]      (a: images [N, H, W, C], or tokens for text-text pairs)
+    zb = W_b f_b(b)    [N, D]      (b: tokens [N, L])
+
+Contract with the losses: za and zb are NOT normalised. `losses.clip_loss` and
+`losses.sigmoid_loss` L2-normalise their inputs and take the temperature (and bias) as
+keyword arguments, which `LogitParams` returns ready to pass:
+
+    za, zb, logit = model.apply(variables, images, tokens)
+    loss, metrics = clip_loss(za, zb, **logit)          # loss_params='clip'
+    loss, metrics = sigmoid_loss(za, zb, **logit)       # loss_params='siglip'
+
+Retrieval and inference call `encode_image` / `encode_text` separately (e.g.
+`model.apply(variables, images, method='encode_image', normalize=True)`).
+
+A 'resnet' image tower has BatchNorm: with `train=True` pass `mutable=['batch_stats']`, and
+its statistics are over the batch the step sees (see `resnet.py`). ViT and text towers have
+no batch statistics (LayerNorm only), so image and text rows never interact in the model.
+
+References: Radford et al. 2021 (CLIP); Zhai et al. 2023 (SigLIP, Algorithm 1); Zhai et al.
+2022 (LiT, which freezes the image tower: an optimizer matter, not a model one).
+"""
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from contrastive.losses import common
+from contrastive.models import resnet
+from contrastive.models import text
+from contrastive.models import vit
+
+LOSS_PARAMS = ('clip', 'siglip')
+CLIP_MAX_SCALE = 100.0  # CLIP clips the logit scale exp(log_scale) at 100 (Radford et al., 2.5)
+
+
+class LogitParams(nn.Module):
+  """The pair loss's learnable parameters, returned as loss keyword arguments.
+
+  'clip' (Radford et al. 2021): one parameter `log_scale`, initialised to log(1/0.07);
+  the scale min(exp(log_scale), 100) multiplies the cosine similarities:
+      {'temperature': 1 / min(exp(log_scale), 100)}.
+  'siglip' (Zhai et al. 2023): `log_scale` is SigLIP's t' (initialised to log 10, not
+  clipped) and `bias` is b (initialised to -10):
+      {'temperature': exp(-t'), 'bias': b}.
+
+  Attributes:
+    kind: 'clip' or 'siglip'.
+    scale_init: initial exp(log_scale); None means 1/0.07 ('clip') or 10 ('siglip').
+    bias_init: initial b ('siglip' only).
+  """
+  kind: str = 'clip'
+  scale_init: float | None = None
+  bias_init: float = -10.0
+
+  @nn.compact
+  def __call__(self):
+    if self.kind not in LOSS_PARAMS:
+      raise ValueError(f'loss_params must be one of {LOSS_PARAMS}, got {self.kind!r}.')
+    default = 1 / 0.07 if self.kind == 'clip' else 10.0
+    log_init = math.log(self.scale_init or default)
+    log_scale = self.param('log_scale', nn.initializers.constant(log_init), ())
+    if self.kind == 'clip':
+      return {'temperature': jnp.exp(-jnp.minimum(log_scale, math.log(CLIP_MAX_SCALE)))}
+    bias = self.param('bias', nn.initializers.constant(self.bias_init), ())
+    return {'temperature': jnp.exp(-log_scale), 'bias': bias}
+
+
+class TwoTower(nn.Module):
+  """Two encoders with linear projections to `embed_dim` and the loss's logit parameters.
+
+  Parameters: 'tower_a', 'proj_a', 'tower_b', 'proj_b' (absent when shared) and 'logit'
+  (`LogitParams`; kept apart so an optimizer can give them their own learning rate).
+
+  Attributes:
+    tower_a: encoder of the first input (an image tower, or a text tower for text-text).
+    tower_b: encoder of the second input; None shares tower_a and its projection (a
+      siamese text-text model).
+    embed_dim: D, the shared embedding dimension.
+    loss_params, scale_init, bias_init: as `LogitParams` kind, scale_init, bias_init.
+  """
+  tower_a: nn.Module
+  tower_b: nn.Module | None = None
+  embed_dim: int = 512
+  loss_params: str = 'clip'
+  scale_init: float | None = None
+  bias_init: float = -10.0
+
+  def setup(self):
+    # No bias: a linear map into the joint space, as CLIP's W_i, W_t.
+    self.proj_a = nn.Dense(self.embed_dim, use_bias=False)
+    if self.tower_b is not None:
+      self.proj_b = nn.Dense(self.embed_dim, use_bias=False)
+    self.logit = LogitParams(self.loss_params, self.scale_init, self.bias_init)
+
+  def encode_a(self, a, *, train: bool = False, normalize: bool = False):
+    """a [N, ...] -> za [N, D]; L2-normalised if `normalize`."""
+    z = self.proj_a(self.tower_a(a, train=train))
+    return common.l2_normalize(z) if normalize else z
+
+  def encode_b(self, b, *, train: bool = False, normalize: bool = False):
+    """b [N, ...] -> zb [N, D] (through tower_a when shared); L2-normalised if `normalize`."""
+    if self.tower_b is None:
+      return self.encode_a(b, train=train, normalize=normalize)
+    z = self.proj_b(self.tower_b(b, train=train))
+    return common.l2_normalize(z) if normalize else z
+
+  def encode_image(self, images, *, train: bool = False, normalize: bool = False):
+    """images [N, H, W, C] -> [N, D]: `encode_a` under the name retrieval and inference use."""
+    return self.encode_a(images, train=train, normalize=normalize)
+
+  def encode_text(self, tokens, *, train: bool = False, normalize: bool = False):
+    """tokens [N, L] -> [N, D]: `encode_b` under the name retrieval and inference use."""
+    return self.encode_b(tokens, train=train, normalize=normalize)
+
+  def logit_params(self):
+    """The loss keyword arguments: {'temperature'} ('clip') or {'temperature', 'bias'}."""
+    return self.logit()
+
+  def __call__(self, a, b, *, train: bool = False):
+    """(a [N, ...], b [N, ...]) -> (za [N, D], zb [N, D], loss keyword arguments), unnormalised."""
+    return self.encode_a(a, train=train), self.encode_b(b, train=train), self.logit()
+
+
+TOWERS = ('vit', 'resnet', 'text')
+
+
+def build_tower(cfg):
+  """One encoder from a tower config: `name` in TOWERS, an optional `preset`, module fields.
+
+  'vit': `vit.ViT` fields, preset in vit.VIT_PRESETS; 'text': `text.TextTransformer` fields,
+  preset in text.TEXT_PRESETS; 'resnet': `resnet.ResNet` fields, preset in resnet.PRESETS.
+  Given fields override the preset's.
+  """
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+  name, preset = fields.pop('name', None), fields.pop('preset', None)
+  if name not in TOWERS:
+    raise ValueError(f'unknown tower name {name!r}; choose one of {TOWERS}.')
+  cls, presets = {'vit': (vit.ViT, vit.VIT_PRESETS), 'text': (text.TextTransformer,
+                  text.TEXT_PRESETS), 'resnet': (resnet.ResNet, resnet.PRESETS)}[name]
+  if preset is not None and preset not in presets:
+    raise ValueError(f'unknown {name} preset {preset!r}; choose one of {tuple(presets)}.')
+  allowed = set(cls.__dataclass_fields__) - {'parent', 'name'}
+  if set(fields) - allowed:
+    raise ValueError(f'unknown {name} tower fields {sorted(set(fields) - allowed)}; '
+                     f'allowed: {sorted(allowed)}.')
+  return cls(**{**(presets[preset] if preset else {}), **fields})
+
+
+def build_two_tower(cfg):
+  """TwoTower from the model config (`config.model`; a whole config with a `model` field
+  is accepted too).
+
+  Fields: `image` (or `a`): tower A's config; `text` (or `b`): tower B's (see `build_tower`);
+  `share` (default False): tower B = tower A, same weights (tower B's config then omitted);
+  `embed_dim`; `loss_params`: 'clip' or 'siglip'; optional `logit_scale_init` (None: 1/0.07
+  or 10) and `logit_bias_init` (-10).
+  """
+  cfg = cfg.model if 'model' in cfg else cfg
+  tower_a = cfg.get('image', cfg.get('a'))
+  tower_b = cfg.get('text', cfg.get('b'))
+  share = cfg.get('share', False)
+  if cfg.get('loss_params', 'clip') not in LOSS_PARAMS:
+    raise ValueError(f"loss_params must be one of {LOSS_PARAMS}, got {cfg.get('loss_params')!r}.")
+  if tower_a is None or (tower_b is None and not share):
+    raise ValueError(f'the model config needs image (or a) and text (or b) tower configs, '
+                     f'or share=True; got fields {sorted(cfg.keys())}.')
+  return TwoTower(tower_a=build_tower(tower_a),
+                  tower_b=None if share else build_tower(tower_b),
+                  embed_dim=cfg.embed_dim, loss_params=cfg.get('loss_params', 'clip'),
+                  scale_init=cfg.get('logit_scale_init'),
+                  bias_init=cfg.get('logit_bias_init', -10.0))
