@@ -117,3 +117,54 @@ def test_debian_files_parse():
   images, labels = fashion_mnist.load_split(fashion_mnist.DEBIAN_IDX_DIR, 'test')
   assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
   assert np.bincount(labels).tolist() == [1000] * 10
+
+
+def _copy_idx(idx_dir, dest):
+  os.makedirs(dest)
+  for name in os.listdir(idx_dir):
+    with open(os.path.join(idx_dir, name), 'rb') as src, open(os.path.join(dest, name), 'wb') as f:
+      f.write(src.read())
+  return dest
+
+
+def _label_shift(cfg):
+  """k such that every training label is (id + k) % 10 (the fixture writes k = 0)."""
+  source = pipeline.get_source(cfg, 'train')
+  shifts = {(int(r['label']) - int(r['id'])) % 10 for r in source.__getitems__(range(len(source)))}
+  assert len(shifts) == 1, shifts
+  return shifts.pop()
+
+
+def test_changed_source_rebuilds_the_converted_copy(idx_dir, tmp_path, capsys):
+  cfg = ml_collections.ConfigDict(dict(name='fashion_mnist_idx', data_dir=str(tmp_path / 'tfds'),
+                                       idx_dir=_copy_idx(idx_dir, str(tmp_path / 'idx'))))
+  assert _label_shift(cfg) == 0
+  assert 'Rebuilding' not in capsys.readouterr().out
+  # Fixed labels in the same folder: the copy is rebuilt from them, not read stale.
+  write_idx(os.path.join(cfg.idx_dir, 'train-labels-idx1-ubyte.gz'),
+            (np.arange(96, dtype=np.uint8) + 3) % 10)
+  assert _label_shift(cfg) == 3
+  assert 'changed since conversion' in capsys.readouterr().out
+  # Another folder with the same files: its paths differ, so it is rebuilt from there.
+  cfg.idx_dir = _copy_idx(cfg.idx_dir, str(tmp_path / 'idx2'))
+  assert _label_shift(cfg) == 3
+  assert 'source files' in capsys.readouterr().out
+  assert _label_shift(cfg) == 3  # now current: no rebuild
+  assert 'Rebuilding' not in capsys.readouterr().out
+
+
+def test_missing_source_of_a_converted_copy_is_an_error(dataset_cfg):
+  pipeline.get_source(dataset_cfg, 'train')  # converted
+  cfg = ml_collections.ConfigDict(dict(dataset_cfg, idx_dir='/nonexistent'))
+  for check in (pipeline.check_dataset, lambda c: pipeline.get_source(c, 'train')):
+    with pytest.raises(fashion_mnist.MissingDatasetError, match="'/nonexistent'.*dataset-fashion"):
+      check(cfg)
+
+
+def test_truncated_gz_names_the_file(tmp_path):
+  path = str(tmp_path / 'train-images-idx3-ubyte.gz')
+  write_idx(path, np.zeros((50, 28, 28), np.uint8) + 7)
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(ValueError, match='train-images-idx3-ubyte.gz.*cannot be read'):
+    fashion_mnist.read_idx(path)

@@ -13,6 +13,7 @@ writes `array_record` shards, which `tfds.data_source` then reads with random ac
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -48,9 +49,12 @@ def _find(idx_dir, stem):
 
 def check_idx_files(idx_dir):
   """Raises MissingDatasetError (naming the package and the path) unless all four files exist."""
-  for stems in _FILES.values():
-    for stem in stems:
-      _find(idx_dir, stem)
+  source_files(idx_dir)
+
+
+def source_files(idx_dir):
+  """The paths of the four IDX files in `idx_dir` (raises MissingDatasetError if one is absent)."""
+  return [_find(idx_dir, stem) for stems in _FILES.values() for stem in stems]
 
 
 def read_idx(path):
@@ -60,8 +64,12 @@ def read_idx(path):
   n big-endian uint32 sizes, then the data in C order.
   """
   opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    raw = f.read()
+  try:
+    with opener(path, 'rb') as f:
+      raw = f.read()
+  except (EOFError, OSError, zlib.error) as e:  # a truncated or damaged .gz
+    raise ValueError(f'{path!r} cannot be read ({type(e).__name__}: {e}): reinstall '
+                     f'{DEBIAN_PACKAGE} or replace the file.') from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
     raise ValueError(f'{path!r} is not a uint8 IDX file (header {raw[:4]!r}).')
   ndim = raw[3]

@@ -5,6 +5,7 @@ device inside the train step (`contrastive.data.augment`).
 """
 
 import os
+import shutil
 
 import grain
 import jax
@@ -13,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from contrastive.data import emoji
 from contrastive.data import fashion_mnist
+from contrastive.data import freshness
 from contrastive.data import pairs
 from contrastive.data import wordnet
 
@@ -28,32 +30,52 @@ def _data_dir(cfg):
   return os.path.expanduser(cfg.data_dir or os.path.join('~', 'tensorflow_datasets'))
 
 
+# The source files each local builder converts (raising MissingDatasetError if one is absent),
+# fingerprinted so that a changed source rebuilds the converted copy (data/freshness.py).
+SOURCE_FILES = {'fashion_mnist_idx': lambda cfg: fashion_mnist.source_files(cfg.idx_dir)}
+
+
 def check_dataset(cfg):
-  """Raises MissingDatasetError (naming the package or path) if the dataset can't be built."""
-  if cfg.name == 'fashion_mnist_idx':
-    builder = fashion_mnist.FashionMnistIdx(data_dir=_data_dir(cfg))
-    if not builder.is_prepared():
-      fashion_mnist.check_idx_files(cfg.idx_dir)
+  """Raises MissingDatasetError (naming the package or path) if the dataset's source files are
+  absent, converted copy or not (the copy is checked against them on use)."""
+  if cfg.name in SOURCE_FILES:
+    SOURCE_FILES[cfg.name](cfg)
+
+
+def _prepared_builder(cfg):
+  """The local builder of `cfg`, converted from its source files if it is not yet, or if they
+  differ from those it was converted from (only process 0 writes in a multi-process job)."""
+  builder = LOCAL_BUILDERS[cfg.name](data_dir=_data_dir(cfg))
+  source = freshness.fingerprint(SOURCE_FILES[cfg.name](cfg)) if cfg.name in SOURCE_FILES else None
+  stale = (source is not None and builder.is_prepared() and
+           freshness.recorded(builder.data_dir) != source)
+  if builder.is_prepared() and not stale:
+    return builder
+  if jax.process_index() == 0:
+    if stale:
+      print(f'Rebuilding {builder.data_dir}: '
+            f'{freshness.describe_change(freshness.recorded(builder.data_dir), source)}.',
+            flush=True)
+      shutil.rmtree(builder.data_dir)
+      builder = LOCAL_BUILDERS[cfg.name](data_dir=_data_dir(cfg))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=cfg.get('idx_dir')),
+        file_format='array_record')
+    if source is not None:
+      freshness.record(builder.data_dir, source)
+  _sync_processes('prepare_' + cfg.name)
+  # Re-read what process 0 wrote (a builder made before preparing has the default format).
+  return LOCAL_BUILDERS[cfg.name](data_dir=_data_dir(cfg))
 
 
 def get_source(cfg, split):
   """A random-access source of {'image', 'label', 'id'} records for `split` of dataset `cfg`.
 
   cfg fields: name, data_dir ('' = ~/tensorflow_datasets), idx_dir (for fashion_mnist_idx).
-  Prepares the array_record files on first use (only process 0 writes in a multi-process job).
+  Prepares the array_record files on first use, and again when the source files changed.
   """
   if cfg.name in LOCAL_BUILDERS:
-    builder = LOCAL_BUILDERS[cfg.name](data_dir=_data_dir(cfg))
-    if not builder.is_prepared():
-      check_dataset(cfg)
-      if jax.process_index() == 0:
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=cfg.idx_dir),
-            file_format='array_record')
-      _sync_processes('prepare_' + cfg.name)
-      # Re-read what process 0 wrote (a builder made before preparing has the default format).
-      builder = LOCAL_BUILDERS[cfg.name](data_dir=_data_dir(cfg))
-    return _with_ids(builder.as_data_source(split=split))
+    return _with_ids(_prepared_builder(cfg).as_data_source(split=split))
   return _with_ids(tfds.data_source(cfg.name, split=split, data_dir=_data_dir(cfg)))
 
 
