@@ -13,6 +13,7 @@ install:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES))
 	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps -e .  # python -m contrastive.main from any folder
 
 train: install
 	$(PYTHON) -m contrastive.main --config $(CONFIG) --workdir $(WORKDIR)

@@ -137,7 +137,11 @@ def get_config(arg=None):
   config.log_every = 20
   config.checkpoint_every = 500
   config.checkpoint_keep = 2
-  config.nonfinite = 'error'  # NaN/inf loss: 'error' stops naming the step; 'skip' drops the update
+  config.nonfinite = 'error'  # NaN/inf loss or state: 'error' stops naming the step; 'skip' drops
+  config.max_consecutive_skips = 10  # ... the update, and stops after this many skips in a row
+  # Resuming a workdir with a changed config (contrastive/run_config.py): fields (or prefixes)
+  # that may differ from the saved run's, e.g. 'total_steps,optimizer.lr'.
+  config.allow_config_changes = ''
 
   if 'resnet18' in variants or 'resnet50' in variants:
     name = 'resnet50' if 'resnet50' in variants else 'resnet18'

@@ -1,12 +1,13 @@
-"""Fault handling in the train loop: preemption (SIGTERM) and non-finite updates.
+"""Fault handling in the train loop: preemption (SIGTERM, SIGINT) and non-finite updates.
 
-Preemption: Cloud TPU, SLURM and Kubernetes send SIGTERM some seconds before killing a job.
+Preemption: Cloud TPU, SLURM and Kubernetes send SIGTERM some seconds before killing a job;
+a user stops a run with Ctrl-C (SIGINT).
 `Preemption` turns the signal into a flag that the loop reads between steps, so the last
 checkpoint is written from a consistent state rather than from inside a signal handler.
 
 Non-finite updates: `keep_if_finite` selects, inside the jitted step, between the updated and
-the previous state on one scalar flag, so a step with a NaN/inf loss or gradient can be
-skipped (config.nonfinite='skip') without a host round trip.
+the previous state on one scalar flag, so a step with a NaN/inf loss, gradient or new state
+can be skipped (config.nonfinite='skip') without a host round trip.
 """
 
 import signal
@@ -20,7 +21,8 @@ NONFINITE_MODES = ('error', 'skip')
 
 
 class Preemption:
-  """Context manager: while active, SIGTERM sets a flag instead of killing the process.
+  """Context manager: while active, SIGTERM and SIGINT (Ctrl-C) set a flag instead of killing
+  the process. A second SIGINT interrupts at once (KeyboardInterrupt), as usual.
 
   Use:
     with Preemption() as preempted:
@@ -30,15 +32,23 @@ class Preemption:
           save; break
   """
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._signals = signals
     self._event = threading.Event()
     self._previous = {}
+    self._received = None
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
-    print(f'Received {signal.Signals(signum).name}: saving a checkpoint after this step.',
-          flush=True)
+    if signum == signal.SIGINT and self._event.is_set():
+      raise KeyboardInterrupt
+    self._received = self._received or signal.Signals(signum).name
+    print(f'Received {signal.Signals(signum).name}: saving a checkpoint after this step'
+          + (' (Ctrl-C again to stop at once).' if signum == signal.SIGINT else '.'), flush=True)
     self._event.set()
+
+  def signal_name(self):
+    """'SIGTERM' etc. of the first signal received, for messages."""
+    return self._received or 'a signal'
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # signals need the main thread
@@ -64,8 +74,8 @@ class Preemption:
 
 
 def all_finite(*trees):
-  """Scalar bool: every element of every array leaf is finite."""
-  leaves = [x for t in trees for x in jax.tree.leaves(t)]
+  """Scalar bool: every element of every floating-point leaf is finite."""
+  leaves = [x for t in trees for x in jax.tree.leaves(t) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 

@@ -7,16 +7,24 @@ contrastive/distributed.py and launch/. Local example, 2 CPU processes:
       --num_processes=2 --process_id=0   # and --process_id=1 in a second shell
 """
 
+import os
+import sys
+import traceback
+
 from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
+from contrastive import checkpoint
 from contrastive import distributed
 from contrastive import mcl
 from contrastive import parallel
 from contrastive import train
+from contrastive import validate
+from contrastive import workdir
+from contrastive.data import fashion_mnist
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 config_flags.DEFINE_config_file('config', None, 'Config file (path[:variants]).', lock_config=True)
@@ -28,22 +36,48 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s rank.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+# Mistakes with a one-line fix: reported without a traceback.
+USER_ERRORS = (validate.ConfigError, workdir.WorkdirError, workdir.WorkdirLockedError,
+               fashion_mnist.MissingDatasetError, checkpoint.CheckpointError,
+               train.NonFiniteLossError)
+
+
+def _exit_on_error(error):
+  """Reports `error` in one final line (with the traceback unless it is a USER_ERRORS one) and
+  ends the process at once: orbax's and asyncio's threads must not keep a failed job alive."""
+  if not isinstance(error, USER_ERRORS + (KeyboardInterrupt, OSError)):
+    traceback.print_exception(error, limit=-10, chain=False, file=sys.stderr)
+  message = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  print(f'ERROR: {type(error).__name__}: {message}', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(130 if isinstance(error, KeyboardInterrupt) else 1)  # pylint: disable=protected-access
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  try:
+    run(flags.FLAGS.config, _WORKDIR.value)
+  except BaseException as e:  # pylint: disable=broad-except
+    if isinstance(e, SystemExit):
+      raise
+    _exit_on_error(e)
+
+
+def run(config, workdir_path):
+  """Starts jax.distributed if needed, picks the CPU device count and trains `config`."""
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   multi_process = distributed.initialize(
       _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  config = flags.FLAGS.config
   cpu_devices = None if multi_process else parallel.default_cpu_devices(
       [config.batch_size, config.eval.batch_size])
   if cpu_devices:  # before any backend starts; TPU/GPU backends are unaffected
     jax.config.update('jax_num_cpu_devices', cpu_devices)
   if config.get('mcl', {}).get('stages', 1) > 1:
-    mcl.train_stages(config, _WORKDIR.value)
+    mcl.train_stages(config, workdir_path)
   else:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    train.train_and_evaluate(config, workdir_path)
 
 
 if __name__ == '__main__':

@@ -9,10 +9,17 @@ import numpy as np
 
 
 class MetricWriter:
-  """Appends {'step': s, **metrics} as one JSON line per call to workdir/metrics.jsonl."""
+  """Appends {'step': s, **metrics} as one JSON line per call to workdir/metrics.jsonl.
+
+  Each line is written with one write() and flushed. A run killed mid-write (or by a full
+  disk) can still leave a partial last line; the next start removes it with a warning, so
+  the file stays one JSON object per line.
+  """
 
   def __init__(self, workdir, enabled=True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    if enabled:
+      repair_partial_line(self.path)
     self._file = open(self.path, 'a', encoding='utf-8') if enabled else None
 
   def write(self, step, metrics):
@@ -27,6 +34,23 @@ class MetricWriter:
     if self._file is not None:
       self._file.close()
       self._file = None
+
+
+def repair_partial_line(path):
+  """Truncates `path` after its last newline if it ends in a partial line; returns the number
+  of bytes removed (0 if the file is whole or absent)."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return 0
+  with open(path, 'rb+') as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b'\n':
+      return 0
+    data = f.seek(0) or f.read()
+    keep = data.rfind(b'\n') + 1
+    f.truncate(keep)
+  print(f'WARNING: removed a partial last line of {path} ({len(data) - keep} bytes, left by an '
+        'interrupted run).', flush=True)
+  return len(data) - keep
 
 
 def _scalar(v):

@@ -142,14 +142,15 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonf
       mesh's data axis.
     rng: key for this step (augmentations per example: fold_in(rng, example index)).
     loss_fn: fn(z1, z2) -> (loss, metrics), the plain SimCLR objective (method=None).
-    nonfinite: 'error' applies every update (the loop raises on a non-finite loss); 'skip'
-      keeps the whole state unchanged when the loss or any gradient is NaN/inf, and counts
-      the step in `skipped_steps`.
+    nonfinite: 'error' applies every update (the loop raises when `finite` is false); 'skip'
+      keeps the whole state unchanged when the loss, a gradient or any array of the new state
+      is NaN/inf, and counts the step in `skipped_steps`.
     method: None (SimCLR with loss_fn) or a `Method`: momentum encoder, queue, samplers.
 
   Returns:
-    (new state, metrics): loss, the loss's metrics, lr, l2_grads, l2_params, skipped_steps
-    (and momentum with a momentum encoder).
+    (new state, metrics): loss, the loss's metrics, lr, l2_grads, l2_params, skipped_steps,
+    finite (loss, gradients and the whole new state are finite) and momentum (with a
+    momentum encoder).
   """
   aug_rng, sampler_rng = jax.random.split(rng)
   v1, v2 = augment.two_views(aug_rng if method else rng, batch['image'], aug_cfg)
@@ -180,13 +181,15 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonf
     metrics = dict(metrics, momentum=m)
   if state.queue is not None:
     new = new.replace(queue=queue_lib.enqueue(state.queue, keys, batch['id']))
+  # The whole new state is checked, not only loss and gradients: a finite step can still
+  # overflow a BatchNorm variance or an optimizer moment.
+  ok = faults.all_finite(loss, grads, new)
   skipped = state.skipped_steps
   if nonfinite == 'skip':
-    ok = faults.all_finite(loss, grads)
     new = faults.keep_if_finite(ok, new, state.replace(step=state.step + 1))
     skipped = skipped + jnp.where(ok, 0, 1).astype(skipped.dtype)
   new = new.replace(skipped_steps=skipped)
-  metrics = dict(metrics, loss=loss, lr=schedule(state.step), skipped_steps=skipped,
+  metrics = dict(metrics, loss=loss, lr=schedule(state.step), skipped_steps=skipped, finite=ok,
                  l2_grads=optax.tree.norm(grads), l2_params=optax.tree.norm(new.params))
   return new, metrics
 

@@ -14,7 +14,9 @@ from contrastive import faults
 from contrastive import metric_writer
 from contrastive import optim
 from contrastive import parallel
+from contrastive import run_config
 from contrastive import validate
+from contrastive import workdir as workdir_lib
 from contrastive.data import pipeline
 from contrastive.losses import pair_loss_from_config
 from contrastive.models import build_model
@@ -28,7 +30,8 @@ from contrastive.step import TrainState  # pylint: disable=unused-import
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN/inf loss; the message names the step."""
+  """Training produced a NaN/inf loss or state; the message names the step and the last
+  (finite) checkpoint."""
 
 
 def total_steps(config, num_train):
@@ -60,8 +63,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, clust
   `clusters` ([N] int, the cluster of each training example id) restricts each query's
   negatives to its own cluster (MCL's later stages, see contrastive/mcl.py).
 
-  Rerunning with the same workdir resumes from the latest checkpoint that restores. SIGTERM
-  (preemption) saves a checkpoint after the current step and returns (state, {}).
+  Rerunning with the same workdir resumes from the latest checkpoint that restores, if the
+  config agrees with the one saved there (contrastive/run_config.py). One run at a time holds
+  the workdir (contrastive/workdir.py). SIGTERM or SIGINT (preemption, Ctrl-C) saves a
+  checkpoint after the current step and returns (state, {}).
   `config.dtype='float64'` runs everything in float64 (jax_enable_x64 for this call only).
 
   Returns:
@@ -69,13 +74,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, clust
   """
   validate.validate_config(config, num_devices=jax.device_count(),
                            num_processes=jax.process_count())
-  with jax.enable_x64(True) if config.get('dtype') == 'float64' else contextlib.nullcontext():
-    return _train_and_evaluate(config, workdir, clusters=clusters)
+  workdir_lib.check_workdir(workdir)
+  x64 = jax.enable_x64(True) if config.get('dtype') == 'float64' else contextlib.nullcontext()
+  with faults.Preemption() as preemption, _locked(workdir), x64:
+    return _train_and_evaluate(config, workdir, clusters=clusters, preemption=preemption)
 
 
-def _train_and_evaluate(config, workdir, *, clusters):
-  """train_and_evaluate once the config is checked and the precision set."""
-  os.makedirs(workdir, exist_ok=True)
+@contextlib.contextmanager
+def _locked(workdir):
+  """Holds the workdir's lock (process 0) for the run; every process fails if it is taken."""
+  lock = workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0)
+  error = None
+  try:
+    lock.acquire()
+  except workdir_lib.WorkdirLockedError as e:
+    error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if np.max(multihost_utils.process_allgather(np.int32(error is not None))) and not error:
+      error = workdir_lib.WorkdirLockedError(f'{workdir} is in use (see process 0\'s error).')
+  if error:
+    raise error
+  try:
+    yield
+  finally:
+    lock.release()
+
+
+def _check_resume(config, workdir, ckpt_dir, steps):
+  """Refuses a resume whose config differs from the saved run's (run_config) or whose
+  schedule ends before its newest checkpoint, before anything is compiled; then records the
+  start in the workdir."""
+  saved = checkpoint.saved_steps(ckpt_dir)
+  if saved and saved[-1] > steps:
+    raise validate.ConfigError(
+        f'The workdir\'s newest checkpoint is step {saved[-1]}, past this config\'s {steps} '
+        f'steps (total_steps={config.get("total_steps")}, num_epochs={config.get("num_epochs")}):'
+        f' set --config.total_steps >= {saved[-1]} or use a new --workdir.')
+  run_config.check_and_record(config, workdir, resuming=bool(saved),
+                              write=jax.process_index() == 0, devices=jax.device_count(),
+                              processes=jax.process_count())
+
+
+def _train_and_evaluate(config, workdir, *, clusters, preemption):
+  """train_and_evaluate once the config is checked, the workdir locked and the precision set."""
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  run_config.check_and_record(config, workdir, resuming=bool(checkpoint.saved_steps(ckpt_dir)),
+                              write=False)  # refuses a changed config before any work
   writer = metric_writer.MetricWriter(workdir, enabled=jax.process_index() == 0)
 
   # ---- Mesh ---------------------------------------------------------------------------------
@@ -86,6 +131,7 @@ def _train_and_evaluate(config, workdir, *, clusters):
   # ---- Input pipeline -----------------------------------------------------------------------
   train_source = pipeline.get_source(config.dataset, 'train')
   steps = total_steps(config, len(train_source))
+  _check_resume(config, workdir, ckpt_dir, steps)
   loader = pipeline.train_loader(train_source, global_batch_size=config.batch_size,
                                  seed=config.seed)
   batch_iter = iter(loader)
@@ -106,8 +152,8 @@ def _train_and_evaluate(config, workdir, *, clusters):
                              dtype=jnp.dtype(config.get('dtype', 'float32')))
 
   # ---- Checkpoint (resume) ------------------------------------------------------------------
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                 save_every=config.checkpoint_every, keep=config.checkpoint_keep)
+  ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=config.checkpoint_every,
+                                 keep=config.checkpoint_keep)
   state, data_state = ckpt.restore_latest(state)
   if data_state is not None:
     batch_iter.set_state(data_state)
@@ -133,6 +179,7 @@ def _train_and_evaluate(config, workdir, *, clusters):
 
   def run_eval(step, prefix=''):
     metrics = {prefix + k: v for k, v in evaluator(state).items()}
+    metrics['skipped_steps'] = int(state.skipped_steps)
     writer.write(step, metrics)
     print(metric_writer.format_metrics(step, metrics), flush=True)
     if histograms and jax.process_index() == 0:  # the scores so far, one line per logged step
@@ -147,33 +194,53 @@ def _train_and_evaluate(config, workdir, *, clusters):
   progress = metric_writer.Progress(start, steps, config.batch_size, writer)
   eval_metrics = {}
   step_rng = jax.random.fold_in(rng, 1)
-  with faults.Preemption() as preemption:
-    for step in range(start + 1, steps + 1):
-      batch = pipeline.to_global(next(batch_iter), data_sharding)
-      state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
-      metrics = jax.device_get(metrics)
-      if nonfinite == 'error' and not np.isfinite(metrics['loss']):
-        ckpt.wait()
-        raise NonFiniteLossError(
-            f'Non-finite loss {metrics["loss"]} at step {step}; last good checkpoint: '
-            f'{ckpt.latest_step()} in {ckpt.directory} (config.nonfinite=\'skip\' skips such '
-            'steps instead).')
-      progress.update(step, metrics, every=config.log_every)
-      if step % config.log_every == 0 or step == steps:
-        record_histograms(step, metrics)
-      if step == steps or (config.eval.every and step % config.eval.every == 0):
-        with progress.paused():
-          eval_metrics = run_eval(step)
-      ckpt.save(step, state, batch_iter.get_state(), force=step == steps)
-      if step < steps and preemption.requested():
-        ckpt.save(step, state, batch_iter.get_state(), force=True)
-        ckpt.close()
-        writer.close()
-        print(f'Preempted: saved checkpoint {step} in {ckpt.directory}; rerun the same '
-              'command to resume.', flush=True)
-        return state, {}
+  if start < steps and preemption.requested():
+    ckpt.close()
+    writer.close()
+    print(f'Stopped by {preemption.signal_name()} during start-up, before step {start + 1}: '
+          'nothing new to save; rerun the same command to resume.', flush=True)
+    return state, {}
+  skips_in_a_row = 0
+  for step in range(start + 1, steps + 1):
+    batch = pipeline.to_global(next(batch_iter), data_sharding)
+    state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
+    metrics = jax.device_get(metrics)
+    skips_in_a_row = 0 if metrics['finite'] else skips_in_a_row + 1
+    if skips_in_a_row and (nonfinite == 'error' or
+                           skips_in_a_row >= config.get('max_consecutive_skips', 10)):
+      ckpt.wait()
+      raise NonFiniteLossError(_nonfinite_message(step, metrics, nonfinite, skips_in_a_row, ckpt))
+    progress.update(step, metrics, every=config.log_every)
+    if step % config.log_every == 0 or step == steps:
+      record_histograms(step, metrics)
+    # The last step is saved before the final evaluation, so a kill during it loses nothing.
+    ckpt.save(step, state, batch_iter.get_state(), force=step == steps)
+    if step == steps or (config.eval.every and step % config.eval.every == 0):
+      with progress.paused():
+        eval_metrics = run_eval(step)
+    if step < steps and preemption.requested():
+      ckpt.save(step, state, batch_iter.get_state(), force=True)
+      ckpt.close()
+      writer.close()
+      print(f'Preempted ({preemption.signal_name()}): saved checkpoint {step} in '
+            f'{ckpt.directory}; rerun the same command to resume.', flush=True)
+      return state, {}
   if not eval_metrics:  # resumed after the last step: evaluate what was restored
     eval_metrics = run_eval(steps)
   ckpt.close()
   writer.close()
   return state, eval_metrics
+
+
+def _nonfinite_message(step, metrics, nonfinite, skips_in_a_row, ckpt):
+  """Why the run stops: which values were non-finite, and the last (finite) checkpoint."""
+  what = (f'loss {metrics["loss"]}' if not np.isfinite(metrics['loss']) else
+          f'state (the loss {metrics["loss"]:.4g} is finite: a gradient, parameter, BatchNorm '
+          'statistic or optimizer moment overflowed)')
+  where = f'last good checkpoint: {ckpt.latest_step()} in {ckpt.directory}'
+  if nonfinite == 'skip':
+    return (f'{skips_in_a_row} step(s) in a row skipped up to step {step} (non-finite {what}); '
+            f'{where}. config.max_consecutive_skips stops a diverged run: lower the learning '
+            'rate or add gradient clipping (config.optimizer.grad_clip_norm).')
+  return (f'Non-finite {what} at step {step}; {where} (config.nonfinite=\'skip\' skips such '
+          'steps instead).')

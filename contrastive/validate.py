@@ -66,8 +66,66 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
   if nonfinite not in faults.NONFINITE_MODES:
     raise ConfigError(f'config.nonfinite={nonfinite!r} is unknown; choose one of '
                       f'{faults.NONFINITE_MODES}.')
+  validate_numbers(config)
   validate_method(config)
   pipeline.check_dataset(config.dataset)
+
+
+# (dotted field, test, requirement): each numeric field of the configs and what it must be.
+# Fields a config does not have are skipped.
+_positive = (lambda v: v > 0, 'be > 0')
+_non_negative = (lambda v: v >= 0, 'be >= 0')
+_at_least_1 = (lambda v: v >= 1, 'be >= 1')
+_probability = (lambda v: 0 <= v <= 1, 'be in [0, 1]')
+NUMERIC_FIELDS = (
+    ('seed', _non_negative), ('total_steps', _non_negative), ('log_every', _at_least_1),
+    ('max_consecutive_skips', _at_least_1),
+    ('augment.jitter_prob', _probability), ('augment.gray_prob', _probability),
+    ('augment.blur_prob', _probability), ('augment.brightness', _non_negative),
+    ('augment.contrast', _non_negative), ('augment.saturation', _non_negative),
+    ('augment.hue', (lambda v: 0 <= v <= 0.5, 'be in [0, 0.5]')),
+    ('augment.crop_scale', (lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1,
+                            'be (min, max) with 0 < min <= max <= 1')),
+    ('model.stem_strides', _at_least_1), ('model.head_out_dim', _at_least_1),
+    ('model.head_hidden_dims', (lambda v: all(d >= 1 for d in v), 'hold sizes >= 1')),
+    ('model.stage_sizes', (lambda v: all(d >= 1 for d in v), 'hold block counts >= 1')),
+    ('optimizer.warmup_steps', _non_negative), ('optimizer.weight_decay', _non_negative),
+    ('optimizer.momentum', (lambda v: 0 <= v < 1, 'be in [0, 1)')),
+    ('optimizer.grad_clip_norm', _non_negative),
+    ('eval.every', _non_negative), ('eval.batch_size', _positive), ('eval.knn_k', _at_least_1),
+    ('eval.knn_temperature', _positive), ('eval.linear_steps', _non_negative),
+    ('eval.linear_lr', _positive), ('eval.linear_l2', _non_negative),
+    ('eval.max_train_examples', _non_negative), ('eval.max_test_examples', _non_negative),
+    ('queue_size', _non_negative), ('mcl.stages', _at_least_1),
+    ('mcl.kmeans_iters', _at_least_1),
+    ('samplers.threshold', (lambda v: -1 <= v <= 1, 'be a cosine in [-1, 1] (1: off)')),
+    ('samplers.pos_alpha', _non_negative), ('samplers.neg_mix_alpha', _positive),
+    ('samplers.gist_margin', _non_negative), ('samplers.mochi.num_mix', _non_negative),
+    ('samplers.mochi.num_query_mix', _non_negative),
+    ('samplers.mochi.start_epoch', _non_negative),
+)
+
+
+def _lookup(config, path):
+  node = config
+  for key in path.split('.'):
+    if not hasattr(node, 'get') or key not in node:
+      return None
+    node = node[key]
+  return node
+
+
+def validate_numbers(config):
+  """Checks every numeric field of NUMERIC_FIELDS, and that the run has a length."""
+  for path, (ok, requirement) in NUMERIC_FIELDS:
+    value = _lookup(config, path)
+    if value is not None and not ok(value):
+      raise ConfigError(f'config.{path}={value!r} must {requirement}.')
+  if not config.get('total_steps') and not config.get('num_epochs', 0) > 0:
+    raise ConfigError(f'config.num_epochs={config.get("num_epochs")!r} must be > 0 (or set '
+                      'config.total_steps > 0): the run would have no steps.')
+  if config.model.get('preset') in ('', None) and not config.model.get('width', 1) > 0:
+    raise ConfigError(f'config.model.width={config.model.get("width")!r} must be > 0.')
 
 
 METHODS = ('simclr', 'moco')

@@ -3,12 +3,16 @@
 import functools
 import json
 import os
+import signal
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from contrastive import faults
+from contrastive import metric_writer
 from contrastive import optim
 from contrastive import parallel
 from contrastive import train
@@ -104,3 +108,103 @@ def test_unknown_names_fail_before_compiling(path, value, match, tmp_path, monke
   with pytest.raises(validate.ConfigError, match=match):
     train.train_and_evaluate(config, str(tmp_path))
   assert not compiled
+
+
+def _saved_states(workdir):
+  """{step: the saved TrainState's arrays} of every checkpoint in workdir (no target tree)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, 'checkpoints')
+  with ocp.StandardCheckpointer() as reader:
+    return {int(s): reader.restore(os.path.join(directory, s, 'state'))
+            for s in os.listdir(directory) if s.isdigit()}
+
+
+def test_nonfinite_state_is_never_checkpointed(tmp_path, tfds_dir):
+  """lr=1e9 overflows the state (BatchNorm variance, moments) while the loss is still finite:
+  the run stops at that step, and the checkpoint it names as good is finite."""
+  config = _config(total_steps=12)
+  config.dataset.data_dir = tfds_dir
+  config.optimizer.lr = 1e9
+  with pytest.raises(train.NonFiniteLossError, match=r'last good checkpoint: (\d+|None)') as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  states = _saved_states(str(tmp_path))
+  named = e.value.args[0].split('last good checkpoint: ')[1].split()[0]
+  assert named == 'None' or int(named) in states
+  assert all(np.all(np.isfinite(x)) for s in states.values() for x in jax.tree.leaves(s)
+             if np.issubdtype(np.asarray(x).dtype, np.floating)), sorted(states)
+
+
+def test_skip_mode_stops_after_max_consecutive_skips(tmp_path, tfds_dir):
+  config = _config(total_steps=12, nonfinite='skip', max_consecutive_skips=3)
+  config.dataset.data_dir = tfds_dir
+  config.optimizer.lr = 1e30
+  with pytest.raises(train.NonFiniteLossError, match=r'3 step\(s\) in a row skipped up to step'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_final_step_is_saved_before_the_final_evaluation(tmp_path, tfds_dir, monkeypatch):
+  config = _config(total_steps=4)  # checkpoints every 3: only the final save writes step 4
+  config.dataset.data_dir = tfds_dir
+
+  def killed(self, state):
+    raise RuntimeError('killed during the final evaluation')
+  monkeypatch.setattr(train.evaluate.Evaluator, '__call__', killed)
+  with pytest.raises(RuntimeError, match='final evaluation'):
+    train.train_and_evaluate(config, str(tmp_path))
+  folder = os.path.join(tmp_path, 'checkpoints', '4')
+  for _ in range(100):  # the save is asynchronous: give it time to commit
+    if os.path.isdir(folder):
+      break
+    time.sleep(0.1)
+  assert os.path.isdir(folder), os.listdir(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_sigint_is_handled_like_sigterm_and_a_second_one_interrupts():
+  with faults.Preemption() as preemption:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.requested() and preemption.signal_name() == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_metrics_partial_line_is_removed_on_the_next_start(tmp_path, capsys):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # a crash mid-write
+  writer = metric_writer.MetricWriter(str(tmp_path))
+  writer.write(3, {'loss': 1.5})
+  writer.close()
+  assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1, 3]
+  assert 'removed a partial last line' in capsys.readouterr().out
+  assert metric_writer.repair_partial_line(str(path)) == 0  # whole lines stay as they are
+
+
+@pytest.mark.parametrize('field, value, match', [
+    ('total_steps', -5, r'config.total_steps=-5 must be >= 0'),
+    ('log_every', 0, r'config.log_every=0 must be >= 1'),
+    ('max_consecutive_skips', 0, r'config.max_consecutive_skips=0 must be >= 1'),
+    ('num_epochs', 0.0, r'config.num_epochs=0.0 must be > 0'),
+    ('seed', -1, r'config.seed=-1 must be >= 0'),
+])
+def test_numeric_fields_are_checked(field, value, match):
+  config = _config(**{field: value})
+  if field == 'num_epochs':
+    config.total_steps = 0
+  with pytest.raises(validate.ConfigError, match=match):
+    validate.validate_config(config, num_devices=8, num_processes=1)
+
+
+@pytest.mark.parametrize('path, value, match', [
+    ('eval.knn_temperature', 0.0, 'must be > 0'), ('eval.knn_k', 0, 'must be >= 1'),
+    ('eval.batch_size', 0, 'must be > 0'), ('eval.linear_lr', -1.0, 'must be > 0'),
+    ('augment.hue', 0.7, r'must be in \[0, 0.5\]'), ('augment.gray_prob', 1.5, r'\[0, 1\]'),
+    ('augment.crop_scale', (0.9, 0.3), 'min <= max'), ('optimizer.momentum', 1.0, r'\[0, 1\)'),
+    ('optimizer.warmup_steps', -1, '>= 0'), ('model.head_hidden_dims', (0,), 'sizes >= 1'),
+    ('samplers.threshold', 1.5, r'\[-1, 1\]'), ('mcl.kmeans_iters', 0, '>= 1'),
+])
+def test_nested_numeric_fields_are_checked(path, value, match):
+  config = _config()
+  section, field = path.split('.')
+  config[section][field] = value
+  with pytest.raises(validate.ConfigError, match=f'config.{path}=.*{match}'):
+    validate.validate_config(config, num_devices=8, num_processes=1)

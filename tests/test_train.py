@@ -46,8 +46,11 @@ def test_runlocal_trains_loss_decreases_and_resumes(tfds_dir, tmp_path):
   assert 0.0 <= eval_metrics['knn_top1'] <= 1.0 and eval_metrics['linear_top1'] > 0.3
   assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))) == [9, 12]
 
-  # Rerunning the same command with more steps resumes at 12 instead of starting over.
+  # More steps change the schedule: refused unless allowed; then it resumes at 12.
   config.total_steps = 15
+  with pytest.raises(validate.ConfigError, match='allow_config_changes=total_steps'):
+    train.train_and_evaluate(config, workdir)
+  config.allow_config_changes = 'total_steps'
   state, _ = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 15
   steps = [r['step'] for r in _read_metrics(workdir) if 'loss' in r]
