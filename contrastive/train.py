@@ -222,8 +222,8 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption):
       ckpt.save(step, state, batch_iter.get_state(), force=True)
       ckpt.close()
       writer.close()
-      print(f'Preempted ({preemption.signal_name()}): saved checkpoint {step} in '
-            f'{ckpt.directory}; rerun the same command to resume.', flush=True)
+      print(f'Preempted: saved checkpoint {step} in {ckpt.directory} (after '
+            f'{preemption.signal_name()}); rerun the same command to resume.', flush=True)
       return state, {}
   if not eval_metrics:  # resumed after the last step: evaluate what was restored
     eval_metrics = run_eval(steps)
