@@ -1,4 +1,4 @@
-"""2-D convolutions whose gradients XLA:CPU computes faster: a drop-in for `nn.Conv(use_bias=False)`.
+"""2-D convolutions whose gradients XLA:CPU computes faster: drop-ins for nn.Conv(use_bias=False).
 
 XLA:CPU runs a convolution's kernel (weight) gradient as another convolution whose "kernel" is
 the whole output gradient, much slower than the forward pass for the small images of the CPU
@@ -13,6 +13,14 @@ convolution). The forward pass and the input gradient stay XLA's convolutions (`
 
 Chunk c holds examples c, c + C, c + 2C, ... (C chunks), so when the batch is split over a
 mesh each chunk is split the same way and every device works on its own rows.
+
+Measured on the default recipe's train step (2-core AMD EPYC shared with other jobs, medians of
+8 interleaved steps): batch 256 on 1 CPU device 2.32 s -> 1.43 s; on 2 devices 1.65 s -> 1.29 s;
+batch 512 on 2 devices 3.79 s -> 2.53 s. NOT yet used by resnet.py: on a mesh, GSPMD puts an
+all-reduce of each chunk's partial sum inside the scan's loop, and on 2 CPU devices one step
+once aborted in XLA:CPU's in-process all-reduce (rendezvous timeout: the two devices waited at
+different all-reduces, as when independent loops' collectives run in different orders). A
+version for meshes must keep per-device partial sums through the loop and reduce once after.
 """
 
 import functools
@@ -67,7 +75,7 @@ def kernel_grad(x, dy, window, strides, max_size=MAX_SIZE):
   n, ho, wo, o = dy.shape
   c = x.shape[-1]
   chunks = num_chunks(n, ho * wo * window[0] * window[1] * c, max_size)
-  # Chunk j = examples j, j + chunks, ...: [N, ...] -> [N / chunks, chunks, ...] -> chunk axis first.
+  # Chunk j = examples j, j + chunks, ...: [N, ...] -> [N / chunks, chunks, ...], chunks first.
   split = lambda a: jnp.moveaxis(a.reshape(n // chunks, chunks, *a.shape[1:]), 1, 0)
 
   def accumulate(acc, xy):
