@@ -1,4 +1,5 @@
-"""The train state and the one jitted, sharded train step of every recipe (SimCLR, MoCo v2/v3).
+"""The train state and the one jitted, sharded train step of every recipe family (SimCLR, MoCo
+v2/v3, two towers): `update` applies a family's objective (contrastive/objectives.py).
 
 The step sees the global batch as one logical array split along the mesh's `data` axis, so
 its in-batch negatives, its BatchNorm statistics and its memory queue are global: each device's
@@ -14,10 +15,9 @@ import jax.numpy as jnp
 import optax
 
 from contrastive import faults
+from contrastive import objectives
 from contrastive import parallel
-from contrastive.data import augment
 from contrastive.samplers import momentum as momentum_lib
-from contrastive.samplers import objective
 from contrastive.samplers import queue as queue_lib
 
 
@@ -68,11 +68,15 @@ class Method(NamedTuple):
   clusters: Any = None
 
 
-def create_train_state(model, tx, image_shape, rng, mesh, *, ema=False, queue_size=0,
-                       batch_size=0, dtype=jnp.float32):
+def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=False,
+                       queue_size=0, batch_size=0, dtype=jnp.float32):
   """Initialises the state directly with its shardings.
 
   Args:
+    image_shape: [H, W, C] of the image-views family's inputs (model.init sees a [2, H, W, C]
+      uint8 batch); ignored with `inputs`.
+    inputs: example inputs of another family's model, e.g. (images, tokens) for a two-tower
+      model; model.init(rng, *inputs, train=False).
     ema: also keep a momentum encoder, initialised as a copy of the online one.
     queue_size: K > 0 adds an empty memory queue of K keys, written batch_size at a time.
     dtype: of every float leaf (params, BatchNorm statistics, optimizer slots, queue):
@@ -83,9 +87,10 @@ def create_train_state(model, tx, image_shape, rng, mesh, *, ema=False, queue_si
     queue_lib.check_queue_size(queue_size, batch_size)
 
   def init(rng):
-    variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.uint8), train=False)
+    example = inputs or (jnp.zeros((2, *image_shape), jnp.uint8),)
+    variables = model.init(rng, *example, train=False)
     params, batch_stats = jax.tree.map(lambda x: x.astype(dtype),  # all floats (flax: float32)
-                                       (variables['params'], variables['batch_stats']))
+                                       (variables['params'], variables.get('batch_stats', {})))
     queue = (queue_lib.init_queue(queue_size, model.head.out_dim, batch_size, dtype=dtype)
              if queue_size else None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
@@ -107,74 +112,34 @@ def state_shardings(mesh, state):
   return shardings
 
 
-def _embed(model, params, batch_stats, views, b, predict=True):
-  """Both views through the model in one batch -> ([B, D] view 1, [B, D] view 2, BN stats)."""
-  (_, z), updates = model.apply({'params': params, 'batch_stats': batch_stats}, views,
-                                train=True, mutable=['batch_stats'], predict=predict)
-  z = z.reshape(b, 2, -1)
-  return z[:, 0], z[:, 1], updates['batch_stats']
-
-
-def _sampled_objective(state, params, batch, views, b, rng, *, model, method):
-  """Loss with keys from the momentum encoder (MoCo) or the online one (SimCLR), the queue's
-  extra negatives and the configured samplers. Returns (loss, (metrics, batch_stats, keys))."""
-  q1, q2, batch_stats = _embed(model, params, state.batch_stats, views, b)
-  g1 = g2 = None
-  if state.ema_params is not None:  # BatchNorm in train mode, as MoCo's key encoder
-    g1, g2, _ = _embed(model, state.ema_params, state.ema_batch_stats, views, b, predict=False)
-    g1, g2 = jax.lax.stop_gradient(g1), jax.lax.stop_gradient(g2)
-  k1, k2 = (g1, g2) if method.name == 'moco' else (q1, q2)
-  epoch = state.step / method.steps_per_epoch
-  loss, metrics = objective.sampled_loss(
-      rng, dict(q1=q1, q2=q2, k1=k1, k2=k2, g1=g1, g2=g2), batch['id'], state.queue,
-      cfg=method.samplers, temperature=method.temperature, symmetric=method.symmetric,
-      epoch=epoch, block_size=method.block_size, mesh=method.mesh, clusters=method.clusters)
-  return loss, (metrics, batch_stats, k2)
-
-
-def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonfinite='error',
-               method=None):
-  """One update on the global batch.
+def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', momentum=None):
+  """One optimizer update on the global batch; what every recipe family shares.
 
   Args:
     state: TrainState.
-    batch: {'image': [B, H, W, C] uint8, 'id': [B] int (with a method)}, sharded along the
-      mesh's data axis.
-    rng: key for this step (augmentations per example: fold_in(rng, example index)).
-    loss_fn: fn(z1, z2) -> (loss, metrics), the plain SimCLR objective (method=None).
+    batch: the family's batch (global arrays sharded along the data axis).
+    rng: key for this step.
+    objective: fn(params, state, batch, rng) -> (loss, (metrics, batch_stats, keys)), the
+      recipe family's loss (contrastive/objectives.py); `keys` are enqueued if the state has a
+      queue.
     nonfinite: 'error' applies every update (the loop raises when `finite` is false); 'skip'
       keeps the whole state unchanged when the loss, a gradient or any array of the new state
       is NaN/inf, and counts the step in `skipped_steps`.
-    method: None (SimCLR with loss_fn) or a `Method`: momentum encoder, queue, samplers.
+    momentum: the momentum encoder's schedule fn(step) (with ema_params), or None.
 
   Returns:
-    (new state, metrics): loss, the loss's metrics, lr, l2_grads, l2_params, skipped_steps,
-    finite (loss, gradients and the whole new state are finite) and momentum (with a
-    momentum encoder).
+    (new state, metrics): loss, the objective's metrics, lr, l2_grads, l2_params,
+    skipped_steps, finite (loss, gradients and the whole new state are finite) and momentum
+    (with a momentum encoder).
   """
-  aug_rng, sampler_rng = jax.random.split(rng)
-  v1, v2 = augment.two_views(aug_rng if method else rng, batch['image'], aug_cfg)
-  b = v1.shape[0]
-  # Interleave the views, [B, 2, H, W, C] -> [2B, H, W, C], so each device keeps its own rows;
-  # BatchNorm then normalises over all 2B views of the global batch.
-  views = jnp.stack([v1, v2], axis=1).reshape(2 * b, *v1.shape[1:])
-
-  def plain_objective(params):
-    z1, z2, batch_stats = _embed(model, params, state.batch_stats, views, b)
-    loss, metrics = loss_fn(z1, z2)
-    return loss, (metrics, batch_stats, None)
-
-  objective_fn = plain_objective if method is None else functools.partial(
-      _sampled_objective, state, batch=batch, views=views, b=b, rng=sampler_rng, model=model,
-      method=method)
   (loss, (metrics, batch_stats, keys)), grads = jax.value_and_grad(
-      objective_fn, has_aux=True)(state.params)
+      objective, has_aux=True)(state.params, state, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                       opt_state=opt_state)
   if state.ema_params is not None:
-    m = method.momentum(state.step)
+    m = momentum(state.step)
     new = new.replace(ema_params=momentum_lib.ema_update(state.ema_params, params, m),
                       ema_batch_stats=momentum_lib.ema_update(state.ema_batch_stats,
                                                               batch_stats, m))
@@ -194,11 +159,34 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonf
   return new, metrics
 
 
-def jit_train_step(mesh, state, **step_kwargs):
-  """train_step under jax.jit with explicit shardings; the state's buffers are donated."""
+def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonfinite='error',
+               method=None):
+  """One update of the image-views family (SimCLR, MoCo; `objectives.image_views`).
+
+  Args:
+    state: TrainState.
+    batch: {'image': [B, H, W, C] uint8, 'id': [B] int (with a method)}, sharded along the
+      mesh's data axis.
+    rng: key for this step (augmentations per example: fold_in(rng, example index)).
+    loss_fn: fn(z1, z2) -> (loss, metrics), the plain SimCLR objective (method=None).
+    nonfinite: as in `update`.
+    method: None (SimCLR with loss_fn) or a `Method`: momentum encoder, queue, samplers.
+
+  Returns:
+    (new state, metrics), as `update`.
+  """
+  objective = objectives.image_views(model=model, loss_fn=loss_fn, aug_cfg=aug_cfg,
+                                     method=method)
+  return update(state, batch, rng, objective=objective, tx=tx, schedule=schedule,
+                nonfinite=nonfinite, momentum=method.momentum if method else None)
+
+
+def jit_train_step(mesh, state, step_fn=train_step, **step_kwargs):
+  """step_fn (train_step, or `update` with a family's objective) under jax.jit with explicit
+  shardings; the state's buffers are donated."""
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   shardings = state_shardings(mesh, state)
-  return jax.jit(functools.partial(train_step, **step_kwargs),
+  return jax.jit(functools.partial(step_fn, **step_kwargs),
                  in_shardings=(shardings, data, repl),
                  out_shardings=(shardings, repl),
                  donate_argnums=(0,))
