@@ -79,6 +79,20 @@ def structure_mismatch(saved, state):
   return problems
 
 
+def read_state(step_dir):
+  """The state arrays saved in a step folder (`<workdir>/checkpoints/<step>`), as a dict tree
+  of numpy arrays, whatever device count saved it (no target tree needed)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as reader:
+    path = os.path.join(os.path.abspath(step_dir), 'state')
+    metadata = reader.metadata(path)
+    tree = getattr(metadata, 'item_metadata', metadata)
+    tree = getattr(tree, 'tree', tree)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
+                          is_leaf=lambda x: hasattr(x, 'shape'))
+    return jax.device_get(reader.restore(path, target))
+
+
 class Checkpointer:
   """Saves every `save_every` steps (keeping the newest `keep`) and restores the latest."""
 

@@ -8,7 +8,8 @@ A checkpoint only makes sense with the config that made it. The first start of a
   evaluation, logging, checkpoint cadence, fault handling, where the data files live.
 - FIXED fields can never change on resume: they shape the state or the data order (the model,
   batch size — the data position is stored in batches —, queue, dtype, optimizer, seed,
-  dataset). Use a new workdir.
+  dataset, tokenizer, LiT lock). Use a new workdir. FREE wins where both match (the dataset's
+  folders).
 - Every other field (schedule length, learning rate, loss temperature, augmentations, ...)
   may change only when named in `config.allow_config_changes` (comma-separated fields or
   prefixes, e.g. `--config.allow_config_changes=total_steps,optimizer.lr`): the resumed run
@@ -27,9 +28,10 @@ CONFIG_NAME = 'config.json'
 CHANGES_NAME = 'config_changes.jsonl'
 
 FREE = ('mesh', 'eval', 'log_every', 'checkpoint_every', 'checkpoint_keep', 'nonfinite',
-        'max_consecutive_skips', 'allow_config_changes', 'dataset.data_dir', 'dataset.idx_dir')
-FIXED = ('model', 'batch_size', 'queue_size', 'dtype', 'optimizer.name', 'seed', 'dataset.name',
-         'method', 'mcl')
+        'max_consecutive_skips', 'allow_config_changes', 'dataset.data_dir', 'dataset.idx_dir',
+        'model_init')  # model_init only acts on a fresh start
+FIXED = ('model', 'batch_size', 'queue_size', 'dtype', 'optimizer.name', 'seed', 'dataset',
+         'method', 'mcl', 'family', 'tokenizer', 'lit')
 
 
 def flatten(config):
@@ -72,7 +74,7 @@ def check_changes(changes, allowed):
     raise ConfigError(f'config.allow_config_changes names {fixed_allowed}, which can never change '
                       f'on resume (they shape the state or the data order: {FIXED}); use a new '
                       '--workdir.')
-  fixed = {k: v for k, v in changes.items() if _matches(k, FIXED)}
+  fixed = {k: v for k, v in changes.items() if _matches(k, FIXED) and not _matches(k, FREE)}
   other = {k: v for k, v in changes.items()
            if not _matches(k, FIXED) and not _matches(k, FREE) and not _matches(k, allowed)}
   show = lambda d: ', '.join(f'{k}: {old!r} -> {new!r}' for k, (old, new) in d.items())

@@ -15,6 +15,7 @@ from contrastive import metric_writer
 from contrastive import optim
 from contrastive import parallel
 from contrastive import run_config
+from contrastive import two_tower_recipe
 from contrastive import validate
 from contrastive import workdir as workdir_lib
 from contrastive.data import pipeline
@@ -116,6 +117,25 @@ def _check_resume(config, workdir, ckpt_dir, steps):
                               processes=jax.process_count())
 
 
+def _image_views_parts(config, mesh, train_source, steps, rng, *, clusters):
+  """(state, jitted step, evaluator) of the image-views family (SimCLR, MoCo, samplers)."""
+  model = build_model(config.model)
+  tx, schedule = optim.build_optimizer(
+      ml_collections.ConfigDict(dict(config.optimizer, batch_size=config.batch_size)), steps)
+  method = build_method(config, steps=steps, clusters=clusters,
+                        steps_per_epoch=len(train_source) / config.batch_size)
+  state = create_train_state(model, tx, train_source[0]['image'].shape, rng, mesh,
+                             ema=bool(validate.momentum_base(config)),
+                             queue_size=config.get('queue_size', 0),
+                             batch_size=config.batch_size,
+                             dtype=jnp.dtype(config.get('dtype', 'float32')))
+  step_fn = jit_train_step(mesh, state, model=model, tx=tx,
+                           loss_fn=pair_loss_from_config(config.loss, mesh=mesh),
+                           aug_cfg=config.augment, schedule=schedule,
+                           nonfinite=config.get('nonfinite', 'error'), method=method)
+  return state, step_fn, evaluate.Evaluator(config.eval, config.dataset, model, mesh)
+
+
 def _train_and_evaluate(config, workdir, *, clusters, preemption):
   """train_and_evaluate once the config is checked, the workdir locked and the precision set."""
   ckpt_dir = os.path.join(workdir, 'checkpoints')
@@ -129,27 +149,20 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption):
         f'({jax.process_count()} process(es)).', flush=True)
 
   # ---- Input pipeline -----------------------------------------------------------------------
-  train_source = pipeline.get_source(config.dataset, 'train')
+  two_tower = config.get('family') == 'two_tower'
+  train_source = (two_tower_recipe.train_source(config, workdir) if two_tower else
+                  pipeline.get_source(config.dataset, 'train'))
   steps = total_steps(config, len(train_source))
   _check_resume(config, workdir, ckpt_dir, steps)
   loader = pipeline.train_loader(train_source, global_batch_size=config.batch_size,
                                  seed=config.seed)
   batch_iter = iter(loader)
-  image_shape = train_source[0]['image'].shape
 
-  # ---- Model, optimizer, loss ---------------------------------------------------------------
-  model = build_model(config.model)
-  tx, schedule = optim.build_optimizer(
-      ml_collections.ConfigDict(dict(config.optimizer, batch_size=config.batch_size)), steps)
-  loss_fn = pair_loss_from_config(config.loss, mesh=mesh)
-  method = build_method(config, steps=steps, clusters=clusters,
-                        steps_per_epoch=len(train_source) / config.batch_size)
+  # ---- Model, optimizer, objective, evaluation ----------------------------------------------
   rng = jax.random.key(config.seed)
-  state = create_train_state(model, tx, image_shape, jax.random.fold_in(rng, 0), mesh,
-                             ema=bool(validate.momentum_base(config)),
-                             queue_size=config.get('queue_size', 0),
-                             batch_size=config.batch_size,
-                             dtype=jnp.dtype(config.get('dtype', 'float32')))
+  parts = two_tower_recipe.parts if two_tower else _image_views_parts
+  state, step_fn, evaluator = parts(config, mesh, train_source, steps,
+                                    jax.random.fold_in(rng, 0), clusters=clusters)
 
   # ---- Checkpoint (resume) ------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=config.checkpoint_every,
@@ -159,16 +172,7 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption):
     batch_iter.set_state(data_state)
   start = int(state.step)
 
-  # ---- Update step --------------------------------------------------------------------------
-  nonfinite = config.get('nonfinite', 'error')
-  step_fn = jit_train_step(mesh, state, model=model, tx=tx, loss_fn=loss_fn,
-                           aug_cfg=config.augment, schedule=schedule, nonfinite=nonfinite,
-                           method=method)
   data_sharding = parallel.data_sharding(mesh)
-
-  # ---- Evaluation ---------------------------------------------------------------------------
-  evaluator = evaluate.Evaluator(config.eval, config.dataset, model, mesh)
-
   histograms = []  # (step, pos/neg score counts) at each logged step (config.samplers.histograms)
 
   def record_histograms(step, metrics):
@@ -200,6 +204,7 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption):
     print(f'Stopped by {preemption.signal_name()} during start-up, before step {start + 1}: '
           'nothing new to save; rerun the same command to resume.', flush=True)
     return state, {}
+  nonfinite = config.get('nonfinite', 'error')
   skips_in_a_row = 0
   for step in range(start + 1, steps + 1):
     batch = pipeline.to_global(next(batch_iter), data_sharding)

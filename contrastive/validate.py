@@ -5,6 +5,7 @@ import ml_collections
 from contrastive import faults
 from contrastive import optim
 from contrastive import parallel
+from contrastive import two_tower_recipe
 from contrastive.data import pipeline
 from contrastive.losses import check_loss_config
 from contrastive.models import PRESETS
@@ -14,6 +15,9 @@ from contrastive.samplers.queue import check_queue_size
 
 
 DTYPES = ('float32', 'float64')
+# Recipe families: 'image_views' (SimCLR, MoCo; contrastive/step.py) and 'two_tower' (CLIP,
+# SigLIP, LiT; contrastive/two_tower_recipe.py).
+FAMILIES = ('image_views', 'two_tower')
 
 
 class ConfigError(ValueError):
@@ -43,17 +47,6 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
                       f'{optim.OPTIMIZERS}.')
   if not config.optimizer.lr > 0:
     raise ConfigError(f'config.optimizer.lr={config.optimizer.lr} must be > 0.')
-  try:
-    check_loss_config(config.loss)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  preset = config.model.get('preset')
-  if preset and preset not in PRESETS:
-    raise ConfigError(f'config.model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)} '
-                      'or None with explicit stage_sizes/width/block.')
-  if config.model.get('block') and config.model.block not in BLOCKS:
-    raise ConfigError(f'config.model.block={config.model.block!r} is unknown; choose one of '
-                      f'{sorted(BLOCKS)}.')
   if config.checkpoint_every <= 0:
     raise ConfigError(f'config.checkpoint_every={config.checkpoint_every} must be > 0.')
   keep = config.get('checkpoint_keep')
@@ -67,6 +60,26 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
     raise ConfigError(f'config.nonfinite={nonfinite!r} is unknown; choose one of '
                       f'{faults.NONFINITE_MODES}.')
   validate_numbers(config)
+  family = config.get('family', 'image_views')
+  if family not in FAMILIES:
+    raise ConfigError(f'config.family={family!r} is unknown; choose one of {FAMILIES}.')
+  if family == 'two_tower':
+    try:
+      two_tower_recipe.validate(config)
+    except two_tower_recipe.TwoTowerConfigError as e:
+      raise ConfigError(str(e)) from None
+    return
+  try:
+    check_loss_config(config.loss)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  preset = config.model.get('preset')
+  if preset and preset not in PRESETS:
+    raise ConfigError(f'config.model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)} '
+                      'or None with explicit stage_sizes/width/block.')
+  if config.model.get('block') and config.model.block not in BLOCKS:
+    raise ConfigError(f'config.model.block={config.model.block!r} is unknown; choose one of '
+                      f'{sorted(BLOCKS)}.')
   validate_method(config)
   pipeline.check_dataset(config.dataset)
 

@@ -1,0 +1,34 @@
+r"""SigLIP on WordNet 3.0: a word (or collocation) <-> its gloss, text-text two towers.
+
+  python -m contrastive.main --config configs/siglip_wordnet.py --workdir /tmp/siglip_wordnet
+
+186k training pairs (Debian `wordnet-base`); held out: 10% of the words, with every sense of
+each (contrastive/data/wordnet.py). Synonyms share a synset id, so they are not each other's
+negatives (the loss's id mask). Tower a embeds words, tower b glosses; both are text
+transformers on one SentencePiece vocabulary. Evaluated by retrieval both ways (word -> its
+glosses, gloss -> its words) and zero-shot classification of glosses into the 45 lexicographer
+categories, prompts through the word tower.
+
+Variants: those of siglip_emoji.py (`runlocal`, `lit` locks tower a, `pod`).
+"""
+
+from contrastive import config_lib
+
+
+def get_config(arg=None):
+  siglip = config_lib.sibling(__file__, 'siglip_emoji.py')
+  variants = set(filter(None, (arg or '').split(',')))
+  config = siglip.base_config('siglip')
+  config.dataset = dict(name='wordnet_gloss', data_dir='', examples=True, max_examples=0)
+  config.tokenizer.update(vocab_size=8000, context=32)
+  config.model.a = dict(name='text', preset='small', pool='eos')
+  del config.model['image']
+  config.model.text.pool = 'eos'
+  config.num_epochs = 3.0
+  config.eval.batch_size = 1024
+  if 'resnet' in variants:
+    raise ValueError('siglip_wordnet has no image tower: the `resnet` variant does not apply.')
+  config = siglip.apply_variants(config, variants)
+  if 'runlocal' in variants:
+    config.dataset.max_examples = 300
+  return config

@@ -1,0 +1,182 @@
+"""Pair datasets as the two-tower step's batches: tokenized text, images, and false-negative ids.
+
+Every pair dataset (emoji ↔ CLDR names, WordNet word ↔ gloss, a user's JSON-lines file) is
+read through the same three fields of its `PairSpec`: side a (an image or a text), side b (a
+text) and a group id. Rows with the same group id are not negatives of each other (the same
+emoji image under several names; synonyms sharing a synset), which the step hands to the loss
+as `mask_ids`.
+
+A batch of the two-tower step:
+    {'a': [B, H, W, 3] uint8 or [B, L] int32 tokens, 'b': [B, L] int32 tokens,
+     'id': [B] int32 group ids, 'truncated': [B] int32 (texts of the row cut at L)}
+
+The tokenizer (contrastive/data/tokenizer.py) is trained once on the training split's texts
+and saved in the workdir, so a resumed run and `inference.load` read the same one.
+"""
+
+import dataclasses
+import os
+
+import grain
+import jax
+import numpy as np
+
+from contrastive.data import emoji
+from contrastive.data import pairs
+from contrastive.data import tokenizer as tokenizer_lib
+from contrastive.data import wordnet
+
+TOKENIZER_NAME = 'tokenizer.model'
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSpec:
+  """How a pair dataset's records become (a, b, group id)."""
+  a: str  # record field of side a: 'image' or a text field
+  b: str  # record field of side b (a text)
+  group: str  # record field whose equal values mark false negatives
+  a_is_image: bool
+
+
+SPECS = {
+    'emoji_cldr': PairSpec(a='image', b='text', group='image_id', a_is_image=True),
+    'wordnet_gloss': PairSpec(a='text_a', b='text_b', group='synset_id', a_is_image=False),
+    'jsonl_pairs:image_text': PairSpec(a='image', b='text', group='id', a_is_image=True),
+    'jsonl_pairs:text_text': PairSpec(a='text_a', b='text_b', group='id', a_is_image=False),
+}
+
+
+def builder(cfg):
+  """The tfds builder of `cfg` (config.dataset: name, data_dir, and per dataset image_size,
+  languages, max_examples or jsonl_path/kind)."""
+  data_dir = os.path.expanduser(cfg.get('data_dir') or os.path.join('~', 'tensorflow_datasets'))
+  if cfg.name == 'emoji_cldr':
+    return emoji.EmojiCldr(data_dir=data_dir, image_size=cfg.image_size,
+                           languages=tuple(cfg.get('languages', ('en',))),
+                           max_emoji=cfg.get('max_examples', 0))
+  if cfg.name == 'wordnet_gloss':
+    return wordnet.WordnetGloss(data_dir=data_dir, max_synsets=cfg.get('max_examples', 0),
+                                config='full' if cfg.get('examples', True) else 'definitions')
+  if cfg.name == 'jsonl_pairs':
+    return pairs.JsonlPairs(data_dir=data_dir, jsonl_path=cfg.jsonl_path,
+                            image_size=cfg.get('image_size', 64))
+  raise ValueError(f'config.dataset.name={cfg.name!r} is not a pair dataset; choose one of '
+                   "('emoji_cldr', 'wordnet_gloss', 'jsonl_pairs').")
+
+
+def spec(cfg, source=None):
+  """The PairSpec of `cfg` (a JSON-lines file's kind is read from its records)."""
+  if cfg.name != 'jsonl_pairs':
+    return SPECS[cfg.name]
+  record = source[0]
+  return SPECS['jsonl_pairs:' + ('image_text' if 'image' in record else 'text_text')]
+
+
+def check_files(cfg):
+  """Raises MissingDatasetError (naming the Debian package or path) before any work."""
+  if cfg.name == 'emoji_cldr':
+    emoji.check_files(languages=tuple(cfg.get('languages', ('en',))))
+  elif cfg.name == 'wordnet_gloss':
+    wordnet.check_files()
+  elif cfg.name == 'jsonl_pairs':
+    pairs.read_jsonl(cfg.jsonl_path)
+
+
+def get_source(cfg, split):
+  """The raw records of `split` (random access), converting on first use in process 0."""
+  b = builder(cfg)
+  if not b.is_prepared():
+    if jax.process_index() == 0:
+      pairs.prepare(b)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('prepare_' + cfg.name)
+    b = builder(cfg)
+  return b.as_data_source(split=split)
+
+
+def texts(source, fields):
+  """All texts of `fields` in `source` (str), in record order."""
+  records = source.__getitems__(range(len(source)))
+  return [tokenizer_lib._as_str(r[f]) for r in records for f in fields]  # pylint: disable=protected-access
+
+
+def load_or_train_tokenizer(workdir, train_source, pair_spec, cfg):
+  """The workdir's tokenizer, or one trained on the training texts (then saved there).
+
+  cfg: config.tokenizer (vocab_size, model_type). Training is deterministic, so every process
+  of a multi-process job trains the same one; process 0 writes it.
+  """
+  path = os.path.join(workdir, TOKENIZER_NAME)
+  if os.path.exists(path):
+    return tokenizer_lib.Tokenizer.load(path)
+  fields = [pair_spec.b] + ([] if pair_spec.a_is_image else [pair_spec.a])
+  # hard_vocab_limit=False: a small dataset may fill fewer pieces than vocab_size (ids stay
+  # below it, the embedding table keeps vocab_size rows).
+  tok = tokenizer_lib.train(sorted(set(texts(train_source, fields))), cfg.vocab_size,
+                            model_type=cfg.get('model_type', 'unigram'), hard_vocab_limit=False,
+                            character_coverage=cfg.get('character_coverage', 0.9995))
+  if jax.process_index() == 0:
+    tok.save(path)
+  return tok
+
+
+class TokenizedPairs(grain.sources.RandomAccessDataSource):
+  """A pair source as the step's rows: {'a', 'b', 'id', 'truncated'} (see the module doc)."""
+
+  def __init__(self, source, pair_spec, tok, context):
+    self._source, self.spec, self.tokenizer, self.context = source, pair_spec, tok, context
+
+  def __len__(self):
+    return len(self._source)
+
+  def _encode(self, text):
+    ids, truncated = self.tokenizer.encode([text], self.context)
+    return ids[0], truncated
+
+  def __getitem__(self, index):
+    return self.__getitems__([index])[0]
+
+  def __getitems__(self, indices):
+    records = self._source.__getitems__([int(i) for i in indices])
+    rows = []
+    for r in records:
+      b, cut_b = self._encode(r[self.spec.b])
+      if self.spec.a_is_image:
+        a, cut_a = np.asarray(r[self.spec.a], np.uint8), 0
+      else:
+        a, cut_a = self._encode(r[self.spec.a])
+      rows.append({'a': a, 'b': b, 'id': np.int32(r[self.spec.group]),
+                   'truncated': np.int32(cut_a + cut_b)})
+    return rows
+
+
+def eval_pairs(source, pair_spec):
+  """The held-out split as distinct items and the relation between them, for retrieval.
+
+  Returns a dict:
+    a_items: distinct side-a values (images [Na, H, W, 3] uint8, or texts) — an image is
+      identified by its group id, a text by its string;
+    b_items: distinct side-b texts [Nb];
+    pairs: [P, 2] int (a index, b index) of every record: the correct answers both ways
+      (identical texts of different records are one item, so any of them counts as correct);
+    a_group / b_group: a record field per item (for zero-shot labels: e.g. 'group').
+    records: the records (for labels).
+  """
+  records = source.__getitems__(range(len(source)))
+  key_a = (lambda r: int(r[pair_spec.group])) if pair_spec.a_is_image else (
+      lambda r: tokenizer_lib._as_str(r[pair_spec.a]))  # pylint: disable=protected-access
+  a_index, b_index, a_first, b_first, links = {}, {}, [], [], []
+  for n, r in enumerate(records):
+    ka, kb = key_a(r), tokenizer_lib._as_str(r[pair_spec.b])  # pylint: disable=protected-access
+    if ka not in a_index:
+      a_index[ka] = len(a_index)
+      a_first.append(n)
+    if kb not in b_index:
+      b_index[kb] = len(b_index)
+      b_first.append(n)
+    links.append((a_index[ka], b_index[kb]))
+  a_items = (np.stack([np.asarray(records[n][pair_spec.a], np.uint8) for n in a_first])
+             if pair_spec.a_is_image else list(a_index))
+  return dict(a_items=a_items, b_items=list(b_index), pairs=np.unique(np.array(links), axis=0),
+              a_records=[records[n] for n in a_first], b_records=[records[n] for n in b_first])

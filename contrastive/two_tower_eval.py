@@ -1,0 +1,109 @@
+"""Evaluation of the two-tower recipes on the held-out split: retrieval both ways, zero-shot
+classification, alignment and uniformity.
+
+- Retrieval: every distinct side-a item (an emoji image, a word) queries every distinct side-b
+  text and vice versa; a hit at k is any of the top k that the held-out pairs link to the query
+  (identical texts are one item, so every emoji or sense sharing a text counts as correct).
+  The top k comes from `retrieval.topk_retrieval`, a running top-k over key blocks (never an
+  N x M matrix).
+- Zero-shot: the items of one side are classified by the other tower's embeddings of class
+  prompts (CLIP's prompt ensembling: each class's template embeddings averaged): emoji images
+  into the 9 emoji groups (prompts from the group and its subgroup names), WordNet glosses into
+  the 45 lexicographer categories (prompts through the word tower). Reported as top-1 and
+  balanced top-1 (mean per-class recall; chance = 1 / classes).
+- Alignment / uniformity (Wang & Isola 2020) of the normalised embeddings.
+"""
+
+import functools
+
+import jax
+import numpy as np
+
+from contrastive import evaluate
+from contrastive import parallel
+from contrastive import retrieval
+from contrastive.data import emoji
+from contrastive.data import pair_batches
+from contrastive.data import wordnet
+
+EMOJI_TEMPLATES = ('an emoji of {}', '{}', 'a {} emoji', 'a picture of {}')
+WORDNET_TEMPLATES = ('{}', 'a word about {}', 'something to do with {}')
+
+
+def zero_shot_classes(dataset_name, ev, pair_spec):
+  """(side classified: 'a' | 'b', labels [N], class texts [C][*], templates) or None."""
+  if dataset_name == 'emoji_cldr':
+    _, groups, subgroups, subgroup_group = emoji.read_emoji_test()
+    names = [[g.replace('&', 'and')] + [s.replace('-', ' ') for s, sg in
+                                         zip(subgroups, subgroup_group) if sg == i]
+             for i, g in enumerate(groups)]
+    labels = np.array([int(r['group']) for r in ev['a_records']])
+    return 'a', labels, names, EMOJI_TEMPLATES
+  if dataset_name == 'wordnet_gloss':
+    names = [[n.split('.')[1].lower()] for n in wordnet.LEXNAMES]
+    labels = np.array([int(r['lexname']) for r in ev['b_records']])
+    return 'b', labels, names, WORDNET_TEMPLATES
+  del pair_spec
+  return None
+
+
+class TwoTowerEvaluator:
+  """Loads the held-out split once; `evaluator(state)` returns the metrics of the module doc."""
+
+  def __init__(self, config, model, mesh, source, pair_spec, tokenizer):
+    self.cfg, self.mesh, self.spec = config.eval, mesh, pair_spec
+    self.ev = pair_batches.eval_pairs(source, pair_spec)
+    context = config.tokenizer.context
+    encode = lambda items: tokenizer.encode(items, context)[0]
+    self.a = self.ev['a_items'] if pair_spec.a_is_image else encode(self.ev['a_items'])
+    self.b = encode(self.ev['b_items'])
+    self.zero_shot = zero_shot_classes(config.dataset.name, self.ev, pair_spec)
+    if self.zero_shot:
+      side, labels, names, templates = self.zero_shot
+      prompts = [t.format(n) for names_c in names for n in names_c for t in templates]
+      owner = np.repeat(np.arange(len(names)), [len(c) * len(templates) for c in names])
+      self.prompts, self.prompt_class = encode(prompts), owner
+    repl = parallel.replicated(mesh)
+    apply = lambda method: jax.jit(
+        lambda variables, x: model.apply(variables, x, method=method, normalize=True),
+        out_shardings=repl)
+    self._encode = {'a': apply('encode_a'), 'b': apply('encode_b')}
+    self._ks = tuple(config.eval.get('ks', (1, 5, 10)))
+
+  def embed(self, state, side, items):
+    """items [N, ...] through tower `side` ('a' | 'b') -> L2-normalised [N, D] (numpy)."""
+    variables = {'params': state.params}
+    if state.batch_stats:
+      variables['batch_stats'] = state.batch_stats
+    batch = self.cfg.batch_size
+    return evaluate.extract_features(functools.partial(self._encode[side], variables), items,
+                                     self.mesh, batch)
+
+  def _recall(self, queries, keys, links):
+    """{'r@k'}: share of queries with a linked key among their top k."""
+    k = min(max(self._ks), keys.shape[0])
+    _, top = retrieval.topk_retrieval(queries, keys, k=k, block_size=self.cfg.get(
+        'block_size', 1024))
+    top = np.asarray(top)
+    codes = set((links[:, 0].astype(np.int64) * keys.shape[0] + links[:, 1]).tolist())
+    hit = np.array([[q * keys.shape[0] + j in codes for j in row] for q, row in enumerate(top)])
+    return {f'r@{kk}': float(np.mean(np.any(hit[:, :kk], axis=1))) for kk in self._ks}
+
+  def __call__(self, state):
+    za, zb = self.embed(state, 'a', self.a), self.embed(state, 'b', self.b)
+    links = self.ev['pairs']
+    metrics = {f'a2b/{k}': v for k, v in self._recall(za, zb, links).items()}
+    metrics.update({f'b2a/{k}': v for k, v in self._recall(zb, za, links[:, ::-1]).items()})
+    if self.zero_shot:
+      side, labels, names, _ = self.zero_shot
+      other = 'b' if side == 'a' else 'a'
+      prompts = self.embed(state, other, self.prompts)
+      classes = np.stack([prompts[self.prompt_class == c].mean(0) for c in range(len(names))])
+      classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+      scores = retrieval.zero_shot_accuracy(za if side == 'a' else zb, classes, labels)
+      metrics.update({f'zero_shot/{k}': float(v) for k, v in scores.items()})
+      metrics['zero_shot/chance'] = 1.0 / len(names)
+    metrics['alignment'] = float(retrieval.alignment(za[links[:, 0]], zb[links[:, 1]]))
+    metrics['uniformity_a'] = float(retrieval.uniformity(za))
+    metrics['uniformity_b'] = float(retrieval.uniformity(zb))
+    return metrics

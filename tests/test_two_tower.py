@@ -1,0 +1,198 @@
+"""The two-tower family (CLIP, SigLIP, LiT): the sharded step on 1, 2 and 8 devices, the learned
+temperature and bias, LiT's locked tower, initialising from a checkpoint, and config errors.
+
+Device-count comparisons run in float64 (tests/float64.py): every parameter, the temperature
+and the bias after 3 AdamW steps agree to rtol 1e-9.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from contrastive import objectives
+from contrastive import parallel
+from contrastive import step as step_lib
+from contrastive import two_tower_recipe
+from contrastive import validate
+from contrastive.losses import clip_loss
+from contrastive.losses import sigmoid_loss
+from contrastive.models import two_tower as two_tower_lib
+from tests import float64
+from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
+
+B, S, L, VOCAB = 32, 8, 8, 50
+
+
+def _config(loss_params='siglip', lock=''):
+  return ml_collections.ConfigDict(dict(
+      batch_size=B, lit=dict(lock=lock), tokenizer=dict(vocab_size=VOCAB, context=L),
+      model=dict(image=dict(name='vit', patch=4, width=16, depth=1, heads=2, mlp_dim=32,
+                            pool='gap'),
+                 text=dict(name='text', width=16, depth=1, heads=2, mlp_dim=32, pool='eos'),
+                 embed_dim=8, loss_params=loss_params, logit_scale_init=None,
+                 logit_bias_init=-10.0),
+      optimizer=dict(name='adamw', lr=1e-2, scale_lr_by_batch=False, warmup_steps=0,
+                     weight_decay=1e-4, momentum=0.9, grad_clip_norm=0.0, logit_lr_mult=10.0)))
+
+
+def _batches(steps, seed=0):
+  """Images [B, S, S, 3] uint8, tokens [B, L] (pieces, EOS = 2, then padding), ids with
+  duplicates (rows 2i and 2i + 1 share an id: false negatives the loss must mask)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(steps):
+    lengths = rng.integers(1, L, B)
+    tokens = rng.integers(3, VOCAB, (B, L)).astype(np.int32)
+    tokens[np.arange(L)[None] == lengths[:, None]] = 2
+    tokens[np.arange(L)[None] > lengths[:, None]] = 0
+    out.append({'a': rng.integers(0, 256, (B, S, S, 3), dtype=np.uint8), 'b': tokens,
+                'id': (np.arange(B) // 2).astype(np.int32), 'truncated': np.zeros(B, np.int32)})
+  return out
+
+
+def _run(n, *, loss_params='siglip', block_size=None, lock='', steps=3, dtype=jnp.float64):
+  """`steps` updates on n devices -> (losses, metrics, final state), all on the host."""
+  config = _config(loss_params, lock)
+  model = two_tower_lib.build_two_tower(two_tower_recipe.model_config(config))
+  mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:n])
+  inputs = (np.zeros((2, S, S, 3), np.uint8), np.zeros((2, L), np.int32))
+  rng = jax.random.key(0)
+  abstract = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), rng)
+  tx, schedule = two_tower_recipe.optimizer(config, abstract['params'], steps)
+  state = step_lib.create_train_state(model, tx, None, rng, mesh, inputs=inputs, dtype=dtype)
+  objective = objectives.two_tower(
+      model=model, loss_name=two_tower_recipe.LOSS_OF_PARAMS[loss_params],
+      locked=two_tower_recipe.LOCKS[lock], block_size=block_size,
+      mesh=mesh if block_size else None)
+  step = step_lib.jit_train_step(mesh, state, step_fn=step_lib.update, objective=objective,
+                                 tx=tx, schedule=schedule)
+  initial = jax.device_get(state)
+  losses, metrics = [], []
+  for i, batch in enumerate(_batches(steps)):
+    batch = jax.device_put(batch, parallel.data_sharding(mesh))
+    state, m = step(state, batch, jax.random.key(i))
+    m = jax.device_get(m)
+    losses.append(m['loss'])
+    metrics.append(m)
+  return initial, losses, metrics, jax.device_get(state)
+
+
+@pytest.fixture(scope='module')
+def one_device():
+  return {(p, bs): _run(1, loss_params=p, block_size=bs)
+          for p, bs in (('siglip', None), ('clip', None))}
+
+
+@pytest.mark.parametrize('loss_params', ['siglip', 'clip'])
+@pytest.mark.parametrize('n, block_size', [(2, None), (8, None), (8, 2), (2, 4)])
+def test_step_equal_on_1_2_8_devices(one_device, loss_params, n, block_size):
+  """Dense (XLA-partitioned) and blockwise ring losses over 2 and 8 devices: the same losses,
+  metrics and parameters (temperature and bias included) after 3 steps as 1 dense device."""
+  _, ref_losses, ref_metrics, ref_state = one_device[(loss_params, None)]
+  _, losses, metrics, state = _run(n, loss_params=loss_params, block_size=block_size)
+  float64.assert_close(np.array(losses), np.array(ref_losses))
+  for m, r in zip(metrics, ref_metrics):
+    for k in ('temperature', 'l2_grads', 'pos_sim'):
+      float64.assert_close(m[k], r[k], err_msg=k)
+  # Attention key biases have an exactly zero gradient (softmax is shift invariant), so Adam
+  # turns their float64 round-off (~1e-17) into updates of up to lr * 1e-17 / (1e-17 + eps)
+  # ~ 1e-11 per step, in any order: atol 1e-9 is 30x that over 3 steps and still ~1e6x below
+  # what a per-device loss or statistic changes (test_distributed's counterexamples).
+  float64.assert_close(state.params, ref_state.params, atol=1e-9)
+  float64.assert_close(state.opt_state, ref_state.opt_state, atol=1e-9)
+
+
+def test_temperature_and_bias_are_learned(one_device):
+  initial, _, metrics, state = one_device[('siglip', None)]
+  assert initial.params['logit']['log_scale'] == pytest.approx(np.log(10.0))
+  assert initial.params['logit']['bias'] == pytest.approx(-10.0)
+  assert state.params['logit']['bias'] != initial.params['logit']['bias']
+  assert state.params['logit']['log_scale'] != initial.params['logit']['log_scale']
+  float64.assert_close(metrics[0]['temperature'], np.exp(-np.log(10.0)))
+  assert 'bias' in metrics[0] and 'bias' not in one_device[('clip', None)][2][0]
+
+
+def test_false_negatives_are_masked():
+  """Rows sharing an id are not negatives: the loss equals the loss with those pairs masked."""
+  batch = _batches(1)[0]
+  za, zb = jax.random.normal(jax.random.key(1), (2, B, 8), jnp.float64)
+  keep = batch['id'][:, None] != batch['id'][None, :]
+  for loss in (lambda **kw: clip_loss(za, zb, temperature=0.1, **kw),
+               lambda **kw: sigmoid_loss(za, zb, temperature=0.1, bias=-2.0, **kw)):
+    from contrastive.losses import blockwise  # pylint: disable=g-import-not-at-top
+    masked, _ = loss(negative_mask=blockwise.distinct_ids, mask_ids=(batch['id'], batch['id']))
+    dense, _ = loss(negative_mask=keep | np.eye(B, dtype=bool))
+    unmasked, _ = loss()
+    float64.assert_close(masked, dense)
+    assert abs(masked - unmasked) > 1e-3
+
+
+@pytest.mark.parametrize('loss_fn', ['clip', 'siglip'])
+def test_grads_of_temperature_and_bias(loss_fn):
+  za, zb = jax.random.normal(jax.random.key(2), (2, 6, 4), jnp.float64)
+  if loss_fn == 'clip':
+    f = lambda log_scale: clip_loss(za, zb, temperature=jnp.exp(-log_scale))[0]
+    check_grads(f, (jnp.float64(np.log(1 / 0.07)),), order=2, modes=['rev'])
+  else:
+    f = lambda t, b: sigmoid_loss(za, zb, temperature=jnp.exp(-t), bias=b)[0]
+    check_grads(f, (jnp.float64(np.log(10.0)), jnp.float64(-10.0)), order=2, modes=['rev'])
+
+
+@pytest.mark.parametrize('lock, frozen', [('image', ('tower_a', 'proj_a')),
+                                          ('text', ('tower_b', 'proj_b'))])
+def test_lit_locked_tower_is_bitwise_unchanged_and_has_no_optimizer_state(lock, frozen):
+  initial, _, _, state = _run(1, lock=lock, steps=2, dtype=jnp.float32)
+  for group in state.params:
+    same = jax.tree.map(np.array_equal, state.params[group], initial.params[group])
+    assert all(jax.tree.leaves(same)) == (group in frozen), group
+  # Optimizer slots exist for the trained groups only: adam's mu and nu, one of each per array.
+  trained = sum(x.size for g in state.params if g not in frozen
+                for x in jax.tree.leaves(state.params[g]))
+  slots = sum(np.size(x) for x in jax.tree.leaves(state.opt_state)
+              if np.issubdtype(np.asarray(x).dtype, np.floating))  # not adam's int count
+  assert slots == 2 * trained
+
+
+def _full_config(**changes):
+  from contrastive import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config('configs/siglip_emoji.py', 'runlocal')
+  for path, value in changes.items():
+    node = config
+    *parents, leaf = path.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize('changes, match', [
+    ({'model.image.name': 'vitt'}, r"unknown tower name 'vitt'"),
+    ({'lit.lock': 'both'}, r"config.lit.lock='both'.*locking both towers"),
+    ({'loss.name': 'clip_loss'}, r"does not go with config.model.loss_params='siglip'"),
+    ({'dataset.image_size': 30}, r'image_size=30 is not a multiple of the ViT patch size 8'),
+    ({'tokenizer.context': 1}, r'context=1 must be >= 2'),
+    ({'model_init.workdir': '/nonexistent'}, r'has no checkpoints'),
+])
+def test_bad_two_tower_configs_fail_before_compiling(changes, match):
+  with pytest.raises(validate.ConfigError, match=match):
+    validate.validate_config(_full_config(**changes), num_devices=8, num_processes=1)
+
+
+def test_model_init_copies_groups_and_checks_shapes(tmp_path):
+  """A tower initialised from another run's checkpoint; a shape mismatch is a clear error."""
+  from contrastive import checkpoint  # pylint: disable=g-import-not-at-top
+  initial, _, _, trained = _run(1, steps=1, dtype=jnp.float32)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), save_every=1, keep=None)
+  ckpt.save(1, trained, {}, force=True)
+  ckpt.close()
+  cfg = ml_collections.ConfigDict(dict(workdir=str(tmp_path), mapping='tower_a:tower_a'))
+  params, _ = two_tower_recipe.init_from_checkpoint(initial.params, {}, cfg)
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params['tower_a'],
+                                          trained.params['tower_a'])))
+  assert not np.array_equal(params['proj_a']['kernel'], trained.params['proj_a']['kernel'])
+  cfg.mapping = 'tower_a:tower_b'  # a ViT into the text tower
+  with pytest.raises(two_tower_recipe.TwoTowerConfigError, match='shapes of the checkpoint'):
+    two_tower_recipe.init_from_checkpoint(initial.params, {}, cfg)
