@@ -1,0 +1,141 @@
+"""The two-tower recipes through `python -m contrastive.main`: each `:runlocal` trains and
+evaluates, `inference.load` reproduces the evaluator's embeddings, and a run killed with SIGKILL
+resumes bitwise identically."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from contrastive import checkpoint
+from contrastive import inference
+from contrastive import parallel
+from contrastive import two_tower_eval
+from contrastive.data import emoji
+from contrastive.data import pair_batches
+from tests import xla_flags
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+pytestmark = pytest.mark.skipif(not os.path.exists(emoji.FONT_PATH),
+                                reason='make install (Debian fonts-noto-color-emoji etc.)')
+
+
+def _command(config, workdir, data_dir, *flags):
+  return [sys.executable, '-m', 'contrastive.main',
+          f'--config={os.path.join(REPO, "configs", config)}:runlocal', f'--workdir={workdir}',
+          f'--config.dataset.data_dir={data_dir}', *flags]
+
+
+def _env():
+  return dict(os.environ, XLA_FLAGS=xla_flags.FAST_COMPILE, JAX_PLATFORMS='cpu',
+              PYTHONPATH=REPO)
+
+
+def main(config, workdir, data_dir, *flags):
+  out = subprocess.run(_command(config, workdir, data_dir, *flags), cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='module')
+def siglip_run(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('siglip') / 'run')
+  return workdir, main('siglip_emoji.py', workdir, data_dir)
+
+
+def test_siglip_emoji_runlocal_trains_and_evaluates(siglip_run):
+  workdir, out = siglip_run
+  assert 'step 6/6' in out
+  rows = _rows(workdir)
+  losses = [r['loss'] for r in rows if 'loss' in r]
+  assert len(losses) == 6 and all(np.isfinite(losses))
+  final = rows[-1]
+  for key in ('a2b/r@1', 'a2b/r@10', 'b2a/r@5', 'zero_shot/balanced_top1', 'alignment',
+              'uniformity_a'):
+    assert key in final and np.isfinite(final[key]), key
+  assert final['zero_shot/chance'] == pytest.approx(1 / 9)
+  assert 'bias' in rows[0] and 'temperature' in rows[0] and 'truncated_texts' in rows[0]
+  assert os.path.exists(os.path.join(workdir, pair_batches.TOKENIZER_NAME))
+
+
+def test_inference_load_reproduces_the_evaluator(siglip_run, data_dir):
+  """inference.load (one device, its own jit) gives the embeddings the training-time
+  evaluator computes (the mesh, sharded batches) from the same checkpoint: per row the same
+  float32 operations, so equal up to matmul blocking (~1e-6 on unit vectors; a wrong
+  checkpoint, tokenizer or tower differs by > 1e-2)."""
+  workdir, _ = siglip_run
+  model = inference.load(workdir)
+  config = model.config
+  config.dataset.data_dir = data_dir
+  source = pair_batches.get_source(config.dataset, 'test')
+  spec = pair_batches.spec(config.dataset, source)
+  mesh = parallel.make_mesh([('data', -1)])
+  evaluator = two_tower_eval.TwoTowerEvaluator(config, model.module, mesh, source, spec,
+                                               model.tokenizer)
+  state = checkpoint.read_state(os.path.join(workdir, 'checkpoints', str(model.step)))
+  state = types.SimpleNamespace(params=state['params'], batch_stats=state.get('batch_stats'))
+  np.testing.assert_allclose(model.encode_image(evaluator.a), evaluator.embed(state, 'a',
+                                                                              evaluator.a),
+                             atol=1e-5)
+  np.testing.assert_allclose(model.encode_text(evaluator.ev['b_items']),
+                             evaluator.embed(state, 'b', evaluator.b), atol=1e-5)
+  big = np.repeat(np.repeat(evaluator.a[:4], 3, axis=1), 3, axis=2)  # any size is resized
+  assert model.encode_image(big).shape == (4, config.model.embed_dim)
+  with pytest.raises(ValueError, match=r'uint8 images \[N, H, W, 3\]'):
+    model.encode_image(evaluator.a[..., :1])
+
+
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
+@pytest.mark.parametrize('config', ['clip_emoji.py', 'siglip_wordnet.py'])
+def test_other_recipes_runlocal(config, data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  out = main(config, workdir, data_dir)
+  assert 'step 6/6' in out and 'a2b/r@1' in _rows(workdir)[-1]
+  if config == 'clip_emoji.py':
+    assert 'bias' not in _rows(workdir)[0]
+
+
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
+def test_sigkill_then_rerun_is_bitwise_identical(siglip_run, data_dir, tmp_path):
+  ref_workdir, _ = siglip_run
+  workdir = str(tmp_path / 'run')
+  flags = ('--config.total_steps=6',)
+  proc = subprocess.Popen(_command('siglip_emoji.py', workdir, data_dir, *flags), cwd=REPO,
+                          env=_env(), text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+  for line in proc.stdout:
+    if line.startswith('step 5/'):  # checkpoint 3 is being saved (runlocal: every 3 steps)
+      for _ in range(300):  # asynchronously: kill once it is committed
+        if os.path.isdir(os.path.join(workdir, 'checkpoints', '3')):
+          break
+        time.sleep(0.1)
+      proc.send_signal(signal.SIGKILL)
+      break
+  assert proc.wait(timeout=600) == -signal.SIGKILL
+  out = main('siglip_emoji.py', workdir, data_dir, *flags)
+  assert 'Resumed from step' in out
+  ref = checkpoint.read_state(os.path.join(ref_workdir, 'checkpoints', '6'))
+  got = checkpoint.read_state(os.path.join(workdir, 'checkpoints', '6'))
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  ref_losses = {r['step']: r['loss'] for r in _rows(ref_workdir) if 'loss' in r}
+  losses = {r['step']: r['loss'] for r in _rows(workdir) if 'loss' in r}
+  assert losses == ref_losses
