@@ -18,6 +18,9 @@ VARIANTS = {
                          'mining,mochi', 'runlocal,ft,threshold,gist', 'mcl'],
     'moco_v2_fmnist.py': [None, 'runlocal', 'runlocal,mining,mochi,ft,threshold,gist'],
     'moco_v3_fmnist.py': [None, 'runlocal'],
+    'siglip_emoji.py': [None, 'runlocal', 'resnet', 'lit', 'pod', 'resnet,lit,runlocal'],
+    'clip_emoji.py': [None, 'runlocal', 'lit', 'pod'],
+    'siglip_wordnet.py': [None, 'runlocal', 'lit', 'pod'],
 }
 
 
@@ -44,6 +47,9 @@ def test_there_are_configs():
 def test_config_builds_and_model_inits(path, tmp_path):
   for arg in VARIANTS.get(os.path.basename(path), [None]):
     config = load_config(path, arg)
+    if config.get('family') == 'two_tower':
+      _two_tower_config_builds(config)
+      continue
     config.dataset.idx_dir = fashion_mnist.DEBIAN_IDX_DIR
     model = build_model(config.model)
     shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0),
@@ -52,6 +58,22 @@ def test_config_builds_and_model_inits(path, tmp_path):
     # Validation itself, minus the dataset check (the IDX files may be absent here).
     config.dataset.name = 'not_local'
     validate.validate_config(config, num_devices=8, num_processes=1)
+
+
+def _two_tower_config_builds(config):
+  """The model initialises (shapes only: the pod variant is ViT-B/16 + text B) and the config
+  validates, its dataset's Debian files included (make install provides them)."""
+  from contrastive import two_tower_recipe  # pylint: disable=g-import-not-at-top
+  from contrastive.data import pair_batches  # pylint: disable=g-import-not-at-top
+  from contrastive.models import build_two_tower  # pylint: disable=g-import-not-at-top
+  model = build_two_tower(two_tower_recipe.model_config(config))
+  inputs = two_tower_recipe.example_inputs(config, pair_batches.SPECS[config.dataset.name])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
+  assert {'tower_a', 'proj_a', 'logit'} <= set(shapes['params'])
+  validate.validate_config(config, num_devices=8, num_processes=1)
+  if config.batch_size == 32768:  # pod: ViT-B/16 (~86M) or text B (~110M), + text B (~110M)
+    n = sum(x.size for x in jax.tree.leaves(shapes['params']))
+    assert 190e6 < n < 225e6, n
 
 
 def test_resnet18_preset_size():
