@@ -1,0 +1,275 @@
+"""The default recipe's SimCLR train step in JAX against the same network in PyTorch on the CPU.
+
+Implementations, each in its own worker process (own peak RSS, own thread pools):
+  jax                  the step that `contrastive.main` runs (benchmarks/step_overhead.py builds
+                       it from configs/simclr_fmnist.py: on-device augmentations, ResNet, BatchNorm,
+                       head, NT-Xent, AdamW) on `--devices` CPU devices ('auto': one per core as
+                       the trainer chooses, `parallel.default_cpu_devices`; and 1 for reference);
+  torch_eager          a PyTorch equivalent: same architecture and parameter count (asserted),
+                       batched on-tensor augmentations (crop + flip as one affine_grid/grid_sample,
+                       brightness/contrast jitter), NT-Xent, AdamW, torch.set_num_threads(cores);
+  torch_channels_last  the same with the model and input in channels-last memory format;
+  torch_compile        the same step (augment + model + loss) under torch.compile.
+
+The orchestrator sends "step i" to each worker in turn (one step of every implementation per
+round, so a shared machine's drift hits all alike) and prints one JSON line per (impl, batch):
+median step seconds over --rounds after 2 warm-up steps (the first compiles), all times,
+ratio to torch_eager of the same run, parameter count and the worker's peak RSS.
+
+Torch is not a project dependency; it runs from its own environment:
+
+  python3 -m venv --system-site-packages /tmp/torchenv
+  /tmp/torchenv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  python benchmarks/step_vs_torch.py --torch_python=/tmp/torchenv/bin/python \\
+      >> benchmarks/results/step_vs_torch.jsonl
+
+Padding differs in alignment only: Flax 'SAME' pads stride-2 3x3 convolutions (0, 1) on even
+inputs, PyTorch padding=1 pads (1, 1); output shapes and FLOPs are equal.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_IMPLS = ('torch_eager', 'torch_channels_last', 'torch_compile')
+
+
+def _cores():
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def _images(batch, i):
+  """The uint8 batch [B, 28, 28, 1] of step i, the same for every implementation."""
+  return np.random.default_rng(i).integers(0, 256, (batch, 28, 28, 1), np.uint8)
+
+
+def _peak_rss_gib():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
+
+
+# ---- JAX worker ------------------------------------------------------------------------------
+
+
+def jax_worker(point):
+  """fn(i) -> seconds of train step i, and the parameter count."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_num_cpu_devices', point['devices'])  # before the backend starts
+  sys.path[:0] = [ROOT, os.path.join(ROOT, 'benchmarks')]
+  import step_overhead  # pylint: disable=g-import-not-at-top
+  from contrastive import config_lib  # pylint: disable=g-import-not-at-top
+  from contrastive.models import build_model  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.load_config(os.path.join(ROOT, 'configs', 'simclr_fmnist.py'))
+  shapes = jax.eval_shape(lambda: build_model(config.model).init(
+      jax.random.key(0), jax.numpy.zeros((2, 28, 28, 1), jax.numpy.uint8), train=False))
+  count = sum(x.size for x in jax.tree.leaves(shapes['params']))
+  assert jax.device_count() == point['devices'], jax.devices()
+  return step_overhead.build_variant('simclr_fmnist.py', '', point['batch']), count
+
+
+# ---- PyTorch worker --------------------------------------------------------------------------
+
+
+def torch_worker(point):
+  """fn(i) -> seconds of train step i, and the parameter count (torch imported here only)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(_cores())
+  torch.manual_seed(0)
+  cfg = point['config']
+  model_cfg, aug, opt_cfg = cfg['model'], cfg['augment'], cfg['optimizer']
+  bn = lambda c: nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)  # flax momentum 0.9
+
+  class Block(nn.Module):  # resnet.BasicBlock
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), bn(cout)
+      self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), bn(cout)
+      nn.init.zeros_(self.bn2.weight)  # flax: scale_init=zeros
+      self.proj = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), bn(cout))
+                   if cin != cout or stride != 1 else nn.Identity())
+
+    def forward(self, x):  # [N, C, H, W] -> [N, cout, H / stride, W / stride]
+      y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+      return F.relu(self.proj(x) + y)
+
+  width, layers, cin = model_cfg['width'], [], model_cfg['width']
+  for i, n in enumerate(model_cfg['stage_sizes']):
+    for j in range(n):
+      layers.append(Block(cin, width * 2**i, 2 if i > 0 and j == 0 else 1))
+      cin = width * 2**i
+  head, dim = [], cin
+  for hidden in model_cfg['head_hidden_dims']:  # heads.ProjectionHead
+    head += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden, momentum=0.1), nn.ReLU()]
+    dim = hidden
+  model = nn.Sequential(
+      nn.Conv2d(1, width, 3, model_cfg['stem_strides'], 1, bias=False), bn(width), nn.ReLU(),
+      *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), *head,
+      nn.Linear(dim, model_cfg['head_out_dim']))
+  count = sum(p.numel() for p in model.parameters())
+  decay = [p for p in model.parameters() if p.ndim > 1]  # optim.decay_mask: kernels only
+  rest = [p for p in model.parameters() if p.ndim <= 1]
+  opt = torch.optim.AdamW([dict(params=decay, weight_decay=opt_cfg['weight_decay']),
+                           dict(params=rest, weight_decay=0.0)], lr=opt_cfg['lr'],
+                          betas=(0.9, 0.999), foreach=True)
+  channels_last = point['impl'] == 'torch_channels_last'
+  if channels_last:
+    model = model.to(memory_format=torch.channels_last)
+
+  def view(x):
+    """augment.simclr_view on a batch: x [N, 1, H, W] float in [0, 1] -> [N, 1, H, W]."""
+    n = x.shape[0]
+    u = lambda lo=0.0, hi=1.0: torch.rand(n) * (hi - lo) + lo
+    area, r = u(*aug['crop_scale']), torch.exp(u(np.log(3 / 4), np.log(4 / 3)))
+    ch, cw = torch.sqrt(area / r).clamp(max=1.0), torch.sqrt(area * r).clamp(max=1.0)
+    cy, cx = (u() * (1 - ch) + ch / 2) * 2 - 1, (u() * (1 - cw) + cw / 2) * 2 - 1
+    flip = torch.where(torch.rand(n) < 0.5, -1.0, 1.0) if aug['flip'] else torch.ones(n)
+    zero = torch.zeros(n)
+    theta = torch.stack([torch.stack([cw * flip, zero, cx], 1),
+                         torch.stack([zero, ch, cy], 1)], 1)  # [N, 2, 3]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+    fb = u(1 - aug['brightness'], 1 + aug['brightness']).view(n, 1, 1, 1)
+    fc = u(1 - aug['contrast'], 1 + aug['contrast']).view(n, 1, 1, 1)
+    bright = lambda y: (y * fb).clamp(0, 1)
+    contrast = lambda y: ((y - y.mean((1, 2, 3), keepdim=True)) * fc
+                          + y.mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+    order = (torch.rand(n) < 0.5).view(n, 1, 1, 1)  # random order of the two ops
+    jittered = torch.where(order, contrast(bright(x)), bright(contrast(x)))
+    x = torch.where((torch.rand(n) < aug['jitter_prob']).view(n, 1, 1, 1), jittered, x)
+    return x.clamp(0, 1)
+
+  def loss_fn(images):
+    """images [B, 1, H, W] uint8 -> NT-Xent of the interleaved views' embeddings."""
+    b, x = images.shape[0], images.float() / 255.0
+    views = torch.stack([view(x), view(x)], 1).reshape(2 * b, *x.shape[1:])  # [2B, 1, H, W]
+    if channels_last:
+      views = views.contiguous(memory_format=torch.channels_last)
+    z = model(views).view(b, 2, -1)
+    z = F.normalize(torch.cat([z[:, 0], z[:, 1]]), dim=1)  # [2B, D]
+    logits = (z @ z.T / cfg['temperature']).masked_fill(
+        torch.eye(2 * b, dtype=torch.bool), float('-inf'))  # (2B, D) . (D, 2B) -> (2B, 2B)
+    targets = torch.cat([torch.arange(b, 2 * b), torch.arange(b)])
+    return F.cross_entropy(logits, targets)
+
+  forward = torch.compile(loss_fn) if point['impl'] == 'torch_compile' else loss_fn
+  model.train()
+
+  def run(i):
+    images = torch.from_numpy(_images(point['batch'], i)).permute(0, 3, 1, 2)
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss = forward(images)
+    loss.backward()
+    opt.step()
+    if not torch.isfinite(loss):
+      raise FloatingPointError(f'{point["impl"]}: loss {loss.item()} at step {i}')
+    return time.perf_counter() - start
+
+  return run, count
+
+
+def worker(point):
+  """Reads 'step i' / 'exit' lines on stdin, answers one JSON line each on stdout."""
+  run, count = (jax_worker if point['impl'] == 'jax' else torch_worker)(point)
+  print(json.dumps(dict(params=count)), flush=True)
+  for line in sys.stdin:
+    cmd, *arg = line.split()
+    if cmd == 'exit':
+      break
+    print(json.dumps(dict(time_s=run(int(arg[0])))), flush=True)
+  print(json.dumps(dict(peak_rss_gib=_peak_rss_gib())), flush=True)
+
+
+# ---- Orchestrator ----------------------------------------------------------------------------
+
+
+class Worker:
+  """One implementation in its own process, driven one step at a time."""
+
+  def __init__(self, python, point):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    env.pop('XLA_FLAGS', None)  # the device count is the point's
+    env.pop('JAX_NUM_CPU_DEVICES', None)
+    self.proc = subprocess.Popen([python, os.path.abspath(__file__), '--worker', json.dumps(point)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    self.params = self._read()['params']
+
+  def _read(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'worker exited with {self.proc.wait()} (its stderr is above)')
+    return json.loads(line)
+
+  def step(self, i):
+    self.proc.stdin.write(f'step {i}\n')
+    self.proc.stdin.flush()
+    return self._read()['time_s']
+
+  def close(self):
+    self.proc.stdin.write('exit\n')
+    self.proc.stdin.flush()
+    rss = self._read()['peak_rss_gib']
+    self.proc.wait()
+    return rss
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n', maxsplit=1)[0])
+  p.add_argument('--batch_sizes', default='256,512')
+  p.add_argument('--devices', default='auto,1', help="JAX CPU device counts; 'auto': the trainer's")
+  p.add_argument('--impls', default='jax,' + ','.join(TORCH_IMPLS))
+  p.add_argument('--rounds', type=int, default=15)
+  p.add_argument('--torch_python', default=sys.executable,
+                 help='a python that imports torch (and sees this repository)')
+  p.add_argument('--worker', default=None, help=argparse.SUPPRESS)  # internal: one worker
+  args = p.parse_args(argv)
+  if args.worker is not None:
+    worker(json.loads(args.worker))
+    return
+  sys.path.insert(0, ROOT)
+  from contrastive import config_lib  # pylint: disable=g-import-not-at-top
+  from contrastive import parallel  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(os.path.join(ROOT, 'configs', 'simclr_fmnist.py'))
+  shared = dict(model=config.model.to_dict(), augment=config.augment.to_dict(),
+                optimizer=config.optimizer.to_dict(), temperature=config.loss.temperature)
+  assert config.loss.name == 'nt_xent' and config.optimizer.name == 'adamw', config
+  for batch in map(int, args.batch_sizes.split(',')):
+    auto = parallel.default_cpu_devices([batch, config.eval.batch_size], env={}) or 1
+    points = []
+    for impl in args.impls.split(','):
+      counts = ([auto if d == 'auto' else int(d) for d in args.devices.split(',')]
+                if impl == 'jax' else [1])
+      for devices in dict.fromkeys(counts):  # 'auto,1' on one core: once
+        points.append(dict(impl=impl, batch=batch, devices=devices, config=shared))
+    workers = [Worker(sys.executable if pt['impl'] == 'jax' else args.torch_python, pt)
+               for pt in points]
+    counts = [(pt['impl'], w.params) for pt, w in zip(points, workers)]
+    assert len({c for _, c in counts}) == 1, f'parameter counts differ: {counts}'
+    print(f'parameters: {counts}', file=sys.stderr, flush=True)
+    times = [[w.step(0), w.step(1)] for w in workers]  # compile, then warm up
+    for r in range(args.rounds):  # interleaved rounds
+      for w, t in zip(workers, times):
+        t.append(w.step(2 + r))
+    medians = [statistics.median(t[2:]) for t in times]
+    base = next((m for pt, m in zip(points, medians) if pt['impl'] == 'torch_eager'), None)
+    for pt, w, t, m in zip(points, workers, times, medians):
+      print(json.dumps(dict(
+          impl=pt['impl'], batch=batch, devices=pt['devices'], cores=_cores(), params=w.params,
+          time_s=round(m, 4), times_s=[round(x, 4) for x in t], first_call_s=round(t[0], 2),
+          ratio_vs_torch_eager=None if base is None else round(m / base, 3),
+          peak_rss_gib=round(w.close(), 3))), flush=True)
+
+
+if __name__ == '__main__':
+  main()
