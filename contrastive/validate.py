@@ -116,6 +116,10 @@ NUMERIC_FIELDS = (
     ('samplers.gist_margin', _non_negative), ('samplers.mochi.num_mix', _non_negative),
     ('samplers.mochi.num_query_mix', _non_negative),
     ('samplers.mochi.start_epoch', _non_negative),
+    # The two-tower family's (contrastive/two_tower_recipe.py).
+    ('dataset.image_size', _at_least_1), ('dataset.max_examples', _non_negative),
+    ('optimizer.logit_lr_mult', _positive), ('eval.block_size', _at_least_1),
+    ('eval.ks', (lambda v: len(v) > 0 and all(k >= 1 for k in v), 'hold ranks k >= 1')),
 )
 
 
