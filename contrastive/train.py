@@ -58,8 +58,8 @@ def build_method(config, *, steps, steps_per_epoch, clusters=None):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, clusters=None):
-  """Trains the recipe in `config` (SimCLR, MoCo; samplers), evaluating and checkpointing in
-  `workdir`.
+  """Trains the recipe in `config` (SimCLR, MoCo, samplers; or with config.family='two_tower'
+  CLIP, SigLIP, LiT), evaluating and checkpointing in `workdir`.
 
   `clusters` ([N] int, the cluster of each training example id) restricts each query's
   negatives to its own cluster (MCL's later stages, see contrastive/mcl.py).

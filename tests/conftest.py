@@ -63,8 +63,9 @@ def tfds_dir(tmp_path_factory):
 
 # Modules that train or start processes go first, so that pytest-xdist's 2 workers (whole
 # modules each, pytest.ini) finish together instead of one running a long module alone at the end.
-LONG_MODULES = ('test_multiprocess.py', 'test_resume.py', 'test_train.py', 'test_moco.py',
-                'test_notebooks.py')
+LONG_MODULES = ('test_multiprocess.py', 'test_two_tower.py', 'test_reliability.py',
+                'test_resume.py', 'test_two_tower_main.py', 'test_notebooks.py', 'test_train.py',
+                'test_faults.py', 'test_moco.py')
 
 
 def pytest_collection_modifyitems(items):

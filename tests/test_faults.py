@@ -134,6 +134,7 @@ def test_nonfinite_state_is_never_checkpointed(tmp_path, tfds_dir):
              if np.issubdtype(np.asarray(x).dtype, np.floating)), sorted(states)
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 def test_skip_mode_stops_after_max_consecutive_skips(tmp_path, tfds_dir):
   config = _config(total_steps=12, nonfinite='skip', max_consecutive_skips=3)
   config.dataset.data_dir = tfds_dir

@@ -86,8 +86,13 @@ def one_device():
           for p, bs in (('siglip', None), ('clip', None))}
 
 
-@pytest.mark.parametrize('loss_params', ['siglip', 'clip'])
-@pytest.mark.parametrize('n, block_size', [(2, None), (8, None), (8, 2), (2, 4)])
+SLOW = pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
+
+
+@pytest.mark.parametrize('loss_params, n, block_size', [
+    ('siglip', 8, None), ('siglip', 8, 2), ('clip', 8, None), ('clip', 8, 2),
+    pytest.param('siglip', 2, None, marks=SLOW), pytest.param('siglip', 2, 4, marks=SLOW),
+    pytest.param('clip', 2, None, marks=SLOW), pytest.param('clip', 2, 4, marks=SLOW)])
 def test_step_equal_on_1_2_8_devices(one_device, loss_params, n, block_size):
   """Dense (XLA-partitioned) and blockwise ring losses over 2 and 8 devices: the same losses,
   metrics and parameters (temperature and bias included) after 3 steps as 1 dense device."""
