@@ -68,8 +68,8 @@ def diff(saved, current):
 
 def check_changes(changes, allowed):
   """Raises ConfigError if `changes` ({field: (old, new)}) includes a refused field."""
-  fixed_allowed = [a for a in allowed if _matches(a, FIXED) or any(
-      f.startswith(a + '.') for f in FIXED)]
+  fixed_allowed = [a for a in allowed if _matches(a, FIXED)]  # a prefix such as 'optimizer'
+  # is fine: its FIXED fields (optimizer.name) stay refused below
   if fixed_allowed:
     raise ConfigError(f'config.allow_config_changes names {fixed_allowed}, which can never change '
                       f'on resume (they shape the state or the data order: {FIXED}); use a new '

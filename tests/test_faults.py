@@ -143,6 +143,7 @@ def test_skip_mode_stops_after_max_consecutive_skips(tmp_path, tfds_dir):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 def test_final_step_is_saved_before_the_final_evaluation(tmp_path, tfds_dir, monkeypatch):
   config = _config(total_steps=4)  # checkpoints every 3: only the final save writes step 4
   config.dataset.data_dir = tfds_dir

@@ -95,6 +95,7 @@ def test_changed_config_is_refused_and_nothing_moves(copy, tfds_dir, flags, matc
   assert 'Traceback' not in out  # a config mistake is one line
 
 
+@pytest.mark.slow  # make test-all; tests/test_run_config.py covers it fast
 def test_allowed_change_resumes_and_is_recorded(copy, tfds_dir):
   rc, out = main(copy, tfds_dir, '--config.total_steps=7',
                  '--config.allow_config_changes=total_steps', '--config.eval.linear_steps=5')
@@ -117,6 +118,7 @@ def test_second_run_on_a_locked_workdir_fails_at_once(copy, tfds_dir):
   assert os.path.exists(lock)  # not the second run's to remove
 
 
+@pytest.mark.slow  # make test-all; tests/test_run_config.py covers it fast
 def test_stale_lock_is_taken_over(copy, tfds_dir):
   dead = subprocess.Popen(['true'])
   dead.wait()
