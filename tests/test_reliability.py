@@ -22,6 +22,7 @@ from tests import xla_flags
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 CONFIG = os.path.join(REPO, 'configs', 'simclr_fmnist.py')
+SLOW = pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 pytestmark = pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEBIAN_IDX_DIR),
                                 reason='apt-get install dataset-fashion-mnist')
 
@@ -75,11 +76,12 @@ def test_config_json_records_the_run(finished):
 
 @pytest.mark.parametrize('flags, match', [
     (['--config.model.width=16'], r'model\.width: 8 -> 16.*use a new --workdir'),
-    (['--config.batch_size=128'], r'batch_size: 64 -> 128'),
+    pytest.param(['--config.batch_size=128'], r'batch_size: 64 -> 128', marks=SLOW),
     (['--config.total_steps=9'], r'total_steps: 6 -> 9.*allow_config_changes=total_steps'),
     (['--config.total_steps=3', '--config.allow_config_changes=total_steps'],
      r'newest checkpoint is step 6, past this config\'s 3 steps'),
-    (['--config.allow_config_changes=model'], r'can never change on resume'),
+    pytest.param(['--config.allow_config_changes=model'], r'can never change on resume',
+                 marks=SLOW),
 ])
 def test_changed_config_is_refused_and_nothing_moves(copy, tfds_dir, flags, match):
   before = listing(os.path.join(copy, 'checkpoints'))
@@ -153,7 +155,8 @@ def test_unwritable_checkpoint_folder_fails_fast(tfds_dir, tmp_path):
   assert len(out.splitlines()) < 40, out  # summarised, not ~1,100 lines of orbax threads
 
 
-@pytest.mark.parametrize('kind', ['empty', 'file', 'read_only'])
+@pytest.mark.parametrize('kind', [pytest.param('empty', marks=SLOW),
+                                  pytest.param('file', marks=SLOW), 'read_only'])
 def test_bad_workdir_is_one_line(kind, tfds_dir, tmp_path):
   path = {'empty': '', 'file': str(tmp_path / 'f'), 'read_only': str(tmp_path / 'ro')}[kind]
   undo = lambda: None
@@ -171,8 +174,10 @@ def test_bad_workdir_is_one_line(kind, tfds_dir, tmp_path):
 
 @pytest.mark.parametrize('flag, match', [
     ('--config.total_steps=-5', r'config.total_steps=-5 must be >= 0'),
-    ('--config.log_every=0', r'config.log_every=0 must be >= 1'),
-    ('--config.eval.knn_temperature=0.0', r'config.eval.knn_temperature=0.0 must be > 0'),
+    # The rest of the numeric checks are unit tests (tests/test_faults.py).
+    pytest.param('--config.log_every=0', r'config.log_every=0 must be >= 1', marks=SLOW),
+    pytest.param('--config.eval.knn_temperature=0.0',
+                 r'config.eval.knn_temperature=0.0 must be > 0', marks=SLOW),
 ])
 def test_nonsense_values_fail_before_anything_runs(flag, match, tfds_dir, tmp_path):
   rc, out = main(str(tmp_path / 'run'), tfds_dir, flag)
