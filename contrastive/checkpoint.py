@@ -16,12 +16,13 @@ Restoring never destroys a checkpoint. `restore_latest` tells three failures apa
 """
 
 import os
-import tempfile
 import time
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from contrastive import workdir
 
 RETRIES = 3
 RETRY_WAIT_S = 1.0
@@ -43,14 +44,6 @@ def saved_steps(directory):
   if '://' in directory or not os.path.isdir(directory):
     return []
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-
-
-def _writable(folder):
-  try:
-    with tempfile.NamedTemporaryFile(dir=folder, prefix='.write_probe_'):
-      return True
-  except OSError:
-    return False
 
 
 def _is_transient(error):
@@ -107,7 +100,7 @@ class Checkpointer:
             max_to_keep=keep, save_interval_steps=save_every,
             enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True))  # a save killed halfway leaves a tmp folder
-    if '://' not in self.directory and jax.process_index() == 0 and not _writable(self.directory):
+    if '://' not in self.directory and jax.process_index() == 0 and not workdir.writable(self.directory):
       self._manager.close()
       raise CheckpointError(f'{self.directory} is not writable: no checkpoint could be saved. '
                             'Fix its permissions or free the disk, or use another --workdir.')

@@ -85,9 +85,8 @@ def test_resnet18_preset_size():
   assert 11.1e6 < n < 11.3e6  # CIFAR-style ResNet-18: 11.17M parameters
 
 
-def _base(**changes):
-  config = load_config(os.path.join(CONFIG_DIR, 'simclr_fmnist.py'))
-  config.dataset.name = 'not_local'
+def set_fields(config, changes):
+  """Sets {'dotted.field': value} in `config`; returns it."""
   for field, value in changes.items():
     target = config
     *parents, leaf = field.split('.')
@@ -95,6 +94,12 @@ def _base(**changes):
       target = target[p]
     target[leaf] = value
   return config
+
+
+def _base(**changes):
+  config = load_config(os.path.join(CONFIG_DIR, 'simclr_fmnist.py'))
+  config.dataset.name = 'not_local'
+  return set_fields(config, changes)
 
 
 @pytest.mark.parametrize('changes,num_devices,message', [

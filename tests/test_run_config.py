@@ -12,6 +12,7 @@ import pytest
 from contrastive import run_config
 from contrastive import validate
 from contrastive import workdir
+from tests.test_configs import set_fields
 
 
 def _config(**changes):
@@ -19,13 +20,7 @@ def _config(**changes):
       seed=0, batch_size=64, total_steps=6, log_every=1, allow_config_changes='',
       model=dict(width=8), optimizer=dict(name='adamw', lr=1e-3),
       dataset=dict(name='fashion_mnist_idx', data_dir='/a'), eval=dict(knn_k=200)))
-  for path, value in changes.items():
-    node = config
-    *parents, leaf = path.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_fields(config, changes)
 
 
 def test_free_changes_are_recorded_allowed_ones_accepted_others_refused(tmp_path):

@@ -172,14 +172,8 @@ def test_lit_locked_tower_is_bitwise_unchanged_and_has_no_optimizer_state(lock, 
 
 def _full_config(**changes):
   from contrastive import config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_config('configs/siglip_emoji.py', 'runlocal')
-  for path, value in changes.items():
-    node = config
-    *parents, leaf = path.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  from tests.test_configs import set_fields  # pylint: disable=g-import-not-at-top
+  return set_fields(config_lib.load_config('configs/siglip_emoji.py', 'runlocal'), changes)
 
 
 @pytest.mark.parametrize('changes, match', [
