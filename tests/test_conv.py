@@ -1,5 +1,7 @@
 """contrastive.models.conv: values and gradients equal nn.Conv's / lax's, in float64."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import pytest
 
 from contrastive import parallel
 from contrastive.models import conv
+from contrastive.models import resnet
 from tests import float64
 from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
@@ -51,8 +54,11 @@ def test_kernel_grad_equals_lax_transpose():
   kernel = jnp.zeros((3, 3, 4, 7), jnp.float64)
   _, vjp = jax.vjp(lambda k: jax.lax.conv_general_dilated(
       x, k, (2, 2), 'SAME', dimension_numbers=conv.DIMENSION_NUMBERS), kernel)
-  for max_size in (conv.MAX_SIZE, 5 * 5 * 9 * 4 * 2, 1):  # 1, 3 and 6 chunks
-    float64.assert_close(conv.kernel_grad(x, dy, (3, 3), (2, 2), max_size), vjp(dy)[0])
+  for max_size, groups in [(conv.MAX_SIZE, 1), (5 * 5 * 9 * 4 * 2, 1), (1, 1),  # 1, 3, 6 chunks
+                           (conv.MAX_SIZE, 2), (1, 3), (5 * 5 * 9 * 4, 2), (1, 6)]:
+    float64.assert_close(conv.kernel_grad(x, dy, (3, 3), (2, 2), max_size, groups), vjp(dy)[0])
+  with pytest.raises(ValueError, match='must divide the batch'):
+    conv.kernel_grad(x, dy, (3, 3), (2, 2), groups=4)
 
 
 @pytest.mark.parametrize('kernel_size,strides', [((3, 3), (1, 1)), ((3, 3), (2, 2)),
@@ -84,6 +90,50 @@ def test_sharded_batch_equals_one_device():
   float64.assert_close(sharded(params, x), grad(params, x))
   ref_grad = jax.grad(lambda p, x: jnp.sum(jnp.sin(ref.apply(p, x))), argnums=(0, 1))
   float64.assert_close(sharded(params, x), ref_grad(params, x))
+
+
+def _loops_with_all_reduce(hlo_text):
+  """Names of the while-loop bodies of compiled HLO text that contain an all-reduce."""
+  bodies = set(re.findall(r'body=%?([\w.\-]+)', hlo_text))
+  computations = re.split(r'\n(?=\S.*\{\n)', hlo_text)
+  return [c.split(' ', 1)[0].lstrip('%') for c in computations
+          if c.split(' ', 1)[0].lstrip('%') in bodies and 'all-reduce' in c]
+
+
+def test_no_cross_device_reduction_inside_the_chunk_loop(monkeypatch):
+  """A ResNet's gradient on a 2-device mesh: each device's partial sums go through the chunk
+  loops apart and are reduced once after them. With one group (the counterexample) GSPMD puts
+  an all-reduce in every loop iteration, which made XLA:CPU's in-process all-reduce deadlock
+  (the devices waited at different all-reduces); it is compiled here, never run."""
+  model = resnet.ResNet(stage_sizes=(1,), width=16, stem_strides=1)
+  x = _inputs(64, 16, 1)  # 8 groups here (8 devices) of 8 rows: 2 chunks of 4 per 3x3 conv
+  variables = model.init(jax.random.key(0), x, train=True)
+
+  def loss(params, x):
+    y, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(y**2)
+
+  mesh = parallel.make_mesh([('data', -1)], jax.devices()[:2])
+  compiled = lambda: jax.jit(jax.grad(loss), in_shardings=(
+      NamedSharding(mesh, P()), parallel.data_sharding(mesh))).lower(
+          variables['params'], x).compile().as_text()
+  text = compiled()
+  assert 'while' in text and 'all-reduce' in text  # chunk loops and the reductions
+  assert _loops_with_all_reduce(text) == []
+  monkeypatch.setattr(conv, 'default_groups', lambda batch: 1)
+  assert _loops_with_all_reduce(compiled())  # the counterexample: inside the loops
+
+
+def test_matmul_grads_only_where_asked():
+  """`matmul_grads=None` follows the backend (the CPU here): a matmul kernel gradient; False:
+  XLA's convolutions only, as nn.Conv."""
+  x = _inputs(2, 6, 3)
+  _, new, params = _pair(4, (3, 3), 1, x)
+  _, xla, _ = _pair(4, (3, 3), 1, x, matmul_grads=False)
+  jaxpr = lambda module: str(jax.make_jaxpr(jax.grad(
+      lambda p: jnp.sum(module.apply(p, x))))(params))
+  assert 'dot_general' in jaxpr(new) and 'dot_general' not in jaxpr(xla)
+  float64.assert_close(xla.apply(params, x), new.apply(params, x))
 
 
 def test_num_chunks():

@@ -11,19 +11,17 @@ Here the kernel gradient is a matmul instead:
 with the chunks small enough for P_c to stay in cache (one large P^T @ dY is as slow as the
 convolution). The forward pass and the input gradient stay XLA's convolutions (`jax.custom_vjp`).
 
-Chunk c holds examples c, c + C, c + 2C, ... (C chunks), so when the batch is split over a
-mesh each chunk is split the same way and every device works on its own rows.
+Where the batch is split over a mesh, each device's rows are their own group with their own
+partial sum through the loop (`kernel_grad`), reduced across devices once after it: a
+reduction inside the loop made XLA:CPU's in-process all-reduce deadlock once on 2 devices
+(the devices waited at different all-reduces).
 
-Measured on the default recipe's train step (2-core AMD EPYC shared with other jobs, medians of
-8 interleaved steps): batch 256 on 1 CPU device 2.32 s -> 1.43 s; on 2 devices 1.65 s -> 1.29 s;
-batch 512 on 2 devices 3.79 s -> 2.53 s. NOT yet used by resnet.py: on a mesh, GSPMD puts an
-all-reduce of each chunk's partial sum inside the scan's loop, and on 2 CPU devices one step
-once aborted in XLA:CPU's in-process all-reduce (rendezvous timeout: the two devices waited at
-different all-reduces, as when independent loops' collectives run in different orders). A
-version for meshes must keep per-device partial sums through the loop and reduce once after.
+Used by `resnet.ResNet` on the CPU (`Conv.matmul_grads`); measured in
+`benchmarks/step_vs_torch.py` (README, "Step speed against PyTorch").
 """
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -67,29 +65,49 @@ def num_chunks(batch: int, size_per_example: int, max_size: int) -> int:
   return batch
 
 
-def kernel_grad(x, dy, window, strides, max_size=MAX_SIZE):
+def default_groups(batch: int) -> int:
+  """Partial sums kept apart in `kernel_grad`: one per device (the batch's contiguous shards
+  under the `data` mesh axis), gcd'd with the batch so it divides it; 1 on one device."""
+  return math.gcd(batch, jax.device_count())
+
+
+def kernel_grad(x, dy, window, strides, max_size=MAX_SIZE, groups=None):
   """dL/dW [kh, kw, C, O] of y = conv(x, W) ('SAME'), from x [N, H, W, C] and dy [N, Ho, Wo, O].
 
-  Sums P_c^T @ dY_c over batch chunks, each P_c [m Ho Wo, kh kw C] of at most max_size elements.
+  The batch is cut into `groups` contiguous blocks (default `default_groups`: one per device,
+  so each device's rows form one block) and each block into chunks; a loop over chunks adds
+  P_c^T @ dY_c, P_c [m Ho Wo, kh kw C] of at most max_size elements, to the block's own
+  partial sum [groups, kh kw C, O]. The blocks are summed once after the loop, so a sharded
+  batch needs one cross-device reduction per convolution, none inside the loop.
   """
   n, ho, wo, o = dy.shape
   c = x.shape[-1]
-  chunks = num_chunks(n, ho * wo * window[0] * window[1] * c, max_size)
-  # Chunk j = examples j, j + chunks, ...: [N, ...] -> [N / chunks, chunks, ...], chunks first.
-  split = lambda a: jnp.moveaxis(a.reshape(n // chunks, chunks, *a.shape[1:]), 1, 0)
+  k = window[0] * window[1] * c
+  groups = default_groups(n) if groups is None else groups
+  if n % groups:
+    raise ValueError(f'groups={groups} must divide the batch {n}.')
+  per_group = n // groups
+  chunks = num_chunks(per_group, ho * wo * k, max_size)
+  m = per_group // chunks
+  # [N, ...] -> [groups, m, chunks, ...] -> [chunks, groups, m, ...]: chunk j of a block holds
+  # the block's rows j, j + chunks, ...
+  split = lambda a: jnp.moveaxis(a.reshape(groups, m, chunks, *a.shape[1:]), 2, 0)
 
   def accumulate(acc, xy):
-    xc, dyc = xy  # [m, H, W, C], [m, Ho, Wo, O]
-    p = im2col(xc, window, strides).reshape(-1, window[0] * window[1] * c)  # [m Ho Wo, kh kw C]
-    # (m Ho Wo, kh kw C)^T . (m Ho Wo, O) -> (kh kw C, O)
-    return acc + lax.dot_general(p, dyc.reshape(-1, o), (((0,), (0,)), ((), ()))), None
+    xc, dyc = xy  # [groups, m, H, W, C], [groups, m, Ho, Wo, O]
+    p = im2col(xc.reshape(groups * m, *xc.shape[2:]), window, strides)
+    p = p.reshape(groups, m * ho * wo, k)  # [groups, m Ho Wo, kh kw C]
+    # per group g: (m Ho Wo, kh kw C)^T . (m Ho Wo, O) -> (kh kw C, O)
+    return acc + lax.dot_general(p, dyc.reshape(groups, m * ho * wo, o),
+                                 (((1,), (1,)), ((0,), (0,)))), None
 
-  acc = jnp.zeros((window[0] * window[1] * c, o), jnp.result_type(x, dy))
+  acc = jnp.zeros((groups, k, o), jnp.result_type(x, dy))
+  xs = (split(x), split(dy))
   if chunks == 1:
-    acc, _ = accumulate(acc, (x, dy))
+    acc, _ = accumulate(acc, (xs[0][0], xs[1][0]))
   else:
-    acc, _ = lax.scan(accumulate, acc, (split(x), split(dy)))
-  return acc.reshape(*window, c, o)
+    acc, _ = lax.scan(accumulate, acc, xs)
+  return acc.sum(axis=0).reshape(*window, c, o)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -128,7 +146,9 @@ class Conv(nn.Module):
   """`nn.Conv(features, kernel_size, strides, use_bias=False)` ('SAME', NHWC) with `conv2d`.
 
   Same parameter (`kernel` [kh, kw, C, O]), initialiser and dtype promotion as nn.Conv, so
-  parameters and checkpoints are interchangeable with it.
+  parameters and checkpoints are interchangeable with it. `matmul_grads`: None (default) uses
+  `conv2d` where the default backend is the CPU and XLA's convolution (as nn.Conv) elsewhere,
+  where its gradients are fast (TPU, GPU); True / False force either.
   """
   features: int
   kernel_size: Sequence[int]
@@ -136,6 +156,7 @@ class Conv(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   param_dtype: Any = jnp.float32
   max_size: int = MAX_SIZE
+  matmul_grads: bool | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -144,4 +165,9 @@ class Conv(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=None)
+    matmul_grads = self.matmul_grads
+    if matmul_grads is None:
+      matmul_grads = jax.default_backend() == 'cpu'
+    if not matmul_grads:
+      return _lax_conv(x, kernel, strides)
     return conv2d(x, kernel, strides, self.max_size)

@@ -7,12 +7,17 @@ resolution in the first stage. Stage i (i >= 1) halves the resolution and double
 BatchNorm statistics are computed over whatever batch the module sees. Under `jax.jit` with
 the batch sharded over a mesh, that is the *global* batch: XLA inserts the cross-device
 reductions, so no `axis_name` is needed (and none must be set, or the stats would be local).
+
+Convolutions are `conv.Conv` (nn.Conv's parameters; on the CPU its kernel gradients are
+matmuls, 1.3-1.6x faster steps there; elsewhere XLA's convolution).
 """
 
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from contrastive.models import conv
 
 
 class BasicBlock(nn.Module):
@@ -23,12 +28,12 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     norm = lambda name, **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name, **kw)
-    y = nn.Conv(self.filters, (3, 3), self.strides, use_bias=False, name='conv1')(x)
+    y = conv.Conv(self.filters, (3, 3), self.strides, name='conv1')(x)
     y = nn.relu(norm('bn1')(y))
-    y = nn.Conv(self.filters, (3, 3), use_bias=False, name='conv2')(y)
+    y = conv.Conv(self.filters, (3, 3), name='conv2')(y)
     y = norm('bn2', scale_init=nn.initializers.zeros)(y)
     if x.shape[-1] != self.filters or self.strides != 1:
-      x = nn.Conv(self.filters, (1, 1), self.strides, use_bias=False, name='proj')(x)
+      x = conv.Conv(self.filters, (1, 1), self.strides, name='proj')(x)
       x = norm('proj_bn')(x)
     return nn.relu(x + y)
 
@@ -41,13 +46,13 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     norm = lambda name, **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name, **kw)
-    y = nn.relu(norm('bn1')(nn.Conv(self.filters, (1, 1), use_bias=False, name='conv1')(x)))
-    y = nn.Conv(self.filters, (3, 3), self.strides, use_bias=False, name='conv2')(y)
+    y = nn.relu(norm('bn1')(conv.Conv(self.filters, (1, 1), name='conv1')(x)))
+    y = conv.Conv(self.filters, (3, 3), self.strides, name='conv2')(y)
     y = nn.relu(norm('bn2')(y))
-    y = nn.Conv(4 * self.filters, (1, 1), use_bias=False, name='conv3')(y)
+    y = conv.Conv(4 * self.filters, (1, 1), name='conv3')(y)
     y = norm('bn3', scale_init=nn.initializers.zeros)(y)
     if x.shape[-1] != 4 * self.filters or self.strides != 1:
-      x = nn.Conv(4 * self.filters, (1, 1), self.strides, use_bias=False, name='proj')(x)
+      x = conv.Conv(4 * self.filters, (1, 1), self.strides, name='proj')(x)
       x = norm('proj_bn')(x)
     return nn.relu(x + y)
 
@@ -74,7 +79,7 @@ class ResNet(nn.Module):
   def __call__(self, x, *, train: bool):
     block_cls = BLOCKS[self.block]
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # uint8 -> float32; float64 stays
-    x = nn.Conv(self.width, (3, 3), self.stem_strides, use_bias=False, name='stem')(x)
+    x = conv.Conv(self.width, (3, 3), self.stem_strides, name='stem')(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name='stem_bn')(x))
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
