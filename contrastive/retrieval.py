@@ -211,32 +211,44 @@ def class_embeddings(encode_text_fn, class_names, templates, tokenize_fn):
   return common.l2_normalize(jnp.stack(out))  # (C, D)
 
 
-def zero_shot_accuracy(image_emb, class_emb, labels, *, block_size=1024, mesh=None):
+def zero_shot_accuracy(image_emb, class_emb, labels, *, class_of=None, block_size=1024,
+                       mesh=None):
   """Top-1 and class-balanced top-1 accuracy of nearest-class-embedding predictions.
 
-    pred_i = argmax_c image_i . w_c  (ties: the lower class index, as `topk_retrieval`)
+    pred_i = class_of[argmax_m image_i . w_m]  (ties: the lower row m, as `topk_retrieval`)
     top1 = 1/N sum_i [pred_i = y_i]
     balanced_top1 = 1/|C'| sum_{c in C'} (1/N_c) sum_{i: y_i = c} [pred_i = c],
                     C' the classes present in labels (mean per-class recall)
 
+  With `class_of`, a class may own several rows (e.g. its subclasses' prompts): its score is
+  the largest of its rows'.
+
   Args:
     image_emb: [N, D] L2-normalised image embeddings.
-    class_emb: [C, D] L2-normalised class embeddings (`class_embeddings`).
+    class_emb: [M, D] L2-normalised class embeddings (`class_embeddings`), one row per class
+      (M = C) or, with class_of, several.
     labels: [N] int in [0, C).
-    block_size, mesh: as in `topk_retrieval` (classes per scan step; split of the images).
+    class_of: [M] int in [0, C), the class of each row of class_emb (default: row m is class m).
+    block_size, mesh: as in `topk_retrieval` (rows per scan step; split of the images).
 
   Returns:
     {'top1': float, 'balanced_top1': float}.
   """
-  n, c = np.shape(image_emb)[0], np.shape(class_emb)[0]
+  n, m = np.shape(image_emb)[0], np.shape(class_emb)[0]
+  class_of = np.arange(m) if class_of is None else np.asarray(class_of)
+  if class_of.shape != (m,) or not np.issubdtype(class_of.dtype, np.integer) or (
+      m and class_of.min() < 0):
+    raise ValueError(f'class_of must be int [M] = {(m,)}, >= 0; got {class_of.dtype} '
+                     f'{class_of.shape}.')
+  c = int(class_of.max()) + 1 if m else 0
   labels = np.asarray(labels)
   if n < 1 or labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f'labels must be int [N] = {(n,)}, N >= 1; got {labels.dtype} '
                      f'{labels.shape}.')
   if labels.min() < 0 or labels.max() >= c:
     raise ValueError(f'labels must be in [0, C = {c}); got [{labels.min()}, {labels.max()}].')
-  _, pred = topk_retrieval(image_emb, class_emb, k=1, block_size=min(block_size, c), mesh=mesh)
-  correct = np.asarray(pred[:, 0]) == labels  # (N,) bool; counts below are exact integers
+  _, pred = topk_retrieval(image_emb, class_emb, k=1, block_size=min(block_size, m), mesh=mesh)
+  correct = class_of[np.asarray(pred[:, 0])] == labels  # (N,) bool; exact integer counts below
   count = np.bincount(labels, minlength=c)  # (C,) examples per class
   hits = np.bincount(labels, weights=correct, minlength=c)
   present = count > 0

@@ -10,7 +10,9 @@ classification, alignment and uniformity.
   prompts (CLIP's prompt ensembling: each class's template embeddings averaged): emoji images
   into the 9 emoji groups (prompts from the group and its subgroup names), WordNet glosses into
   the 45 lexicographer categories (prompts through the word tower). Reported as top-1 and
-  balanced top-1 (mean per-class recall; chance = 1 / classes).
+  balanced top-1 (mean per-class recall; chance = 1 / classes). Where a class has several
+  names (an emoji group and its subgroups), `zero_shot_subclass/` also classifies by the
+  nearest name (each name's templates averaged): a class scores its best subclass.
 - Alignment / uniformity (Wang & Isola 2020) of the normalised embeddings.
 """
 
@@ -47,6 +49,10 @@ def zero_shot_classes(dataset_name, ev, pair_spec):
   return None
 
 
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
 class TwoTowerEvaluator:
   """Loads the held-out split once; `evaluator(state)` returns the metrics of the module doc."""
 
@@ -61,8 +67,8 @@ class TwoTowerEvaluator:
     if self.zero_shot:
       side, labels, names, templates = self.zero_shot
       prompts = [t.format(n) for names_c in names for n in names_c for t in templates]
-      owner = np.repeat(np.arange(len(names)), [len(c) * len(templates) for c in names])
-      self.prompts, self.prompt_class = encode(prompts), owner
+      name_class = np.repeat(np.arange(len(names)), [len(c) for c in names])  # [names]
+      self.prompts, self.name_class = encode(prompts), name_class
     repl = parallel.replicated(mesh)
     apply = lambda method: jax.jit(
         lambda variables, x: model.apply(variables, x, method=method, normalize=True),
@@ -97,12 +103,17 @@ class TwoTowerEvaluator:
     if self.zero_shot:
       side, labels, names, _ = self.zero_shot
       other = 'b' if side == 'a' else 'a'
-      prompts = self.embed(state, other, self.prompts)
-      classes = np.stack([prompts[self.prompt_class == c].mean(0) for c in range(len(names))])
-      classes /= np.linalg.norm(classes, axis=1, keepdims=True)
-      scores = retrieval.zero_shot_accuracy(za if side == 'a' else zb, classes, labels)
+      items = za if side == 'a' else zb
+      prompts = self.embed(state, other, self.prompts)  # [names * templates, D]
+      per_name = prompts.reshape(len(self.name_class), -1, prompts.shape[-1]).mean(1)
+      classes = np.stack([per_name[self.name_class == c].mean(0) for c in range(len(names))])
+      scores = retrieval.zero_shot_accuracy(items, _unit(classes), labels)
       metrics.update({f'zero_shot/{k}': float(v) for k, v in scores.items()})
       metrics['zero_shot/chance'] = 1.0 / len(names)
+      if len(self.name_class) > len(names):  # classes with subclass names: the nearest decides
+        scores = retrieval.zero_shot_accuracy(items, _unit(per_name), labels,
+                                              class_of=self.name_class)
+        metrics.update({f'zero_shot_subclass/{k}': float(v) for k, v in scores.items()})
     metrics['alignment'] = float(retrieval.alignment(za[links[:, 0]], zb[links[:, 1]]))
     metrics['uniformity_a'] = float(retrieval.uniformity(za))
     metrics['uniformity_b'] = float(retrieval.uniformity(zb))

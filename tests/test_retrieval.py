@@ -215,6 +215,28 @@ def test_zero_shot_unbalanced_labels():
   assert mesh == out
 
 
+def test_zero_shot_with_several_rows_per_class():
+  """class_of: a class scores its best row (the nearest subclass prompt decides)."""
+  rng = np.random.default_rng(6)
+  rows = unit(rng.normal(size=(7, 8)))
+  class_of = np.array([0, 0, 1, 2, 2, 2, 1])
+  labels = np.array([0] * 9 + [1] * 4 + [2] * 12)
+  near = np.array([rng.choice(np.flatnonzero(class_of == y)) for y in labels])
+  images = unit(rows[near] + 0.8 * rng.normal(size=(labels.size, 8)))
+  out = retrieval.zero_shot_accuracy(images, rows, labels, class_of=class_of, block_size=3)
+  scores = images @ rows.T  # (N, M)
+  best = np.stack([scores[:, class_of == c].max(axis=1) for c in range(3)], axis=1)
+  pred = np.argmax(best, axis=1)
+  balanced = np.mean([np.mean(pred[labels == c] == c) for c in range(3)])
+  assert out == {'top1': float(np.mean(pred == labels)), 'balanced_top1': float(balanced)}
+  assert 0 < out['top1'] < 1
+  # Averaging each class's rows (one row per class) is a different classifier here.
+  means = unit(np.stack([rows[class_of == c].mean(0) for c in range(3)]))
+  assert retrieval.zero_shot_accuracy(images, means, labels) != out
+  with pytest.raises(ValueError, match='class_of must be int'):
+    retrieval.zero_shot_accuracy(images, rows, labels, class_of=class_of[:3])
+
+
 def test_zero_shot_rejects_bad_labels():
   with pytest.raises(ValueError, match=r'labels must be in \[0, C = 2\)'):
     retrieval.zero_shot_accuracy(np.eye(3), np.eye(3)[:2], np.array([0, 1, 2]))

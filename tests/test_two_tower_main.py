@@ -68,7 +68,8 @@ def test_siglip_emoji_runlocal_trains_and_evaluates(siglip_run):
   losses = [r['loss'] for r in rows if 'loss' in r]
   assert len(losses) == 6 and all(np.isfinite(losses))
   final = rows[-1]
-  for key in ('a2b/r@1', 'a2b/r@10', 'b2a/r@5', 'zero_shot/balanced_top1', 'alignment',
+  for key in ('a2b/r@1', 'a2b/r@10', 'b2a/r@5', 'zero_shot/balanced_top1',
+              'zero_shot_subclass/balanced_top1', 'alignment',
               'uniformity_a'):
     assert key in final and np.isfinite(final[key]), key
   assert final['zero_shot/chance'] == pytest.approx(1 / 9)
