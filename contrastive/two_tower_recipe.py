@@ -148,7 +148,9 @@ def train_source(config, workdir):
   tokenizer trained on it on the first start (saved in the workdir)."""
   raw = pair_batches.get_source(config.dataset, 'train')
   spec = pair_batches.spec(config.dataset, raw)
-  tok = pair_batches.load_or_train_tokenizer(workdir, raw, spec, config.tokenizer)
+  tok = pair_batches.load_or_train_tokenizer(
+      workdir, raw, spec, config.tokenizer,
+      dataset_dir=pair_batches.builder(config.dataset).data_dir)
   return pair_batches.TokenizedPairs(raw, spec, tok, config.tokenizer.context)
 
 

@@ -67,3 +67,43 @@ def test_save_and_load(tok, tmp_path, texts):
   loaded = tokenizer.Tokenizer.load(path)
   assert loaded.model_proto == tok.model_proto
   np.testing.assert_array_equal(loaded.encode(texts[:50], 16)[0], tok.encode(texts[:50], 16)[0])
+
+
+class _Records:
+  """A random-access source of text records, counting reads."""
+
+  def __init__(self, texts):
+    self.records, self.reads = [{'text': t} for t in texts], 0
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitems__(self, indices):
+    self.reads += 1
+    return [self.records[i] for i in indices]
+
+
+def test_tokenizer_saved_in_workdir_and_dataset_dir(texts, tmp_path):
+  """The first run trains and saves both copies; a new workdir on the same dataset reads the
+  dataset directory's (no training: the records are not read), other options train anew."""
+  from contrastive.data import pair_batches  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  spec = pair_batches.SPECS['emoji_cldr']
+  cfg = ml_collections.ConfigDict(dict(vocab_size=600, model_type='unigram',
+                                       character_coverage=0.9995))
+  source, dataset_dir = _Records(texts[:3000]), tmp_path / 'dataset'
+  dataset_dir.mkdir()
+  first = pair_batches.load_or_train_tokenizer(str(tmp_path / 'w1'), source, spec, cfg,
+                                               dataset_dir=str(dataset_dir))
+  assert source.reads == 1
+  assert (tmp_path / 'w1' / pair_batches.TOKENIZER_NAME).read_bytes() == first.model_proto
+  assert [p.name for p in dataset_dir.iterdir()] == [pair_batches.tokenizer_cache_name(cfg)]
+  second = pair_batches.load_or_train_tokenizer(str(tmp_path / 'w2'), source, spec, cfg,
+                                                dataset_dir=str(dataset_dir))
+  assert source.reads == 1 and second.model_proto == first.model_proto
+  assert (tmp_path / 'w2' / pair_batches.TOKENIZER_NAME).exists()
+  cfg.vocab_size = 700
+  third = pair_batches.load_or_train_tokenizer(str(tmp_path / 'w3'), source, spec, cfg,
+                                               dataset_dir=str(dataset_dir))
+  assert source.reads == 2 and third.vocab_size != first.vocab_size
+  assert len(list(dataset_dir.iterdir())) == 2

@@ -15,6 +15,8 @@ and saved in the workdir, so a resumed run and `inference.load` read the same on
 """
 
 import dataclasses
+import hashlib
+import json
 import os
 
 import grain
@@ -101,21 +103,42 @@ def texts(source, fields):
   return [tokenizer_lib._as_str(r[f]) for r in records for f in fields]  # pylint: disable=protected-access
 
 
-def load_or_train_tokenizer(workdir, train_source, pair_spec, cfg):
-  """The workdir's tokenizer, or one trained on the training texts (then saved there).
+def tokenizer_cache_name(cfg):
+  """The file name of a tokenizer trained with config.tokenizer `cfg`, in a dataset directory."""
+  options = dict(vocab_size=cfg.vocab_size, model_type=cfg.get('model_type', 'unigram'),
+                 character_coverage=cfg.get('character_coverage', 0.9995))
+  digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:12]
+  return f'tokenizer-{digest}.model'
 
-  cfg: config.tokenizer (vocab_size, model_type). Training is deterministic, so every process
-  of a multi-process job trains the same one; process 0 writes it.
+
+def load_or_train_tokenizer(workdir, train_source, pair_spec, cfg, dataset_dir=None):
+  """The workdir's tokenizer; else the dataset directory's one for the same options; else one
+  trained on the training texts. Saved in the workdir and (where writable) `dataset_dir`.
+
+  cfg: config.tokenizer (vocab_size, model_type, character_coverage). Training is
+  deterministic, so every process of a multi-process job trains (or reads) the same one;
+  process 0 writes it.
   """
   path = os.path.join(workdir, TOKENIZER_NAME)
   if os.path.exists(path):
     return tokenizer_lib.Tokenizer.load(path)
-  fields = [pair_spec.b] + ([] if pair_spec.a_is_image else [pair_spec.a])
-  # hard_vocab_limit=False: a small dataset may fill fewer pieces than vocab_size (ids stay
-  # below it, the embedding table keeps vocab_size rows).
-  tok = tokenizer_lib.train(sorted(set(texts(train_source, fields))), cfg.vocab_size,
-                            model_type=cfg.get('model_type', 'unigram'), hard_vocab_limit=False,
-                            character_coverage=cfg.get('character_coverage', 0.9995))
+  cached = dataset_dir and os.path.join(dataset_dir, tokenizer_cache_name(cfg))
+  if cached and os.path.exists(cached):
+    tok = tokenizer_lib.Tokenizer.load(cached)
+  else:
+    fields = [pair_spec.b] + ([] if pair_spec.a_is_image else [pair_spec.a])
+    # hard_vocab_limit=False: a small dataset may fill fewer pieces than vocab_size (ids stay
+    # below it, the embedding table keeps vocab_size rows).
+    tok = tokenizer_lib.train(sorted(set(texts(train_source, fields))), cfg.vocab_size,
+                              model_type=cfg.get('model_type', 'unigram'),
+                              hard_vocab_limit=False,
+                              character_coverage=cfg.get('character_coverage', 0.9995))
+    if cached and jax.process_index() == 0:
+      try:  # a cache only: a read-only dataset directory is fine
+        tok.save(cached + '.tmp')
+        os.replace(cached + '.tmp', cached)
+      except OSError:
+        pass
   if jax.process_index() == 0:
     tok.save(path)
   return tok
