@@ -7,7 +7,8 @@ Run (the README's `make train` runs the default):
   python -m contrastive.main --config configs/simclr_fmnist.py:resnet18 --workdir gs://...  # accelerators
 
 Variants (comma-separated after the colon): `runlocal` (tiny, seconds), `resnet18`/`resnet50`
-(the full-width presets and SimCLR's batch/optimizer for accelerators), `loss=NAME` (any loss of
+(the full-width presets and SimCLR's batch/optimizer for accelerators), `vit` (a small ViT
+encoder instead of the ResNet), `loss=NAME` (any loss of
 `contrastive.losses.PAIR_LOSSES`, with the arguments below, e.g. `:loss=sigmoid_loss`), and the
 negative samplers of SAMPLERS (e.g. `:mochi`, `:mining,threshold`; they switch the loss to
 InfoNCE, the loss they act on). Single fields from the command line:
@@ -46,7 +47,7 @@ SAMPLERS = {
     'threshold': dict(threshold=0.8),  # drop candidates more similar than 0.8
     'gist': dict(gist=True, gist_margin=0.0),  # guide: the momentum encoder (momentum 0.99)
 }
-VARIANTS = ('runlocal', 'resnet18', 'resnet50', 'mcl')
+VARIANTS = ('runlocal', 'resnet18', 'resnet50', 'vit', 'mcl')
 
 
 def default_samplers():
@@ -114,8 +115,11 @@ def get_config(arg=None):
   config.augment = dict(crop_scale=(0.3, 1.0), flip=True, jitter_prob=0.8, brightness=0.4,
                         contrast=0.4, saturation=0.4, hue=0.1, gray_prob=0.2, blur_prob=0.0)
 
+  # `encoder`, where set (the `vit` variant), is a tower config (models/two_tower.build_tower)
+  # that replaces the ResNet of the fields before it.
   config.model = dict(preset='', stage_sizes=(1, 1, 1), width=32, block='basic',
-                      stem_strides=2, head_hidden_dims=(256,), head_out_dim=128)
+                      stem_strides=2, encoder=config_dict.placeholder(dict),
+                      head_hidden_dims=(256,), head_out_dim=128)
   loss = options.get('loss', 'nt_xent')
   if loss not in LOSSES:
     raise ValueError(f'Variant loss={loss!r} is unknown; choose one of {sorted(LOSSES)}.')
@@ -154,12 +158,17 @@ def get_config(arg=None):
                             warmup_steps=500)
     config.eval.every = 5000
     config.checkpoint_every = 1000
+  if 'vit' in variants:  # a ViT on 4 x 4 patches of 7 x 7 px (the two-tower issue's item 10)
+    config.model.encoder = dict(name='vit', patch=7, width=128, depth=4, heads=4, mlp_dim=256,
+                                pool='gap')
   apply_sampler_variants(config, variants)
   if 'runlocal' in variants:
     config.batch_size = 64
     config.total_steps = 6
     config.model.update(preset='', stage_sizes=(1,), width=8, block='basic', head_out_dim=32,
                         head_hidden_dims=(32,))
+    if config.model.encoder:
+      config.model.encoder.update(width=16, depth=1, heads=2, mlp_dim=32)
     config.optimizer.update(warmup_steps=1)
     config.eval.update(batch_size=200, linear_steps=50, random_init_baseline=False,
                        max_train_examples=2000, max_test_examples=400)

@@ -9,6 +9,7 @@ from contrastive import two_tower_recipe
 from contrastive.data import pipeline
 from contrastive.losses import check_loss_config
 from contrastive.models import PRESETS
+from contrastive.models import two_tower
 from contrastive.models.resnet import BLOCKS
 from contrastive.samplers.momentum import MOMENTUM_SCHEDULES
 from contrastive.samplers.queue import check_queue_size
@@ -73,6 +74,11 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
     check_loss_config(config.loss)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  if config.model.get('encoder'):
+    try:
+      two_tower.build_tower(config.model.encoder)
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f'config.model.encoder: {e}') from None
   preset = config.model.get('preset')
   if preset and preset not in PRESETS:
     raise ConfigError(f'config.model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)} '

@@ -15,7 +15,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, '*.py')))
 VARIANTS = {
     'simclr_fmnist.py': [None, 'runlocal', 'resnet18', 'resnet50', 'resnet18,runlocal',
-                         'mining,mochi', 'runlocal,ft,threshold,gist', 'mcl'],
+                         'mining,mochi', 'runlocal,ft,threshold,gist', 'mcl', 'vit',
+                         'vit,runlocal'],
     'moco_v2_fmnist.py': [None, 'runlocal', 'runlocal,mining,mochi,ft,threshold,gist'],
     'moco_v3_fmnist.py': [None, 'runlocal'],
     'siglip_emoji.py': [None, 'runlocal', 'resnet', 'lit', 'pod', 'resnet,lit,runlocal'],
@@ -109,6 +110,8 @@ def _base(**changes):
     ({'loss.temperature': 0.0}, 1, 'config.loss.temperature=0.0 must be > 0'),
     ({'mesh': [('data', 3)]}, 8, 'has 3 devices but there are 8'),
     ({'model.preset': 'resnet7'}, 1, "config.model.preset='resnet7' is unknown"),
+    ({'model.encoder': {'name': 'vitt'}}, 1, "config.model.encoder: unknown tower name 'vitt'"),
+    ({'model.encoder': {'name': 'vit', 'depht': 2}}, 1, "unknown vit tower fields ['depht']"),
     ({'eval.batch_size': 999}, 8, 'config.eval.batch_size=999 is not divisible'),
     ({'method': 'byol'}, 1, "config.method='byol' is unknown"),
     ({'method': 'moco'}, 1, 'takes its keys from a momentum encoder'),

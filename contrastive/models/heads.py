@@ -5,6 +5,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from contrastive.models import resnet
+from contrastive.models import two_tower
 
 
 class ProjectionHead(nn.Module):
@@ -47,14 +48,23 @@ class ContrastiveModel(nn.Module):
     return self.encoder(images, train=False)
 
 
-def build_model(cfg):
-  """ContrastiveModel from config `cfg` (fields: encoder preset or stage_sizes/width/block, head,
-  optional predictor_hidden_dims)."""
+def build_encoder(cfg):
+  """The encoder of config `cfg`: `cfg.encoder`, a tower config such as
+  {'name': 'vit', 'patch': 7, ...} (`two_tower.build_tower`), where set; else the ResNet of
+  `preset` or stage_sizes/width/block/stem_strides."""
+  if cfg.get('encoder'):
+    return two_tower.build_tower(cfg.encoder)
   enc = dict(resnet.PRESETS[cfg.preset]) if cfg.get('preset') else {}
   for field in ('stage_sizes', 'width', 'block'):
     if cfg.get(field):  # empty / 0 = take it from the preset
       enc[field] = tuple(cfg[field]) if field == 'stage_sizes' else cfg[field]
-  encoder = resnet.ResNet(**enc, stem_strides=cfg.get('stem_strides', 1))
+  return resnet.ResNet(**enc, stem_strides=cfg.get('stem_strides', 1))
+
+
+def build_model(cfg):
+  """ContrastiveModel from config `cfg` (fields: the encoder's (`build_encoder`), head,
+  optional predictor_hidden_dims)."""
+  encoder = build_encoder(cfg)
   head = ProjectionHead(hidden_dims=tuple(cfg.head_hidden_dims), out_dim=cfg.head_out_dim)
   predictor = None
   if cfg.get('predictor_hidden_dims'):  # MoCo v3: 2-layer MLP, out_dim -> hidden -> out_dim
