@@ -35,10 +35,11 @@ def base_config(loss_params='siglip'):
   config.tokenizer = dict(vocab_size=1000, context=16, model_type='unigram',
                           character_coverage=0.9995)  # rarer characters: byte pieces
   config.batch_size = 256
-  config.num_epochs = 10.0
+  config.num_epochs = 15.0  # 885 steps: ~13 min on 2 cores
   config.total_steps = 0  # > 0 overrides num_epochs
   config.model = dict(
-      image=dict(name='vit', preset='small', pool='map'),
+      # Patches of 8 px (16 tokens): 3x faster steps than the preset's 4 px, more steps in 15 min.
+      image=dict(name='vit', preset='small', patch=8, pool='map'),
       text=dict(name='text', preset='small', pool='eos'),
       embed_dim=128, loss_params=loss_params,
       # SigLIP's published init (t' = log 10, b = -10) spends a short run escaping it
