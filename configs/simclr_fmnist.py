@@ -109,7 +109,7 @@ def get_config(arg=None):
   # Sized for a 2-core CPU to finish in under 15 minutes (see README, Results); the accelerator
   # variants below restore SimCLR's ResNet, batch and LARS.
   config.batch_size = 256
-  config.num_epochs = 4.0
+  config.num_epochs = 4.5
   config.total_steps = 0  # > 0 overrides num_epochs
 
   config.augment = dict(crop_scale=(0.3, 1.0), flip=True, jitter_prob=0.8, brightness=0.4,

@@ -1,6 +1,7 @@
 """The MoCo recipes with the samplers, and MCL's stage runner, through `contrastive.main`.
 
-A short MoCo v2 run with every sampler on 2 devices (3 steps) and MCL's two stages (both slow:
+A short MoCo v2 run with every sampler on 2 devices (3 steps), MCL's two stages and SimCLR with
+the ViT encoder (all slow:
 `make test-all`; CI runs the MoCo step itself in test_moco.py); the step's method as built
 from each config; MCL's cluster bookkeeping against hand-computed tables.
 """
@@ -56,6 +57,16 @@ def test_mcl_trains_two_stages_and_evaluates_their_concatenation(tmp_path):
   for stage in ('stage1', 'stage2'):
     assert os.path.isdir(tmp_path / stage / 'checkpoints' / '3')
   assert 0.0 < rows[-1]['mcl/knn_top1'] <= 1.0
+
+
+@pytest.mark.slow
+def test_simclr_with_the_vit_encoder_runs_from_main(tmp_path):
+  stdout, rows = _main('simclr_fmnist.py:vit,runlocal', tmp_path, '--config.total_steps=3')
+  assert 'step 3/3' in stdout
+  assert all(np.isfinite(r['loss']) for r in rows if 'loss' in r)
+  assert 0.0 < rows[-1]['knn_top1'] <= 1.0
+  with open(tmp_path / 'config.json', encoding='utf-8') as f:
+    assert json.load(f)['model.encoder.name'] == 'vit'
 
 
 def test_mcl_combines_clusters_of_all_stages():
