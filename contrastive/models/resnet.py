@@ -9,7 +9,7 @@ the batch sharded over a mesh, that is the *global* batch: XLA inserts the cross
 reductions, so no `axis_name` is needed (and none must be set, or the stats would be local).
 
 Convolutions are `conv.Conv` (nn.Conv's parameters; on the CPU its kernel gradients are
-matmuls, 1.3-1.6x faster steps there; elsewhere XLA's convolution).
+matmuls, 1.3x (batch 256) to 1.75x (512) faster steps there; elsewhere XLA's convolution).
 """
 
 from typing import Sequence
