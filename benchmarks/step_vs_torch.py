@@ -11,8 +11,9 @@ Implementations, each in its own worker process (own peak RSS, own thread pools)
   torch_channels_last  the same with the model and input in channels-last memory format;
   torch_compile        the same step (augment + model + loss) under torch.compile.
 
-The orchestrator sends "step i" to each worker in turn (one step of every implementation per
-round, so a shared machine's drift hits all alike) and prints one JSON line per (impl, batch):
+The orchestrator (benchmarks/interleaved.py) sends "step i" to each worker in turn (one step
+of every implementation per round, so a shared machine's drift hits all alike) and prints one
+JSON line per (impl, batch):
 median step seconds over --rounds after 2 warm-up steps (the first compiles), all times,
 ratio to torch_eager of the same run, parameter count and the worker's peak RSS.
 
@@ -30,29 +31,20 @@ inputs, PyTorch padding=1 pads (1, 1); output shapes and FLOPs are equal.
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
+import interleaved  # benchmarks/interleaved.py
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_IMPLS = ('torch_eager', 'torch_channels_last', 'torch_compile')
 
 
-def _cores():
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-
-
 def _images(batch, i):
   """The uint8 batch [B, 28, 28, 1] of step i, the same for every implementation."""
   return np.random.default_rng(i).integers(0, 256, (batch, 28, 28, 1), np.uint8)
-
-
-def _peak_rss_gib():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
 
 
 # ---- JAX worker ------------------------------------------------------------------------------
@@ -84,7 +76,7 @@ def torch_worker(point):
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
-  torch.set_num_threads(_cores())
+  torch.set_num_threads(interleaved.cores())
   torch.manual_seed(0)
   cfg = point['config']
   model_cfg, aug, opt_cfg = cfg['model'], cfg['augment'], cfg['optimizer']
@@ -180,48 +172,12 @@ def torch_worker(point):
 
 
 def worker(point):
-  """Reads 'step i' / 'exit' lines on stdin, answers one JSON line each on stdout."""
+  """One implementation's process (`interleaved.serve`)."""
   run, count = (jax_worker if point['impl'] == 'jax' else torch_worker)(point)
-  print(json.dumps(dict(params=count)), flush=True)
-  for line in sys.stdin:
-    cmd, *arg = line.split()
-    if cmd == 'exit':
-      break
-    print(json.dumps(dict(time_s=run(int(arg[0])))), flush=True)
-  print(json.dumps(dict(peak_rss_gib=_peak_rss_gib())), flush=True)
+  interleaved.serve(lambda i: dict(time_s=run(i)), count)
 
 
 # ---- Orchestrator ----------------------------------------------------------------------------
-
-
-class Worker:
-  """One implementation in its own process, driven one step at a time."""
-
-  def __init__(self, python, point):
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
-    env.pop('XLA_FLAGS', None)  # the device count is the point's
-    env.pop('JAX_NUM_CPU_DEVICES', None)
-    self.proc = subprocess.Popen([python, os.path.abspath(__file__), '--worker', json.dumps(point)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    self.params = self._read()['params']
-
-  def _read(self):
-    line = self.proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f'worker exited with {self.proc.wait()} (its stderr is above)')
-    return json.loads(line)
-
-  def step(self, i):
-    self.proc.stdin.write(f'step {i}\n')
-    self.proc.stdin.flush()
-    return self._read()['time_s']
-
-  def close(self):
-    self.proc.stdin.write('exit\n')
-    self.proc.stdin.flush()
-    rss = self._read()['peak_rss_gib']
-    self.proc.wait()
-    return rss
 
 
 def main(argv=None):
@@ -252,20 +208,21 @@ def main(argv=None):
                 if impl == 'jax' else [1])
       for devices in dict.fromkeys(counts):  # 'auto,1' on one core: once
         points.append(dict(impl=impl, batch=batch, devices=devices, config=shared))
-    workers = [Worker(sys.executable if pt['impl'] == 'jax' else args.torch_python, pt)
-               for pt in points]
+    workers = [interleaved.Worker(sys.executable if pt['impl'] == 'jax' else args.torch_python,
+                                  __file__, pt) for pt in points]
     counts = [(pt['impl'], w.params) for pt, w in zip(points, workers)]
     assert len({c for _, c in counts}) == 1, f'parameter counts differ: {counts}'
     print(f'parameters: {counts}', file=sys.stderr, flush=True)
-    times = [[w.step(0), w.step(1)] for w in workers]  # compile, then warm up
+    times = [[w.step(0)['time_s'], w.step(1)['time_s']] for w in workers]  # compile, warm up
     for r in range(args.rounds):  # interleaved rounds
       for w, t in zip(workers, times):
-        t.append(w.step(2 + r))
+        t.append(w.step(2 + r)['time_s'])
     medians = [statistics.median(t[2:]) for t in times]
     base = next((m for pt, m in zip(points, medians) if pt['impl'] == 'torch_eager'), None)
     for pt, w, t, m in zip(points, workers, times, medians):
       print(json.dumps(dict(
-          impl=pt['impl'], batch=batch, devices=pt['devices'], cores=_cores(), params=w.params,
+          impl=pt['impl'], batch=batch, devices=pt['devices'], cores=interleaved.cores(),
+          params=w.params,
           time_s=round(m, 4), times_s=[round(x, 4) for x in t], first_call_s=round(t[0], 2),
           ratio_vs_torch_eager=None if base is None else round(m / base, 3),
           peak_rss_gib=round(w.close(), 3))), flush=True)

@@ -14,8 +14,8 @@ Implementations, each in its own worker process (own peak RSS, own thread pools)
                   cores; the first is the ratios' base).
 
 Inputs: images [B, 32, 32, 3] uint8 and tokens [B, 16] uniform in [1, 1000) (no padding), the
-same arrays for every implementation (seeded by step). The orchestrator starts the workers of
-one (batch, loss) together and sends "step i" to each in turn (one step of every
+same arrays for every implementation (seeded by step). The orchestrator
+(benchmarks/interleaved.py) starts the workers of one (batch, loss) together and sends "step i" to each in turn (one step of every
 implementation per round, so a shared machine's drift hits all alike), then prints one JSON
 line per worker: median seconds over --rounds after 2 warm-up steps (the first compiles), all
 times, ratio_vs_open_clip (to the first open_clip worker of the same run), parameter count,
@@ -63,12 +63,11 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
+import interleaved  # benchmarks/interleaved.py
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,19 +76,11 @@ IMAGE, CONTEXT, VOCAB = 32, 16, 1000
 PATCH = 4  # the recorded runs' ViT patches (the recipes' default is now 8: 4x fewer tokens)
 
 
-def _cores():
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-
-
 def _batch(batch, i):
   """(images [B, 32, 32, 3] uint8, tokens [B, 16] int32) of step i, the same for every impl."""
   rng = np.random.default_rng(i)
   return (rng.integers(0, 256, (batch, IMAGE, IMAGE, 3), np.uint8),
           rng.integers(1, VOCAB, (batch, CONTEXT)).astype(np.int32))
-
-
-def _peak_rss_gib():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
 
 
 # ---- Our step --------------------------------------------------------------------------------
@@ -192,51 +183,19 @@ def open_clip_worker(point):
 
 
 def worker(point):
-  """Reads 'step i' / 'exit' lines on stdin, answers one JSON line each on stdout."""
+  """One implementation's process (`interleaved.serve`); a non-finite loss stops it."""
   run, count = (open_clip_worker if point['impl'] == 'open_clip' else ours_worker)(point)
-  print(json.dumps(dict(params=count)), flush=True)
-  for line in sys.stdin:
-    cmd, *arg = line.split()
-    if cmd == 'exit':
-      break
-    seconds, loss = run(int(arg[0]))
+
+  def step(i):
+    seconds, loss = run(i)
     if not math.isfinite(loss):
-      raise FloatingPointError(f'{point["impl"]}: loss {loss} at step {arg[0]}')
-    print(json.dumps(dict(time_s=seconds, loss=loss)), flush=True)
-  print(json.dumps(dict(peak_rss_gib=_peak_rss_gib())), flush=True)
+      raise FloatingPointError(f'{point["impl"]}: loss {loss} at step {i}')
+    return dict(time_s=seconds, loss=loss)
+
+  interleaved.serve(step, count)
 
 
 # ---- Orchestrator ----------------------------------------------------------------------------
-
-
-class Worker:
-  """One implementation in its own process, driven one step at a time."""
-
-  def __init__(self, python, point):
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
-    env.pop('XLA_FLAGS', None)  # the device count is the point's
-    env.pop('JAX_NUM_CPU_DEVICES', None)
-    self.proc = subprocess.Popen([python, os.path.abspath(__file__), '--worker', json.dumps(point)],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    self.params = self._read()['params']
-
-  def _read(self):
-    line = self.proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f'worker exited with {self.proc.wait()} (its stderr is above)')
-    return json.loads(line)
-
-  def step(self, i):
-    self.proc.stdin.write(f'step {i}\n')
-    self.proc.stdin.flush()
-    return self._read()
-
-  def close(self):
-    self.proc.stdin.write('exit\n')
-    self.proc.stdin.flush()
-    rss = self._read()['peak_rss_gib']
-    self.proc.wait()
-    return rss
 
 
 def main(argv=None):
@@ -270,10 +229,12 @@ def main(argv=None):
           points.append(dict(impl=impl, loss=loss, batch=batch, devices=devices, pool=args.pool,
                              block_size=args.block_size if impl == 'ours_blockwise' else None))
         if impl == 'open_clip':  # one worker per thread count, the first is the ratios' base
-          points[-1:] = [dict(points[-1], threads=int(t) if t != 'cores' else _cores())
+          points[-1:] = [dict(points[-1],
+                              threads=int(t) if t != 'cores' else interleaved.cores())
                          for t in args.torch_threads.split(',')]
       load_start = os.getloadavg()
-      workers = [Worker(args.torch_python if pt['impl'] == 'open_clip' else sys.executable, pt)
+      workers = [interleaved.Worker(
+          args.torch_python if pt['impl'] == 'open_clip' else sys.executable, __file__, pt)
                  for pt in points]
       print(f'batch {batch} {loss}: parameters ' +
             ', '.join(f'{pt["impl"]}={w.params:,}' for pt, w in zip(points, workers)),
@@ -287,7 +248,8 @@ def main(argv=None):
       base = next((m for pt, m in zip(points, medians) if pt['impl'] == 'open_clip'), None)
       for pt, w, s, m in zip(points, workers, steps, medians):
         print(json.dumps(dict(
-            impl=pt['impl'], loss=loss, batch=batch, devices=pt['devices'], cores=_cores(),
+            impl=pt['impl'], loss=loss, batch=batch, devices=pt['devices'],
+            cores=interleaved.cores(),
             block_size=pt['block_size'], collective='ring' if pt['block_size'] else None,
             threads=pt.get('threads'), pool=args.pool, params=w.params, time_s=round(m, 4),
             times_s=[round(x['time_s'], 4) for x in s], first_call_s=round(s[0]['time_s'], 2),
