@@ -15,13 +15,14 @@ Implementations, each in its own worker process (own peak RSS, own thread pools)
 
 Inputs: images [B, 32, 32, 3] uint8 and tokens [B, 16] uniform in [1, 1000) (no padding), the
 same arrays for every implementation (seeded by step). The orchestrator
-(benchmarks/interleaved.py) starts the workers of one (batch, loss) together and sends
-"step i" to each in turn (one step of every implementation per round, so a shared machine's
-drift hits all alike), then prints one JSON line per worker: median seconds over --rounds
-after 2 warm-up steps (the first compiles), all times, ratio_vs_open_clip (to the first open_clip worker of the same run), parameter count,
-threads (open_clip), the first 3 losses, peak RSS (ru_maxrss) and the load average
-(`os.getloadavg`) before and after. Under load from other processes torch's OpenMP barriers
-stall when a thread is descheduled, so `--torch_threads=cores,1` also times open_clip on 1 thread.
+(benchmarks/interleaved.py) starts the workers of one (batch, loss) together and sends "step i"
+to each in turn (one step of every implementation per round, so a shared machine's drift hits
+all alike), then prints one JSON line per worker: median seconds over --rounds after 2 warm-up
+steps (the first compiles), all times, ratio_vs_open_clip (to the first open_clip worker of the
+same run), parameter count, threads (open_clip), the first 3 losses, peak RSS (ru_maxrss) and
+the load average (`os.getloadavg`) before and after. Under load from other processes torch's
+OpenMP barriers stall when a thread is descheduled, so `--torch_threads=cores,1` also times
+open_clip on 1 thread.
 
 Torch and open_clip are not project dependencies; they run from their own environment. (The
 CPU wheel index is unreachable here and torchvision 0.28 from PyPI needs CUDA torch, so the
