@@ -28,7 +28,7 @@ def base_config(loss_params='siglip'):
   config = ml_collections.ConfigDict()
   config.family = 'two_tower'
   config.seed = 0
-  config.mesh = [('data', -1)]
+  config.mesh = (('data', -1),)  # or e.g. (('data', 2), ('fsdp', 4)): contrastive/parallel.py
   config.dtype = 'float32'
   config.dataset = dict(name='emoji_cldr', data_dir='', image_size=32, languages=('en',),
                         max_examples=0)  # > 0: that many distinct emoji (small runs)
@@ -56,6 +56,8 @@ def base_config(loss_params='siglip'):
   config.eval = dict(every=0, split='test', batch_size=512, ks=(1, 5, 10), block_size=1024,
                      random_init_baseline=True)
   config.log_every = 20
+  # (first, last): a jax.profiler trace of these steps in WORKDIR/profile (process 0); () = off.
+  config.profile_steps = ()
   config.checkpoint_every = 200
   config.checkpoint_keep = 2
   config.nonfinite = 'error'

@@ -99,7 +99,7 @@ def get_config(arg=None):
                      f'{sorted(VARIANTS + tuple(SAMPLERS))} or loss=NAME.')
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.mesh = [('data', -1)]
+  config.mesh = (('data', -1),)  # or e.g. (('data', 2), ('fsdp', 4)): contrastive/parallel.py
   # 'float64': every parameter and activation in float64 (a reference run whose results do not
   # depend on the order of float32 sums, e.g. across device or process counts).
   config.dtype = 'float32'
@@ -139,6 +139,8 @@ def get_config(arg=None):
                      linear_steps=500, linear_lr=0.05, linear_l2=1e-4,
                      random_init_baseline=True, max_train_examples=0, max_test_examples=0)  # 0 = all
   config.log_every = 20
+  # (first, last): a jax.profiler trace of these steps in WORKDIR/profile (process 0); () = off.
+  config.profile_steps = ()
   config.checkpoint_every = 500
   config.checkpoint_keep = 2
   config.nonfinite = 'error'  # NaN/inf loss or state: 'error' stops naming the step; 'skip' drops

@@ -50,7 +50,7 @@ def combine_clusters(previous, new, num_clusters):
 def train_stages(config, workdir):
   """Trains config.mcl.stages stages in workdir/stage{s}; returns the concatenated features'
   metrics ({'mcl/knn_top1', 'mcl/linear_top1', ...}), also written to workdir/metrics.jsonl."""
-  mesh = parallel.make_mesh(config.mesh)
+  mesh = parallel.batch_mesh(parallel.make_mesh(config.mesh))
   evaluator = evaluate.Evaluator(config.eval, config.dataset, build_model(config.model), mesh)
   clusters, train_feats, test_feats = None, [], []
   for stage in range(1, config.mcl.stages + 1):

@@ -23,8 +23,8 @@ from contrastive.samplers import queue as queue_lib
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a step reads and writes. Replicated over the mesh, except the queue (split
-  along the data axis).
+  """Everything a step reads and writes. Replicated over the mesh, or split along its fsdp
+  axis (`state_shardings`); the queue is split along the batch axes.
 
   With the data iterator's state (saved beside it) and the step rng, fold_in(seed, step),
   this is all that the next step depends on, so a restored run continues bit for bit.
@@ -103,9 +103,10 @@ def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=Fa
 
 
 def state_shardings(mesh, state):
-  """Replicated everywhere, except the queue's keys and ids: split along the data axis."""
+  """The FSDP rule (`parallel.fsdp_shardings`: replicated without an fsdp axis) for every
+  array, except the queue's keys and ids: split along the batch axes."""
   repl = parallel.replicated(mesh)
-  shardings = jax.tree.map(lambda _: repl, state)
+  shardings = parallel.fsdp_shardings(mesh, state)
   if state.queue is not None:
     data = parallel.data_sharding(mesh)
     shardings = shardings.replace(queue=queue_lib.Queue(keys=data, ids=data, ptr=repl))

@@ -168,18 +168,19 @@ def parts(config, mesh, source, steps, rng, *, clusters=None):
   if init.get('workdir'):
     params, batch_stats = init_from_checkpoint(jax.device_get(state.params),
                                                jax.device_get(state.batch_stats), init)
-    repl = parallel.replicated(mesh)
-    state = state.replace(params=jax.device_put(params, repl),
-                          batch_stats=jax.device_put(batch_stats, repl))
+    shardings = step_lib.state_shardings(mesh, state)
+    state = state.replace(params=jax.device_put(params, shardings.params),
+                          batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
   block_size = config.loss.get('block_size')
   objective = objectives.two_tower(
       model=model, loss_name=config.loss.name, locked=LOCKS[config.get('lit', {}).get('lock', '')],
-      block_size=block_size, mesh=mesh if block_size else None,
+      block_size=block_size, mesh=parallel.batch_mesh(mesh) if block_size else None,
       collective=config.loss.get('collective'))
   step_fn = step_lib.jit_train_step(mesh, state, step_fn=step_lib.update, objective=objective,
                                     tx=tx, schedule=schedule,
                                     nonfinite=config.get('nonfinite', 'error'))
   test = pair_batches.get_source(config.dataset, config.eval.get('split', 'test'))
-  evaluator = two_tower_eval.TwoTowerEvaluator(config, model, mesh, test, source.spec,
+  evaluator = two_tower_eval.TwoTowerEvaluator(config, model, parallel.batch_mesh(mesh), test,
+                                               source.spec,
                                                source.tokenizer)
   return state, step_fn, evaluator

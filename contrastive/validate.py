@@ -31,18 +31,18 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
     shape = parallel.mesh_shape(config.mesh, num_devices)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  data_size = shape[parallel.DATA]
+  data_size = parallel.batch_size_divisor(shape)
   b = config.batch_size
   if b <= 0 or b % data_size:
     raise ConfigError(
-        f'config.batch_size={b} is not divisible by the {data_size} devices of the mesh\'s data '
-        f'axis; set --config.batch_size to a multiple of {data_size}.')
+        f'config.batch_size={b} is not divisible by the {data_size} devices the mesh splits the '
+        f'batch over ({shape}); set --config.batch_size to a multiple of {data_size}.')
   if b % num_processes:
     raise ConfigError(f'config.batch_size={b} is not divisible by the {num_processes} processes; '
                       f'set --config.batch_size to a multiple of {num_processes}.')
   if config.eval.batch_size % data_size:
     raise ConfigError(f'config.eval.batch_size={config.eval.batch_size} is not divisible by the '
-                      f'{data_size} devices of the data axis; use a multiple of {data_size}.')
+                      f'{data_size} devices of the batch axes; use a multiple of {data_size}.')
   if config.optimizer.name not in optim.OPTIMIZERS:
     raise ConfigError(f'config.optimizer.name={config.optimizer.name!r} is unknown; choose one of '
                       f'{optim.OPTIMIZERS}.')
