@@ -1,26 +1,39 @@
-"""Metrics as JSON lines in the workdir, and a one-line progress report."""
+"""Metrics as JSON lines and TensorBoard scalars in the workdir, a one-line progress report, a
+profiler trace of chosen steps, and the devices' memory in use."""
 
 import contextlib
 import json
 import os
 import time
 
+import jax
 import numpy as np
+
+from contrastive.validate import ConfigError
 
 
 class MetricWriter:
-  """Appends {'step': s, **metrics} as one JSON line per call to workdir/metrics.jsonl.
+  """Appends {'step': s, **metrics} as one JSON line per call to workdir/metrics.jsonl, and
+  the numeric scalars among the metrics to a TensorBoard event file beside it (same steps).
 
   Each line is written with one write() and flushed. A run killed mid-write (or by a full
   disk) can still leave a partial last line; the next start removes it with a warning, so
-  the file stays one JSON object per line.
+  the file stays one JSON object per line. Each start opens a new event file
+  (`events.out.tfevents.*`); TensorBoard reads them together: `tensorboard --logdir WORKDIR`.
   """
 
-  def __init__(self, workdir, enabled=True):
+  def __init__(self, workdir, enabled=True, tensorboard=True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     if enabled:
       repair_partial_line(self.path)
     self._file = open(self.path, 'a', encoding='utf-8') if enabled else None
+    self._events = None
+    if enabled and tensorboard:
+      try:
+        self._events = EventWriter(workdir)
+      except ImportError:  # pip install -r requirements.txt has it; `pip install .` does not
+        print('WARNING: tensorboardX is not installed: metrics go to metrics.jsonl only '
+              '(pip install -r requirements.txt).', flush=True)
 
   def write(self, step, metrics):
     if self._file is None:
@@ -29,11 +42,50 @@ class MetricWriter:
     row.update({k: _scalar(v) for k, v in metrics.items()})
     self._file.write(json.dumps(row) + '\n')
     self._file.flush()
+    if self._events is not None:
+      self._events.write(step, {k: v for k, v in row.items() if k != 'step'})
 
   def close(self):
     if self._file is not None:
       self._file.close()
       self._file = None
+    if self._events is not None:
+      self._events.close()
+      self._events = None
+
+
+class EventWriter:
+  """TensorBoard scalars in `<logdir>/events.out.tfevents.*` through tensorboardX, which
+  needs no TensorFlow.
+
+  Each write() is one Event at `step` holding every numeric scalar (int, float, bool) of
+  the metrics, written in the calling thread and flushed: the event file holds what
+  metrics.jsonl holds, whenever the run stops. Lists (histograms) are left out.
+  """
+
+  def __init__(self, logdir):
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX import event_file_writer
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto import summary_pb2
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    # The file name has the time in seconds and the host; the suffix keeps two starts within
+    # the same second (a quick resume) from writing to the same file.
+    self._writer = event_file_writer.EventsWriter(
+        os.path.join(logdir, 'events'), filename_suffix=f'.{time.time_ns() % 10**9:09d}')
+
+  def write(self, step, scalars):
+    values = [self._summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+              for k, v in scalars.items()
+              if isinstance(v, (int, float))]
+    if not values:
+      return
+    self._writer.write_event(self._event_pb2.Event(
+        wall_time=time.time(), step=int(step), summary=self._summary_pb2.Summary(value=values)))
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
 
 
 def repair_partial_line(path):
@@ -100,3 +152,88 @@ class Progress:
     start = time.perf_counter()
     yield
     self._last_time += time.perf_counter() - start
+
+
+class StepProfiler:
+  """A jax.profiler trace of steps first..last (`config.profile_steps`) in `<workdir>/profile`.
+
+  The trace starts before the first of those steps that this start runs (so it includes the
+  step's input transfer) and stops once step `last`'s results are ready; leaving the context
+  (the end of the run, preemption, an error) stops a trace still open, so none is left
+  running. Steps are global: a run resumed past `last` traces nothing. Process 0 only (the
+  trace holds its host's devices). jax writes `profile/plugins/profile/<time>/<host>.xplane.pb`
+  and `.trace.json.gz`: `tensorboard --logdir WORKDIR` (with tensorboard-plugin-profile) or
+  https://ui.perfetto.dev opens them.
+  """
+
+  def __init__(self, workdir, profile_steps=(), *, enabled=True):
+    steps = tuple(profile_steps or ())
+    if steps and not (len(steps) == 2 and all(isinstance(s, int) for s in steps) and
+                      1 <= steps[0] <= steps[1]):
+      raise ConfigError(f'config.profile_steps={profile_steps!r} must be (first, last) with '
+                        '1 <= first <= last (e.g. --config.profile_steps="(10, 12)"), or () '
+                        'for no trace.')
+    self.steps = steps if enabled else ()
+    self.directory = os.path.join(workdir, 'profile')
+    self.active = False
+
+  def before_step(self, step):
+    if self.steps and not self.active and self.steps[0] <= step <= self.steps[1]:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+      print(f'Profiling steps {step}..{self.steps[1]} into {self.directory}.', flush=True)
+
+  def after_step(self, step, outputs):
+    """Stops the trace after step `last`, once `outputs` (the step's results) are ready."""
+    if self.active and step >= self.steps[1]:
+      jax.block_until_ready(outputs)
+      self.stop()
+
+  def stop(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      self.steps = ()  # one trace per start
+      print(f'Profile written to {self.directory}.', flush=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.stop()
+
+
+MEMORY_STATS = ('bytes_in_use', 'peak_bytes_in_use')
+
+
+def device_memory(devices=None):
+  """{'memory/bytes_in_use_max': ..., 'memory/peak_bytes_in_use_max': ...,
+  'memory/bytes_limit_min': ...}: the largest use and the smallest limit over `devices` (default:
+  this process's), from `device.memory_stats()`; {} where the backend has none (CPU)."""
+  stats = [d.memory_stats() for d in (jax.local_devices() if devices is None else devices)]
+  stats = [s for s in stats if s]
+  out = {f'memory/{k}_max': max(s[k] for s in stats) for k in MEMORY_STATS
+         if stats and all(k in s for s in stats)}
+  if stats and all('bytes_limit' in s for s in stats):
+    out['memory/bytes_limit_min'] = min(s['bytes_limit'] for s in stats)
+  return out
+
+
+def log_device_memory(step, writer, devices=None, *, report_unavailable=True):
+  """Prints this process's device memory after `step` and writes it as metrics; on a backend
+  without memory stats prints one line saying so (if `report_unavailable`) and writes nothing."""
+  devices = jax.local_devices() if devices is None else devices
+  metrics = device_memory(devices)
+  if not metrics:
+    if report_unavailable:
+      print(f'Device memory: no memory stats on {devices[0].platform} '
+            '(TPU and GPU report them).', flush=True)
+    return metrics
+  writer.write(step, metrics)
+  gib = lambda key: f'{metrics[key] / 2**30:.2f} GiB' if key in metrics else '?'
+  limit = (f' of {gib("memory/bytes_limit_min")}' if 'memory/bytes_limit_min' in metrics
+           else '')
+  print(f'Device memory after step {step} (max over {len(devices)} local device(s)): '
+        f'{gib("memory/bytes_in_use_max")} in use, peak {gib("memory/peak_bytes_in_use_max")}'
+        f'{limit}.', flush=True)
+  return metrics

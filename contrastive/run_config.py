@@ -5,7 +5,8 @@ A checkpoint only makes sense with the config that made it. The first start of a
 (dotted paths such as `model.width`), before anything is compiled:
 
 - FREE fields change freely (recorded in `config_changes.jsonl`): the mesh and device count,
-  evaluation, logging, checkpoint cadence, fault handling, where the data files live.
+  evaluation, logging and profiling, checkpoint cadence, fault handling, where the data files
+  live.
 - FIXED fields can never change on resume: they shape the state or the data order (the model,
   batch size — the data position is stored in batches —, queue, dtype, optimizer, seed,
   dataset, tokenizer, LiT lock). Use a new workdir. FREE wins where both match (the dataset's
@@ -27,9 +28,9 @@ from contrastive.validate import ConfigError
 CONFIG_NAME = 'config.json'
 CHANGES_NAME = 'config_changes.jsonl'
 
-FREE = ('mesh', 'eval', 'log_every', 'checkpoint_every', 'checkpoint_keep', 'nonfinite',
-        'max_consecutive_skips', 'allow_config_changes', 'dataset.data_dir', 'dataset.idx_dir',
-        'model_init')  # model_init only acts on a fresh start
+FREE = ('mesh', 'eval', 'log_every', 'profile_steps', 'checkpoint_every', 'checkpoint_keep',
+        'nonfinite', 'max_consecutive_skips', 'allow_config_changes', 'dataset.data_dir',
+        'dataset.idx_dir', 'model_init')  # model_init only acts on a fresh start
 FIXED = ('model', 'batch_size', 'queue_size', 'dtype', 'optimizer.name', 'seed', 'dataset',
          'method', 'mcl', 'family', 'tokenizer', 'lit')
 

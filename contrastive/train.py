@@ -77,8 +77,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, clust
                            num_processes=jax.process_count())
   workdir_lib.check_workdir(workdir)
   x64 = jax.enable_x64(True) if config.get('dtype') == 'float64' else contextlib.nullcontext()
-  with faults.Preemption() as preemption, _locked(workdir), x64:
-    return _train_and_evaluate(config, workdir, clusters=clusters, preemption=preemption)
+  profiler = metric_writer.StepProfiler(workdir, config.get('profile_steps'),
+                                        enabled=jax.process_index() == 0)
+  with faults.Preemption() as preemption, _locked(workdir), x64, profiler:
+    return _train_and_evaluate(config, workdir, clusters=clusters, preemption=preemption,
+                               profiler=profiler)
 
 
 @contextlib.contextmanager
@@ -136,7 +139,7 @@ def _image_views_parts(config, mesh, train_source, steps, rng, *, clusters):
   return state, step_fn, evaluate.Evaluator(config.eval, config.dataset, model, mesh)
 
 
-def _train_and_evaluate(config, workdir, *, clusters, preemption):
+def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
   """train_and_evaluate once the config is checked, the workdir locked and the precision set."""
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   run_config.check_and_record(config, workdir, resuming=bool(checkpoint.saved_steps(ckpt_dir)),
@@ -207,9 +210,13 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption):
   nonfinite = config.get('nonfinite', 'error')
   skips_in_a_row = 0
   for step in range(start + 1, steps + 1):
+    profiler.before_step(step)
     batch = pipeline.to_global(next(batch_iter), data_sharding)
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
     metrics = jax.device_get(metrics)
+    profiler.after_step(step, state)
+    if step <= start + 2:  # after compiling, and one step later
+      metric_writer.log_device_memory(step, writer, report_unavailable=step == start + 1)
     skips_in_a_row = 0 if metrics['finite'] else skips_in_a_row + 1
     if skips_in_a_row and (nonfinite == 'error' or
                            skips_in_a_row >= config.get('max_consecutive_skips', 10)):
