@@ -6,12 +6,19 @@
 #   export TPU_NAME=simclr ZONE=us-central2-b PROJECT=my-project ACCELERATOR_TYPE=v4-32 \
 #          NUM_WORKERS=4 WORKDIR=gs://my-bucket/simclr CONFIG=configs/simclr_fmnist.py:resnet50
 #   launch/tpu_pod.sh [--dry-run] all          # create, copy, install, train
+#   launch/tpu_pod.sh --dry-run train         # the compile-only check here, then print the command
 #   launch/tpu_pod.sh logs | delete           # one log per worker in ./logs/$TPU_NAME/; teardown
 #   launch/tpu_pod.sh train --config.batch_size=8192   # extra flags go to contrastive.main
 #
 # Optional: RUNTIME_VERSION (default tpu-ubuntu2204-base), SPOT=1 (preemptible capacity:
 # preemption sends SIGTERM, the run saves a checkpoint; rerun `train` to resume), REPO_URL
 # (git clone it on the workers instead of copying this checkout), DATASET_FLAGS.
+#
+# Before `all` and `train`, --dry-run runs `python -m contrastive.aot` on this machine, for real:
+# the train step compiled for the slice's topology (TOPOLOGY, default from ACCELERATOR_TYPE, e.g.
+# v4-32 -> v4:2x2x4; launch/common.sh) must fit each chip's memory, or the script stops (exit 1)
+# before anything is created. It needs requirements-tpu.txt installed here (libtpu's compiler; no
+# TPU). AOT_CHECK=0 skips it; AOT_CHECK=1 runs it before a real launch too. PYTHON: its python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/common.sh
@@ -29,6 +36,8 @@ CONFIG="${CONFIG:-configs/simclr_fmnist.py:resnet50}"
 RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
 REMOTE_DIR="${REMOTE_DIR:-contrastive}"
 LOG="contrastive-train.log"
+PYTHON="${PYTHON:-python}"
+AOT_CHECK="${AOT_CHECK:-$DRY_RUN}"
 
 gcloud_tpu=(gcloud compute tpus tpu-vm --project="$PROJECT" --zone="$ZONE")
 on_all() { run "${gcloud_tpu[@]}" ssh "$TPU_NAME" --worker=all --command="$1"; }
@@ -57,7 +66,30 @@ copy() {
 }
 
 install() {
-  on_all "cd ~/$REMOTE_DIR && make install && pip install -U 'jax[tpu]'"
+  # requirements-tpu.txt: the pinned jax with its TPU runtime (libtpu), not the newest jax.
+  on_all "cd ~/$REMOTE_DIR && make install && pip install -r requirements-tpu.txt"
+}
+
+# aot_check [contrastive.main flags]: compiles the train step for the slice on this machine;
+# exits 1 if it does not fit the per-chip memory, with contrastive.aot's status if it fails.
+aot_check() {
+  local topology="${TOPOLOGY:-}" flags=() a status=0
+  if [[ -z "$topology" ]]; then topology="$(tpu_topology "$ACCELERATOR_TYPE")" || exit 2; fi
+  # shellcheck disable=SC2086  # DATASET_FLAGS is a list of flags
+  for a in ${DATASET_FLAGS:-} "$@"; do
+    if [[ "$a" == --config.* ]]; then flags+=("$a"); fi
+  done
+  local cmd=("$PYTHON" -m contrastive.aot --config="$CONFIG" --topology="$topology"
+             ${flags[@]+"${flags[@]}"})
+  echo "# compile-only check on this machine (AOT_CHECK=0 skips it): $(quote "${cmd[@]}")"
+  "${cmd[@]}" || status=$?
+  if (( status == 1 )); then
+    echo "The train step does not fit $topology (contrastive.aot above); nothing was launched." >&2
+    exit 1
+  elif (( status != 0 )); then
+    echo "contrastive.aot failed (exit $status) for $topology; nothing was launched." >&2
+    exit "$status"
+  fi
 }
 
 train() {
@@ -81,8 +113,8 @@ delete() {
 }
 
 case "$STEP" in
-  all) create; copy; install; train "$@" ;;
+  all) if [[ "$AOT_CHECK" == 1 ]]; then aot_check "$@"; fi; create; copy; install; train "$@" ;;
   create|copy|install|logs|delete) "$STEP" ;;
-  train) train "$@" ;;
+  train) if [[ "$AOT_CHECK" == 1 ]]; then aot_check "$@"; fi; train "$@" ;;
   *) echo "unknown step '$STEP'; use all|create|copy|install|train|logs|delete" >&2; exit 2 ;;
 esac
