@@ -160,7 +160,7 @@ class StepProfiler:
   The trace starts before the first of those steps that this start runs (so it includes the
   step's input transfer) and stops once step `last`'s results are ready; leaving the context
   (the end of the run, preemption, an error) stops a trace still open, so none is left
-  running. Steps are global: a run resumed past `last` traces nothing. Process 0 only (the
+  running, and a trace that cannot start or be written is a warning. Steps are global: a run resumed past `last` traces nothing. Process 0 only (the
   trace holds its host's devices). jax writes `profile/plugins/profile/<time>/<host>.xplane.pb`
   and `.trace.json.gz`: `tensorboard --logdir WORKDIR` (with tensorboard-plugin-profile) or
   https://ui.perfetto.dev opens them.
@@ -179,7 +179,12 @@ class StepProfiler:
 
   def before_step(self, step):
     if self.steps and not self.active and self.steps[0] <= step <= self.steps[1]:
-      jax.profiler.start_trace(self.directory)
+      try:
+        jax.profiler.start_trace(self.directory)
+      except Exception as e:  # pylint: disable=broad-except  # e.g. a trace already running
+        print(f'WARNING: no profile: jax.profiler.start_trace failed ({e}).', flush=True)
+        self.steps = ()
+        return
       self.active = True
       print(f'Profiling steps {step}..{self.steps[1]} into {self.directory}.', flush=True)
 
@@ -190,11 +195,18 @@ class StepProfiler:
       self.stop()
 
   def stop(self):
-    if self.active:
+    """Stops the trace if one is running; a failure to write it is a warning, not the run's
+    end."""
+    if not self.active:
+      return
+    self.active = False
+    self.steps = ()  # one trace per start
+    try:
       jax.profiler.stop_trace()
-      self.active = False
-      self.steps = ()  # one trace per start
-      print(f'Profile written to {self.directory}.', flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f'WARNING: the profile could not be written ({e}).', flush=True)
+      return
+    print(f'Profile written to {self.directory}.', flush=True)
 
   def __enter__(self):
     return self

@@ -52,7 +52,7 @@ tpu_topology() {
     v4|v5p) chips=$(( n / 2 )) ;;
     v5litepod|v5e) chips=$n; gen=v5e ;;
     v6e) chips=$n ;;
-    *) echo "tpu_topology: unknown TPU generation '$gen' in '$type'; set TOPOLOGY (e.g. v4:2x2x4)" >&2
+    *) echo "tpu_topology: unknown TPU generation '$gen' in '$type'; set TOPOLOGY" >&2
        return 2 ;;
   esac
   if (( chips < 1 || (chips & (chips - 1)) != 0 )); then

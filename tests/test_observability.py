@@ -114,7 +114,8 @@ def test_device_memory_max_over_devices_and_none(capsys):
   assert metric_writer.log_device_memory(1, writer, cpu) == {}
   assert metric_writer.log_device_memory(2, writer, cpu, report_unavailable=False) == {}
   assert writer.rows == []
-  assert capsys.readouterr().out == 'Device memory: no memory stats on cpu (TPU and GPU report them).\n'
+  assert capsys.readouterr().out == ('Device memory: no memory stats on cpu (TPU and GPU report '
+                                     'them).\n')
   assert metric_writer.device_memory(jax.local_devices()[:1]) == {}  # the real CPU device
 
 
@@ -122,7 +123,7 @@ def _trace_files(directory):
   return glob.glob(os.path.join(directory, 'plugins', 'profile', '*', '*.xplane.pb'))
 
 
-def test_profiler_stops_on_an_early_exit(tmp_path):
+def test_profiler_stops_on_an_early_exit(tmp_path, capsys):
   with pytest.raises(KeyError):
     with metric_writer.StepProfiler(str(tmp_path), (2, 4)) as profiler:
       profiler.before_step(1)
@@ -133,6 +134,11 @@ def test_profiler_stops_on_an_early_exit(tmp_path):
       raise KeyError('the loop ended before step 4')
   assert not profiler.active and _trace_files(str(tmp_path / 'profile'))
   jax.profiler.start_trace(str(tmp_path / 'again'))  # no trace left running
+  # A trace that cannot start (here: another one is running) is a warning, not an error.
+  profiler = metric_writer.StepProfiler(str(tmp_path / 'busy'), (1, 1))
+  profiler.before_step(1)
+  assert not profiler.active and 'WARNING: no profile' in capsys.readouterr().out
+  profiler.after_step(1, None)
   jax.profiler.stop_trace()
   # Off: the steps are () or this is not process 0.
   for profiler in (metric_writer.StepProfiler(str(tmp_path / 'a'), ()),
