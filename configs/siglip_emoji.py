@@ -58,6 +58,9 @@ def base_config(loss_params='siglip'):
   config.log_every = 20
   # (first, last): a jax.profiler trace of these steps in WORKDIR/profile (process 0); () = off.
   config.profile_steps = ()
+  # GradCache (contrastive/grad_cache.py): > 0 embeds the global batch this many rows at a
+  # time and takes the loss over all of it: the same gradient in less activation memory.
+  config.grad_cache = dict(micro_batch_size=0)
   config.checkpoint_every = 200
   config.checkpoint_keep = 2
   config.nonfinite = 'error'

@@ -6,12 +6,18 @@ An objective is fn(params, state, batch, rng) -> (loss, (metrics, batch_stats, k
 objective and one config; the update around it (optimizer, momentum encoder, queue, the
 non-finite guard) is shared.
 
+Each family's objective is an `Objective`: `embed` (per-example rows -> embeddings) then
+`loss` (the global embeddings -> loss), so GradCache (contrastive/grad_cache.py) can embed the
+batch micro-batch by micro-batch and still take the loss over the global batch.
+
 - `image_views`: two augmented views of each image through one encoder: SimCLR (a pair loss
   over the global batch) or, with a `step.Method`, a momentum encoder, queue and negative
   samplers (MoCo v2/v3, contrastive/samplers).
 - `two_tower`: side a (images or texts) and side b (texts) through two towers, CLIP's softmax
   or SigLIP's sigmoid loss with the model's learned temperature (and bias).
 """
+
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +29,35 @@ from contrastive.losses import sigmoid_loss
 from contrastive.samplers import objective as sampler_objective
 
 TWO_TOWER_LOSSES = {'clip_loss': clip_loss, 'sigmoid_loss': sigmoid_loss}
+
+
+class Objective(NamedTuple):
+  """A family's loss as embed-then-loss; calling it runs both on the whole batch.
+
+  Attributes:
+    embed: fn(params, state, rows, rng) -> (emb, const, batch_stats). `rows` are the batch's
+      per-example arrays for some of its rows, with 'index' [m] their numbers in the global
+      batch (augmentations depend on them, so any split of the batch sees the same views);
+      `emb` is the pytree of [m, ...] embeddings the loss differentiates, `const` those it does
+      not (a momentum encoder's; or None), `batch_stats` the model's updated statistics.
+    loss: fn(params, state, (emb, const), batch, rng) -> (loss, (metrics, keys)) with the
+      global batch's embeddings ([B, ...] leaves; `params` for what the loss itself learns,
+      such as a temperature).
+  """
+  embed: Callable
+  loss: Callable
+
+  def __call__(self, params, state, batch, rng):
+    """The full-batch objective: (loss, (metrics, batch_stats, keys))."""
+    size = jax.tree.leaves(batch)[0].shape[0]
+    emb, const, batch_stats = self.embed(params, state, with_index(batch, 0, size), rng)
+    loss, (metrics, keys) = self.loss(params, state, (emb, const), batch, rng)
+    return loss, (metrics, batch_stats, keys)
+
+
+def with_index(batch, start, size):
+  """The batch's arrays with 'index': the rows' numbers start ... start + size - 1."""
+  return dict(batch, index=jnp.arange(start, start + size, dtype=jnp.int32))
 
 
 def _embed(model, params, batch_stats, views, b, predict=True):
@@ -38,36 +73,44 @@ def image_views(*, model, loss_fn, aug_cfg, method=None):
 
   batch: {'image': [B, H, W, C] uint8, 'id': [B] int (with a method)}. Each image gives two
   views (augmentations per example: fold_in(rng, example index)), interleaved [2B, ...] so
-  each device keeps its own rows and BatchNorm normalises over all 2B views of the global batch.
+  each device keeps its own rows and BatchNorm normalises over all 2B views of the batch the
+  model sees (with GradCache: of each micro-batch).
   """
-  def objective(params, state, batch, rng):
-    aug_rng, sampler_rng = jax.random.split(rng)
-    v1, v2 = augment.two_views(aug_rng if method else rng, batch['image'], aug_cfg)
+  def embed(params, state, rows, rng):
+    aug_rng = jax.random.split(rng)[0] if method else rng
+    v1, v2 = augment.two_views(aug_rng, rows['image'], aug_cfg, indices=rows['index'])
     b = v1.shape[0]
     views = jnp.stack([v1, v2], axis=1).reshape(2 * b, *v1.shape[1:])
+    q1, q2, batch_stats = _embed(model, params, state.batch_stats, views, b)
+    const = None
+    if method is not None and state.ema_params is not None:  # MoCo's key encoder: BatchNorm
+      g1, g2, _ = _embed(model, state.ema_params, state.ema_batch_stats, views, b,  # in train
+                         predict=False)  # mode
+      const = jax.lax.stop_gradient((g1, g2))
+    return (q1, q2), const, batch_stats
+
+  def loss(params, state, embeddings, batch, rng):
+    del params
+    (q1, q2), const = embeddings
     if method is None:
-      z1, z2, batch_stats = _embed(model, params, state.batch_stats, views, b)
-      loss, metrics = loss_fn(z1, z2)
-      return loss, (metrics, batch_stats, None)
-    return _sampled(params, state, batch, views, b, sampler_rng, model=model, method=method)
-  return objective
+      value, metrics = loss_fn(q1, q2)
+      return value, (metrics, None)
+    return _sampled(state, batch, q1, q2, const, jax.random.split(rng)[1], method=method)
+
+  return Objective(embed, loss)
 
 
-def _sampled(params, state, batch, views, b, rng, *, model, method):
+def _sampled(state, batch, q1, q2, const, rng, *, method):
   """Loss with keys from the momentum encoder (MoCo) or the online one (SimCLR), the queue's
-  extra negatives and the configured samplers."""
-  q1, q2, batch_stats = _embed(model, params, state.batch_stats, views, b)
-  g1 = g2 = None
-  if state.ema_params is not None:  # BatchNorm in train mode, as MoCo's key encoder
-    g1, g2, _ = _embed(model, state.ema_params, state.ema_batch_stats, views, b, predict=False)
-    g1, g2 = jax.lax.stop_gradient(g1), jax.lax.stop_gradient(g2)
+  extra negatives and the configured samplers -> (loss, (metrics, keys to enqueue))."""
+  g1, g2 = const if const is not None else (None, None)
   k1, k2 = (g1, g2) if method.name == 'moco' else (q1, q2)
   epoch = state.step / method.steps_per_epoch
   loss, metrics = sampler_objective.sampled_loss(
       rng, dict(q1=q1, q2=q2, k1=k1, k2=k2, g1=g1, g2=g2), batch['id'], state.queue,
       cfg=method.samplers, temperature=method.temperature, symmetric=method.symmetric,
       epoch=epoch, block_size=method.block_size, mesh=method.mesh, clusters=method.clusters)
-  return loss, (metrics, batch_stats, k2)
+  return loss, (metrics, k2)
 
 
 def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collective=None):
@@ -87,20 +130,28 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
   loss_fn = TWO_TOWER_LOSSES[loss_name]
   blockwise_args = {} if block_size is None else dict(
       block_size=block_size, mesh=mesh, collective=collective or blockwise.DEFAULT_COLLECTIVE)
+  lock = lambda params: {k: jax.lax.stop_gradient(v) if k in locked else v
+                         for k, v in params.items()}
 
-  def objective(params, state, batch, rng):
+  def embed(params, state, rows, rng):
     del rng  # no augmentation or dropout by default: the towers are deterministic
-    params = {k: jax.lax.stop_gradient(v) if k in locked else v for k, v in params.items()}
-    variables = {'params': params}
+    variables = {'params': lock(params)}
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
-    (za, zb, logit), updates = model.apply(variables, batch['a'], batch['b'], train=True,
-                                           mutable=['batch_stats'])
-    loss, metrics = loss_fn(za, zb, **logit, negative_mask=blockwise.distinct_ids,
-                            mask_ids=(batch['id'], batch['id']), **blockwise_args)
+    (za, zb, _), updates = model.apply(variables, rows['a'], rows['b'], train=True,
+                                       mutable=['batch_stats'])
+    return (za, zb), None, updates.get('batch_stats', state.batch_stats)
+
+  def loss(params, state, embeddings, batch, rng):
+    del state, rng
+    (za, zb), _ = embeddings
+    logit = model.apply({'params': lock(params)}, method='logit_params')
+    value, metrics = loss_fn(za, zb, **logit, negative_mask=blockwise.distinct_ids,
+                             mask_ids=(batch['id'], batch['id']), **blockwise_args)
     metrics = dict(metrics, temperature=logit['temperature'],
                    truncated_texts=jnp.sum(batch['truncated']))
     if 'bias' in logit:
       metrics['bias'] = logit['bias']
-    return loss, (metrics, updates.get('batch_stats', state.batch_stats), None)
-  return objective
+    return value, (metrics, None)
+
+  return Objective(embed, loss)

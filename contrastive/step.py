@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from contrastive import faults
+from contrastive import grad_cache
 from contrastive import objectives
 from contrastive import parallel
 from contrastive.samplers import momentum as momentum_lib
@@ -113,7 +114,8 @@ def state_shardings(mesh, state):
   return shardings
 
 
-def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', momentum=None):
+def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', momentum=None,
+           micro_batch_size=0, mesh=None):
   """One optimizer update on the global batch; what every recipe family shares.
 
   Args:
@@ -127,14 +129,21 @@ def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', mom
       keeps the whole state unchanged when the loss, a gradient or any array of the new state
       is NaN/inf, and counts the step in `skipped_steps`.
     momentum: the momentum encoder's schedule fn(step) (with ema_params), or None.
+    micro_batch_size: > 0 computes the same gradient with GradCache (contrastive/grad_cache.py),
+      embedding that many rows at a time (`objective` must be an `objectives.Objective`);
+      `mesh`: the step's mesh, which the batch's rows are split over.
 
   Returns:
     (new state, metrics): loss, the objective's metrics, lr, l2_grads, l2_params,
     skipped_steps, finite (loss, gradients and the whole new state are finite) and momentum
     (with a momentum encoder).
   """
-  (loss, (metrics, batch_stats, keys)), grads = jax.value_and_grad(
-      objective, has_aux=True)(state.params, state, batch, rng)
+  if micro_batch_size:
+    value_and_grad = grad_cache.value_and_grad(objective, micro_batch_size=micro_batch_size,
+                                               mesh=mesh)
+  else:
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+  (loss, (metrics, batch_stats, keys)), grads = value_and_grad(state.params, state, batch, rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -161,7 +170,7 @@ def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', mom
 
 
 def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonfinite='error',
-               method=None):
+               method=None, micro_batch_size=0, mesh=None):
   """One update of the image-views family (SimCLR, MoCo; `objectives.image_views`).
 
   Args:
@@ -172,6 +181,7 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonf
     loss_fn: fn(z1, z2) -> (loss, metrics), the plain SimCLR objective (method=None).
     nonfinite: as in `update`.
     method: None (SimCLR with loss_fn) or a `Method`: momentum encoder, queue, samplers.
+    micro_batch_size, mesh: GradCache, as in `update`.
 
   Returns:
     (new state, metrics), as `update`.
@@ -179,12 +189,16 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonf
   objective = objectives.image_views(model=model, loss_fn=loss_fn, aug_cfg=aug_cfg,
                                      method=method)
   return update(state, batch, rng, objective=objective, tx=tx, schedule=schedule,
-                nonfinite=nonfinite, momentum=method.momentum if method else None)
+                nonfinite=nonfinite, momentum=method.momentum if method else None,
+                micro_batch_size=micro_batch_size, mesh=mesh)
 
 
 def jit_train_step(mesh, state, step_fn=train_step, **step_kwargs):
   """step_fn (train_step, or `update` with a family's objective) under jax.jit with explicit
-  shardings; the state's buffers are donated."""
+  shardings; the state's buffers are donated. With `micro_batch_size` (GradCache), the step
+  gets the mesh too."""
+  if step_kwargs.get('micro_batch_size'):
+    step_kwargs['mesh'] = mesh
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   shardings = state_shardings(mesh, state)
   return jax.jit(functools.partial(step_fn, **step_kwargs),

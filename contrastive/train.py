@@ -11,6 +11,7 @@ import numpy as np
 from contrastive import checkpoint
 from contrastive import evaluate
 from contrastive import faults
+from contrastive import grad_cache
 from contrastive import metric_writer
 from contrastive import optim
 from contrastive import parallel
@@ -133,10 +134,13 @@ def _image_views_parts(config, mesh, train_source, steps, rng, *, clusters):
                              batch_size=config.batch_size,
                              dtype=jnp.dtype(config.get('dtype', 'float32')))
   step_fn = jit_train_step(mesh, state, model=model, tx=tx,
-                           loss_fn=pair_loss_from_config(config.loss, mesh=mesh),
+                           loss_fn=pair_loss_from_config(config.loss,
+                                                         mesh=parallel.batch_mesh(mesh)),
                            aug_cfg=config.augment, schedule=schedule,
-                           nonfinite=config.get('nonfinite', 'error'), method=method)
-  return state, step_fn, evaluate.Evaluator(config.eval, config.dataset, model, mesh)
+                           nonfinite=config.get('nonfinite', 'error'), method=method,
+                           micro_batch_size=grad_cache.micro_batch_size(config))
+  return state, step_fn, evaluate.Evaluator(config.eval, config.dataset, model,
+                                            parallel.batch_mesh(mesh))
 
 
 def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
@@ -166,6 +170,10 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
   parts = two_tower_recipe.parts if two_tower else _image_views_parts
   state, step_fn, evaluator = parts(config, mesh, train_source, steps,
                                     jax.random.fold_in(rng, 0), clusters=clusters)
+  replicated = parallel.unsharded_by_fsdp(mesh, state.params)
+  if replicated:
+    print(f'fsdp: the axis size {mesh.shape[parallel.FSDP]} divides no dimension of '
+          f'{len(replicated)} parameter(s), kept replicated: {", ".join(replicated)}', flush=True)
 
   # ---- Checkpoint (resume) ------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=config.checkpoint_every,

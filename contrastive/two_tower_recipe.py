@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 from contrastive import checkpoint
+from contrastive import grad_cache
 from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
@@ -178,7 +179,8 @@ def parts(config, mesh, source, steps, rng, *, clusters=None):
       collective=config.loss.get('collective'))
   step_fn = step_lib.jit_train_step(mesh, state, step_fn=step_lib.update, objective=objective,
                                     tx=tx, schedule=schedule,
-                                    nonfinite=config.get('nonfinite', 'error'))
+                                    nonfinite=config.get('nonfinite', 'error'),
+                                    micro_batch_size=grad_cache.micro_batch_size(config))
   test = pair_batches.get_source(config.dataset, config.eval.get('split', 'test'))
   evaluator = two_tower_eval.TwoTowerEvaluator(config, model, parallel.batch_mesh(mesh), test,
                                                source.spec,

@@ -3,6 +3,7 @@
 import ml_collections
 
 from contrastive import faults
+from contrastive import grad_cache
 from contrastive import optim
 from contrastive import parallel
 from contrastive import two_tower_recipe
@@ -43,6 +44,12 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
   if config.eval.batch_size % data_size:
     raise ConfigError(f'config.eval.batch_size={config.eval.batch_size} is not divisible by the '
                       f'{data_size} devices of the batch axes; use a multiple of {data_size}.')
+  micro = grad_cache.micro_batch_size(config)
+  if micro:
+    try:
+      grad_cache.check_micro_batch(micro, b, data_size)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   if config.optimizer.name not in optim.OPTIMIZERS:
     raise ConfigError(f'config.optimizer.name={config.optimizer.name!r} is unknown; choose one of '
                       f'{optim.OPTIMIZERS}.')

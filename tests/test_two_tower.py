@@ -53,8 +53,10 @@ def _batches(steps, seed=0):
   return out
 
 
-def _run(n, *, loss_params='siglip', block_size=None, lock='', steps=3, dtype=jnp.float64):
-  """`steps` updates on n devices -> (losses, metrics, final state), all on the host."""
+def _run(n, *, loss_params='siglip', block_size=None, lock='', steps=3, dtype=jnp.float64,
+         micro_batch_size=0):
+  """`steps` updates on n devices (GradCache with micro_batch_size > 0) -> (losses, metrics,
+  final state), all on the host."""
   config = _config(loss_params, lock)
   model = two_tower_lib.build_two_tower(two_tower_recipe.model_config(config))
   mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:n])
@@ -68,7 +70,7 @@ def _run(n, *, loss_params='siglip', block_size=None, lock='', steps=3, dtype=jn
       locked=two_tower_recipe.LOCKS[lock], block_size=block_size,
       mesh=mesh if block_size else None)
   step = step_lib.jit_train_step(mesh, state, step_fn=step_lib.update, objective=objective,
-                                 tx=tx, schedule=schedule)
+                                 tx=tx, schedule=schedule, micro_batch_size=micro_batch_size)
   initial = jax.device_get(state)
   losses, metrics = [], []
   for i, batch in enumerate(_batches(steps)):

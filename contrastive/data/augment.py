@@ -114,13 +114,15 @@ def simclr_view(key, image, cfg):
   return jnp.clip(x, 0.0, 1.0)
 
 
-def two_views(rng, images, cfg):
+def two_views(rng, images, cfg, indices=None):
   """Two independent views of each image: images [B, H, W, C] uint8 -> 2 x [B, H, W, C] float32.
 
   Example b's keys are fold_in(rng, b) split in two, so a view depends only on (rng, b), not on
-  how the batch is sharded.
+  how the batch is sharded. `indices` ([B] int, default arange(B)) are the rows' numbers in the
+  global batch when `images` is a part of it (GradCache's micro-batches replay the same views).
   """
-  example_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(images.shape[0]))
+  indices = jnp.arange(images.shape[0]) if indices is None else indices
+  example_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
   view_keys = jax.vmap(lambda k: jax.random.split(k, 2))(example_keys)  # (B, 2) keys
   view = jax.vmap(lambda k, im: simclr_view(k, im, cfg))
   return view(view_keys[:, 0], images), view(view_keys[:, 1], images)
