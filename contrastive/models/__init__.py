@@ -1,5 +1,6 @@
 """Encoders and heads."""
 
+from contrastive.models.compute import REMAT_POLICIES
 from contrastive.models.heads import build_model
 from contrastive.models.heads import ContrastiveModel
 from contrastive.models.heads import ProjectionHead

@@ -18,6 +18,11 @@ reduction inside the loop made XLA:CPU's in-process all-reduce deadlock once on 
 
 Used by `resnet.ResNet` on the CPU (`Conv.matmul_grads`); measured in
 `benchmarks/step_vs_torch.py` (README, "Step speed against PyTorch").
+
+Mixed precision (`Conv.dtype`, `compute.py`): the input and the kernel are cast to the compute
+dtype (bfloat16) for the products, while the kernel parameter and its gradient stay float32:
+`kernel_grad` accumulates its chunked products in float32 (`preferred_element_type`) and the
+custom VJP hands the float32 sum to the float32 kernel without rounding it to bfloat16.
 """
 
 import functools
@@ -28,6 +33,8 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from contrastive.models import compute
 
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 # im2col elements per chunk: 2^18 float32 = 1 MiB, so that a chunk's patches stay in cache.
@@ -71,7 +78,7 @@ def default_groups(batch: int) -> int:
   return math.gcd(batch, jax.device_count())
 
 
-def kernel_grad(x, dy, window, strides, max_size=MAX_SIZE, groups=None):
+def kernel_grad(x, dy, window, strides, max_size=MAX_SIZE, groups=None, accum_dtype=None):
   """dL/dW [kh, kw, C, O] of y = conv(x, W) ('SAME'), from x [N, H, W, C] and dy [N, Ho, Wo, O].
 
   The batch is cut into `groups` contiguous blocks (default `default_groups`: one per device,
@@ -79,6 +86,10 @@ def kernel_grad(x, dy, window, strides, max_size=MAX_SIZE, groups=None):
   P_c^T @ dY_c, P_c [m Ho Wo, kh kw C] of at most max_size elements, to the block's own
   partial sum [groups, kh kw C, O]. The blocks are summed once after the loop, so a sharded
   batch needs one cross-device reduction per convolution, none inside the loop.
+
+  The products and sums are in `accum_dtype`, by default the inputs' dtype promoted to at
+  least float32: bfloat16 x and dy accumulate in float32 (`preferred_element_type`), which
+  the result keeps.
   """
   n, ho, wo, o = dy.shape
   c = x.shape[-1]
@@ -99,9 +110,12 @@ def kernel_grad(x, dy, window, strides, max_size=MAX_SIZE, groups=None):
     p = p.reshape(groups, m * ho * wo, k)  # [groups, m Ho Wo, kh kw C]
     # per group g: (m Ho Wo, kh kw C)^T . (m Ho Wo, O) -> (kh kw C, O)
     return acc + lax.dot_general(p, dyc.reshape(groups, m * ho * wo, o),
-                                 (((1,), (1,)), ((0,), (0,)))), None
+                                 (((1,), (1,)), ((0,), (0,))),
+                                 preferred_element_type=accum_dtype), None
 
-  acc = jnp.zeros((groups, k, o), jnp.result_type(x, dy))
+  if accum_dtype is None:
+    accum_dtype = jnp.promote_types(jnp.result_type(x, dy), jnp.float32)
+  acc = jnp.zeros((groups, k, o), accum_dtype)
   xs = (split(x), split(dy))
   if chunks == 1:
     acc, _ = accumulate(acc, (xs[0][0], xs[1][0]))
@@ -112,18 +126,19 @@ def kernel_grad(x, dy, window, strides, max_size=MAX_SIZE, groups=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_im2col_grad(x, kernel, strides, max_size=MAX_SIZE):
-  """XLA's 'SAME' convolution x [N, H, W, C] * kernel [kh, kw, C, O] -> [N, Ho, Wo, O], whose
-  kernel gradient is `kernel_grad`'s chunked matmuls (input gradient: XLA's)."""
-  return _lax_conv(x, kernel, strides)
+  """XLA's 'SAME' convolution x [N, H, W, C] * kernel [kh, kw, C, O] -> [N, Ho, Wo, O] in
+  x's dtype (the kernel is cast to it), whose kernel gradient is `kernel_grad`'s chunked
+  matmuls, in the kernel's dtype (input gradient: XLA's)."""
+  return _lax_conv(x, kernel.astype(x.dtype), strides)
 
 
 def _conv_fwd(x, kernel, strides, max_size):
-  return _lax_conv(x, kernel, strides), (x, kernel)
+  return _lax_conv(x, kernel.astype(x.dtype), strides), (x, kernel)
 
 
 def _conv_bwd(strides, max_size, residuals, dy):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x_: _lax_conv(x_, kernel, strides), x)
+  _, input_vjp = jax.vjp(lambda x_: _lax_conv(x_, kernel.astype(x.dtype), strides), x)
   dx, = input_vjp(dy)
   dk = kernel_grad(x, dy, kernel.shape[:2], strides, max_size).astype(kernel.dtype)
   return dx, dk
@@ -134,11 +149,20 @@ conv_im2col_grad.defvjp(_conv_fwd, _conv_bwd)
 
 def conv2d(x, kernel, strides=(1, 1), max_size=MAX_SIZE):
   """'SAME' convolution without bias, x [N, H, W, C] * kernel [kh, kw, C, O] -> [N, Ho, Wo, O],
-  Ho = ceil(H / sh): a strided matmul for 1x1 kernels, else `conv_im2col_grad`."""
+  Ho = ceil(H / sh): a strided matmul for 1x1 kernels, else `conv_im2col_grad`.
+
+  Computes in x's dtype; the kernel may be wider (float32 parameters under bfloat16 compute):
+  it is cast to x's dtype for the product, and its gradient comes back in its own dtype.
+  """
   strides = tuple(strides)
   if kernel.shape[:2] == (1, 1):  # 'SAME' pads nothing: a subsampling and a matmul
     # (N, Ho, Wo, C) . (C, O) -> (N, Ho, Wo, O); the gradients are matmuls as well.
-    return x[:, ::strides[0], ::strides[1]] @ kernel[0, 0]
+    if not compute.is_narrow(x.dtype):
+      return x[:, ::strides[0], ::strides[1]] @ kernel[0, 0].astype(x.dtype)
+    # bfloat16: products accumulated in float32, whose transpose (the kernel gradient)
+    # accumulates in float32 too before the cast to the kernel's dtype.
+    return jnp.matmul(x[:, ::strides[0], ::strides[1]], kernel[0, 0].astype(x.dtype),
+                      preferred_element_type=jnp.float32).astype(x.dtype)
   return conv_im2col_grad(x, kernel, strides, max_size)
 
 
@@ -148,7 +172,8 @@ class Conv(nn.Module):
   Same parameter (`kernel` [kh, kw, C, O]), initialiser and dtype promotion as nn.Conv, so
   parameters and checkpoints are interchangeable with it. `matmul_grads`: None (default) uses
   `conv2d` where the default backend is the CPU and XLA's convolution (as nn.Conv) elsewhere,
-  where its gradients are fast (TPU, GPU); True / False force either.
+  where its gradients are fast (TPU, GPU); True / False force either. `dtype`: the compute
+  dtype (`compute.py`; float32 = that of x and the kernel, as nn.Conv's dtype=None).
   """
   features: int
   kernel_size: Sequence[int]
@@ -157,17 +182,20 @@ class Conv(nn.Module):
   param_dtype: Any = jnp.float32
   max_size: int = MAX_SIZE
   matmul_grads: bool | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    """x [N, H, W, C] -> [N, ceil(H / sh), ceil(W / sw), features]."""
+    """x [N, H, W, C] -> [N, ceil(H / sh), ceil(W / sw), features] in the compute dtype."""
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=None)
+    dtype = compute.flax_dtype(self.dtype)
+    x = jnp.asarray(x, dtype or jnp.result_type(x, kernel))
     matmul_grads = self.matmul_grads
     if matmul_grads is None:
       matmul_grads = jax.default_backend() == 'cpu'
     if not matmul_grads:
-      return _lax_conv(x, kernel, strides)
+      return _lax_conv(x, kernel.astype(x.dtype), strides)
+    # The kernel stays in param_dtype: conv2d casts it and returns its gradient uncast.
     return conv2d(x, kernel, strides, self.max_size)

@@ -1,28 +1,50 @@
 """Projection heads and the two-view encoder + head (+ predictor) model of SimCLR and MoCo."""
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 
+from contrastive.models import compute
 from contrastive.models import resnet
 from contrastive.models import two_tower
 
+NORMS = ('batch', 'layer', 'none')
+
 
 class ProjectionHead(nn.Module):
-  """MLP g(h): Dense -> BN -> ReLU (repeated) -> Dense, [N, F] -> [N, out_dim].
+  """MLP g(h): Dense -> norm -> ReLU (repeated) -> Dense, [N, F] -> [N, out_dim].
 
-  SimCLR (Chen et al. 2020, section 2.1) uses one hidden layer; SimCLR v2 uses more.
-  The output is not normalised: the losses normalise inside.
+  SimCLR (Chen et al. 2020, section 2.1) uses one hidden layer with BatchNorm; SimCLR v2 uses
+  more. The output is not normalised: the losses normalise inside.
+
+  Attributes:
+    hidden_dims: widths of the hidden layers.
+    out_dim: output width.
+    norm: after each hidden Dense: 'batch' (BatchNorm `bn{i}`, statistics over the batch;
+      batch_stats in training), 'layer' (LayerNorm `ln{i}`, per row: no batch statistics,
+      rows never interact) or 'none'.
+    dtype: compute dtype (`compute.py`); parameters and normalisation statistics stay float32.
   """
   hidden_dims: Sequence[int] = (512,)
   out_dim: int = 128
+  norm: str = 'batch'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h, *, train: bool):
+    if self.norm not in NORMS:
+      raise ValueError(f'norm must be one of {NORMS}, got {self.norm!r}.')
+    dtype = compute.flax_dtype(self.dtype)
     for i, dim in enumerate(self.hidden_dims):
-      h = nn.Dense(dim, use_bias=False, name=f'hidden{i + 1}')(h)
-      h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f'bn{i + 1}')(h))
-    return nn.Dense(self.out_dim, name='out')(h)
+      h = nn.Dense(dim, use_bias=self.norm == 'none', dtype=dtype, name=f'hidden{i + 1}')(h)
+      if self.norm == 'batch':
+        h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype,
+                         name=f'bn{i + 1}')(h)
+      elif self.norm == 'layer':
+        h = nn.LayerNorm(dtype=dtype, name=f'ln{i + 1}')(h)
+      h = nn.relu(h)
+    return nn.Dense(self.out_dim, dtype=dtype, name='out')(h)
 
 
 class ContrastiveModel(nn.Module):
@@ -31,6 +53,10 @@ class ContrastiveModel(nn.Module):
   images [N, H, W, C] -> (h [N, F], z [N, out_dim]) with z = g(h), or z = q(g(h)) when
   `predict` is set and there is a predictor (the online branch of MoCo v3; the momentum
   branch calls it with predict=False). Evaluation (kNN, linear probe) uses h; the loss uses z.
+
+  The model computes nothing itself: its compute dtype is that of its encoder, head and
+  predictor (each module's `dtype`), which `build_model(cfg, dtype=...)` sets together; h and
+  z come out in it.
   """
   encoder: nn.Module
   head: nn.Module
@@ -48,26 +74,40 @@ class ContrastiveModel(nn.Module):
     return self.encoder(images, train=False)
 
 
-def build_encoder(cfg):
+def build_encoder(cfg, dtype=None, remat=None):
   """The encoder of config `cfg`: `cfg.encoder`, a tower config such as
   {'name': 'vit', 'patch': 7, ...} (`two_tower.build_tower`), where set; else the ResNet of
-  `preset` or stage_sizes/width/block/stem_strides."""
+  `preset` or stage_sizes/width/block/stem_strides, with the optional fields `dtype` (compute
+  dtype, e.g. 'bfloat16') and `remat` (`compute.REMAT_POLICIES`). `dtype` and `remat`, when
+  given, override the config's."""
   if cfg.get('encoder'):
-    return two_tower.build_tower(cfg.encoder)
+    return two_tower.build_tower(cfg.encoder, dtype=dtype, remat=remat)
   enc = dict(resnet.PRESETS[cfg.preset]) if cfg.get('preset') else {}
   for field in ('stage_sizes', 'width', 'block'):
     if cfg.get(field):  # empty / 0 = take it from the preset
       enc[field] = tuple(cfg[field]) if field == 'stage_sizes' else cfg[field]
-  return resnet.ResNet(**enc, stem_strides=cfg.get('stem_strides', 1))
+  dtype = compute.as_dtype(cfg.get('dtype', jnp.float32) if dtype is None else dtype)
+  remat = cfg.get('remat', '') if remat is None else remat
+  return resnet.ResNet(**enc, stem_strides=cfg.get('stem_strides', 1), dtype=dtype,
+                       remat=remat)
 
 
-def build_model(cfg):
+def build_model(cfg, dtype=None, remat=None):
   """ContrastiveModel from config `cfg` (fields: the encoder's (`build_encoder`), head,
-  optional predictor_hidden_dims)."""
-  encoder = build_encoder(cfg)
-  head = ProjectionHead(hidden_dims=tuple(cfg.head_hidden_dims), out_dim=cfg.head_out_dim)
+  optional predictor_hidden_dims, optional head_norm: 'batch' (default), 'layer' or 'none',
+  the norm of the head's and predictor's hidden layers (`ProjectionHead.norm`)).
+
+  dtype: None, or a compute dtype (a dtype or its name) for the encoder, head and predictor,
+    overriding the configs; with None the head and predictor compute in the encoder's dtype.
+  remat: None, or a `remat` name ('' = none) for the encoder, overriding its config.
+  """
+  encoder = build_encoder(cfg, dtype=dtype, remat=remat)
+  head_dtype = compute.as_dtype(encoder.dtype if dtype is None else dtype)
+  norm = cfg.get('head_norm', 'batch')
+  head = ProjectionHead(hidden_dims=tuple(cfg.head_hidden_dims), out_dim=cfg.head_out_dim,
+                        norm=norm, dtype=head_dtype)
   predictor = None
   if cfg.get('predictor_hidden_dims'):  # MoCo v3: 2-layer MLP, out_dim -> hidden -> out_dim
     predictor = ProjectionHead(hidden_dims=tuple(cfg.predictor_hidden_dims),
-                               out_dim=cfg.head_out_dim)
+                               out_dim=cfg.head_out_dim, norm=norm, dtype=head_dtype)
   return ContrastiveModel(encoder=encoder, head=head, predictor=predictor)

@@ -20,11 +20,17 @@ Pooling: 'eos' takes the last non-pad token (position length - 1; the tokenizer'
 it appends one; CLIP pools its EOT token this way); 'mean' averages the non-pad tokens;
 'map' is attention pooling over the non-pad tokens (`transformer.MAPHead`). An all-padding
 row gives finite features (position 0 for 'eos', zeros for 'mean').
+
+`dtype` (`compute.py`) is the compute dtype: bfloat16 gives bfloat16 features from float32
+parameters (the embedding table is cast where it is read).
 """
+
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from contrastive.models import compute
 from contrastive.models import transformer
 
 POOLS = ('eos', 'mean', 'map')
@@ -50,6 +56,8 @@ class TextTransformer(nn.Module):
     pool: 'eos' (last non-pad token), 'mean' (over non-pad tokens) or 'map'.
     causal: also mask attention to later positions (CLIP); default bidirectional.
     dropout: dropout rate in the blocks when `train=True` (0: deterministic).
+    dtype: compute dtype (`compute.py`); parameters stay float32.
+    remat: '' or a name in `compute.REMAT_POLICIES`, applied to each block.
   """
   vocab_size: int = 32_000
   context: int = 64
@@ -60,6 +68,8 @@ class TextTransformer(nn.Module):
   pool: str = 'eos'
   causal: bool = False
   dropout: float = 0.0
+  dtype: Any = jnp.float32
+  remat: str = ''
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -74,7 +84,8 @@ class TextTransformer(nn.Module):
     lengths = sequence_lengths(tokens)  # (N,)
     valid = jnp.arange(length)[None, :] < lengths[:, None]  # (N, L): True for real tokens
     ids = jnp.where(valid, tokens, 0)  # ids after the first 0 are padding, whatever they are
-    x = nn.Embed(self.vocab_size, self.width, name='token_embedding')(ids)  # (N, L, width)
+    x = nn.Embed(self.vocab_size, self.width, dtype=compute.flax_dtype(self.dtype),
+                 name='token_embedding')(ids)  # (N, L, width)
     pos = self.param('pos_embedding', nn.initializers.normal(stddev=self.width**-0.5),
                      (1, self.context, self.width))
     x = x + pos[:, :length].astype(x.dtype)
@@ -82,12 +93,13 @@ class TextTransformer(nn.Module):
     mask = key_mask
     if self.causal:
       mask = key_mask & jnp.tril(jnp.ones((length, length), bool))[None, None]  # (N, 1, L, L)
-    x = transformer.Encoder(self.depth, self.heads, self.mlp_dim, self.dropout,
-                            name='encoder')(x, mask, train=train)  # (N, L, width)
+    x = transformer.Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype,
+                            self.remat, name='encoder')(x, mask, train=train)  # (N, L, width)
     if self.pool == 'eos':
       last = jnp.maximum(lengths - 1, 0)
       return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     if self.pool == 'mean':
       w = valid.astype(x.dtype)[:, :, None]  # (N, L, 1)
       return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
-    return transformer.MAPHead(self.heads, self.mlp_dim, name='map_head')(x, mask=key_mask)
+    return transformer.MAPHead(self.heads, self.mlp_dim, self.dtype, name='map_head')(
+        x, mask=key_mask)

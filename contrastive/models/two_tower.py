@@ -19,16 +19,22 @@ A 'resnet' image tower has BatchNorm: with `train=True` pass `mutable=['batch_st
 its statistics are over the batch the step sees (see `resnet.py`). ViT and text towers have
 no batch statistics (LayerNorm only), so image and text rows never interact in the model.
 
+Mixed precision: each tower computes in its own `dtype` (`compute.py`) and each projection
+in its tower's, unless `TwoTower.dtype` sets both projections'; za and zb come out in the
+projections' compute dtype. `LogitParams` always computes in float32 (or float64 under x64).
+
 References: Radford et al. 2021 (CLIP); Zhai et al. 2023 (SigLIP, Algorithm 1); Zhai et al.
 2022 (LiT, which freezes the image tower: an optimizer matter, not a model one).
 """
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from contrastive.losses import common
+from contrastive.models import compute
 from contrastive.models import resnet
 from contrastive.models import text
 from contrastive.models import vit
@@ -81,6 +87,8 @@ class TwoTower(nn.Module):
       siamese text-text model).
     embed_dim: D, the shared embedding dimension.
     loss_params, scale_init, bias_init: as `LogitParams` kind, scale_init, bias_init.
+    dtype: compute dtype of the projections; None (default): each projection computes in
+      its tower's `dtype` (float32 for a tower without one).
   """
   tower_a: nn.Module
   tower_b: nn.Module | None = None
@@ -88,12 +96,15 @@ class TwoTower(nn.Module):
   loss_params: str = 'clip'
   scale_init: float | None = None
   bias_init: float = -10.0
+  dtype: Any = None
 
   def setup(self):
-    # No bias: a linear map into the joint space, as CLIP's W_i, W_t.
-    self.proj_a = nn.Dense(self.embed_dim, use_bias=False)
+    def projection(tower):  # no bias: a linear map into the joint space, as CLIP's W_i, W_t
+      dtype = getattr(tower, 'dtype', jnp.float32) if self.dtype is None else self.dtype
+      return nn.Dense(self.embed_dim, use_bias=False, dtype=compute.flax_dtype(dtype))
+    self.proj_a = projection(self.tower_a)
     if self.tower_b is not None:
-      self.proj_b = nn.Dense(self.embed_dim, use_bias=False)
+      self.proj_b = projection(self.tower_b)
     self.logit = LogitParams(self.loss_params, self.scale_init, self.bias_init)
 
   def encode_a(self, a, *, train: bool = False, normalize: bool = False):
@@ -128,14 +139,24 @@ class TwoTower(nn.Module):
 TOWERS = ('vit', 'resnet', 'text')
 
 
-def build_tower(cfg):
+def build_tower(cfg, dtype=None, remat=None):
   """One encoder from a tower config: `name` in TOWERS, an optional `preset`, module fields.
 
   'vit': `vit.ViT` fields, preset in vit.VIT_PRESETS; 'text': `text.TextTransformer` fields,
   preset in text.TEXT_PRESETS; 'resnet': `resnet.ResNet` fields, preset in resnet.PRESETS.
-  Given fields override the preset's.
+  Given fields override the preset's. Every tower has the fields `dtype` (compute dtype: a
+  dtype or its name, e.g. 'bfloat16') and `remat` ('' or a name in `compute.REMAT_POLICIES`);
+  the arguments `dtype` and `remat`, when not None, override the config's.
   """
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+  if dtype is not None:
+    fields['dtype'] = dtype
+  if remat is not None:
+    fields['remat'] = remat
+  if 'dtype' in fields:
+    fields['dtype'] = compute.as_dtype(fields['dtype'])
+  if fields.get('remat'):
+    compute.remat_policy(fields['remat'])  # a ValueError listing the names if unknown
   name, preset = fields.pop('name', None), fields.pop('preset', None)
   if name not in TOWERS:
     raise ValueError(f'unknown tower name {name!r}; choose one of {TOWERS}.')
@@ -150,7 +171,7 @@ def build_tower(cfg):
   return cls(**{**(presets[preset] if preset else {}), **fields})
 
 
-def build_two_tower(cfg):
+def build_two_tower(cfg, dtype=None, remat=None):
   """TwoTower from the model config (`config.model`; a whole config with a `model` field
   is accepted too).
 
@@ -158,6 +179,11 @@ def build_two_tower(cfg):
   `share` (default False): tower B = tower A, same weights (tower B's config then omitted);
   `embed_dim`; `loss_params`: 'clip' or 'siglip'; optional `logit_scale_init` (None: 1/0.07
   or 10) and `logit_bias_init` (-10).
+
+  dtype: None (each tower's config field `dtype`, float32 by default; each projection in its
+    tower's), or a compute dtype (a dtype or its name) for both towers and projections,
+    overriding the tower configs. The logit parameters stay float32.
+  remat: None (the tower configs' `remat`), or a `remat` name ('' = none) for both towers.
   """
   cfg = cfg.model if 'model' in cfg else cfg
   tower_a = cfg.get('image', cfg.get('a'))
@@ -168,8 +194,9 @@ def build_two_tower(cfg):
   if tower_a is None or (tower_b is None and not share):
     raise ValueError(f'the model config needs image (or a) and text (or b) tower configs, '
                      f'or share=True; got fields {sorted(cfg.keys())}.')
-  return TwoTower(tower_a=build_tower(tower_a),
-                  tower_b=None if share else build_tower(tower_b),
+  return TwoTower(tower_a=build_tower(tower_a, dtype, remat),
+                  tower_b=None if share else build_tower(tower_b, dtype, remat),
+                  dtype=None if dtype is None else compute.as_dtype(dtype),
                   embed_dim=cfg.embed_dim, loss_params=cfg.get('loss_params', 'clip'),
                   scale_init=cfg.get('logit_scale_init'),
                   bias_init=cfg.get('logit_bias_init', -10.0))

@@ -22,12 +22,16 @@ embedding, as big_vision) and returns it; 'map' is attention pooling with a lear
 
 Inputs: integer images (uint8) are scaled to [0, 1] in float32, as `data.augment.to_float`
 does; float images are used as they are (the pipeline's [0, 1] floats, or any normalisation),
-and float64 stays float64.
+and float64 stays float64. `dtype` (`compute.py`) is the compute dtype from the patch
+embedding on: bfloat16 gives bfloat16 features from float32 parameters.
 """
+
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from contrastive.models import compute
 from contrastive.models import transformer
 
 POOLS = ('gap', 'cls', 'map')
@@ -87,6 +91,8 @@ class ViT(nn.Module):
     pool: 'gap' (mean over patches), 'cls' (class token) or 'map' (attention pooling).
     posemb: 'learn' (learned table, fixed to the training image size) or 'sincos2d'.
     dropout: dropout rate in the blocks when `train=True` (0: deterministic).
+    dtype: compute dtype (`compute.py`); parameters stay float32.
+    remat: '' or a name in `compute.REMAT_POLICIES`, applied to each block.
   """
   patch: int = 16
   width: int = 768
@@ -96,6 +102,8 @@ class ViT(nn.Module):
   pool: str = 'map'
   posemb: str = 'learn'
   dropout: float = 0.0
+  dtype: Any = jnp.float32
+  remat: str = ''
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -106,7 +114,7 @@ class ViT(nn.Module):
     if images.ndim != 4:
       raise ValueError(f'images must be [N, H, W, C], got shape {tuple(images.shape)}.')
     x = patchify(to_float_images(images), self.patch)  # (N, T, p*p*C)
-    x = nn.Dense(self.width, name='embedding')(x)  # (N, T, p*p*C) . (p*p*C, width) -> (N, T, width)
+    x = nn.Dense(self.width, dtype=compute.flax_dtype(self.dtype), name='embedding')(x)  # (N, T, p*p*C) . (p*p*C, width) -> (N, T, width)
     n, tokens, _ = x.shape
     if self.posemb == 'learn':
       pos = self.param('pos_embedding', nn.initializers.normal(stddev=self.width**-0.5),
@@ -118,10 +126,10 @@ class ViT(nn.Module):
     if self.pool == 'cls':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width))
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.width)), x], axis=1)
-    x = transformer.Encoder(self.depth, self.heads, self.mlp_dim, self.dropout,
-                            name='encoder')(x, train=train)  # (N, T [+1], width)
+    x = transformer.Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype,
+                            self.remat, name='encoder')(x, train=train)  # (N, T [+1], width)
     if self.pool == 'gap':
       return jnp.mean(x, axis=1)
     if self.pool == 'cls':
       return x[:, 0]
-    return transformer.MAPHead(self.heads, self.mlp_dim, name='map_head')(x)
+    return transformer.MAPHead(self.heads, self.mlp_dim, self.dtype, name='map_head')(x)
