@@ -23,6 +23,13 @@ always kept), called on each tile with the ids of its rows and columns: the glob
 (rows 0..B-1, keys 0..B-1, extra negatives B..B+M-1) unless `mask_ids` gives others, e.g. class
 labels with `distinct_ids` to drop same-label false negatives.
 
+Precision: q, k and extra come in the compute dtype (`common.normalize`). bfloat16 tiles are
+multiplied in bfloat16 with float32 accumulation, and the ring passes bfloat16 key chunks (half
+the bytes); the similarities, running max and sum, log-sum-exps, totals and every gradient
+accumulator are float32 (float64 for float64 inputs). The backward (and fused) passes round each
+tile's dS to the compute dtype for its two matmuls, as FlashAttention does with P; the gradients
+leave the custom_vjp cast to their primal's dtype: bfloat16 for bfloat16 embeddings.
+
 Remainder: when B (or B/n per device, or the keys plus extra negatives) is not a multiple of
 block_size, the last block is zero-padded; the padding is masked out of every sum, maximum and
 gradient, so results are the dense ones and only compute is spent on it.
@@ -36,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from contrastive.losses import common
 from contrastive.losses import fused
 from contrastive.losses import ring
 from contrastive.losses import tiles
@@ -54,6 +62,7 @@ class SoftmaxStats(NamedTuple):
   col_neg_max: jax.Array  # [B] the same per key column (-inf without column channels)
   neg_sum: jax.Array  # sum of the similarities of all kept (row, negative) pairs
   neg_count: jax.Array  # their number (float32)
+  pos_sim: jax.Array  # [B] s_ii = q_i . k_i; its cotangent joins the positive's dS in the tiles
 
 
 def distinct_ids(row_ids, col_ids, sim):
@@ -125,6 +134,17 @@ def _prepare(q, k, extra, mask_ids, mesh, collective):
   return (row_ids, key_ids, extra_ids), comm
 
 
+def _embeddings(q, k, extra):
+  """q, k, extra in one dtype (their promotion: mixed bfloat16 / float32 inputs -> float32)."""
+  dtype = jnp.result_type(*(x for x in (q, k, extra) if x is not None))
+  return q.astype(dtype), k.astype(dtype), None if extra is None else extra.astype(dtype)
+
+
+def _like(cotangents, primals):
+  """Each cotangent (float32 accumulated) cast to its primal's dtype; None kept."""
+  return tuple(None if c is None else c.astype(p.dtype) for c, p in zip(cotangents, primals))
+
+
 def _on_mesh(mesh, fn, num_args, out_specs):
   """fn itself, or fn under shard_map: num_args[0] replicated scalars, then num_args[1] arrays
   split along DATA."""
@@ -158,24 +178,27 @@ def softmax_stats(q, k, *, scale, extra=None, row_mult=(1.0,), row_positive=(Tru
       gives NaN gradients.
 
   Returns:
-    SoftmaxStats; differentiable in row_lse and col_lse w.r.t. scale, q, k and extra.
+    SoftmaxStats; differentiable in row_lse, col_lse and pos_sim w.r.t. scale, q, k and extra.
+    Take s_ii from pos_sim (not from q and k): for bfloat16 inputs its cotangent must meet the
+    softmax's in float32, before the tiles' dS is rounded (`tiles.softmax_backward`).
   """
   if extra is not None and col_mult:
     raise ValueError('Column channels (CLIP) do not take extra negatives.')
   if min(row_mult + col_mult, default=0.0) < 0:
     raise ValueError(f'Channel multipliers must be >= 0, got {row_mult + col_mult}.')
   check_args(block_size, mesh, collective, negative_mask)
+  q, k, extra = _embeddings(q, k, extra)
   ids, comm = _prepare(q, k, extra, mask_ids, mesh, collective)
   plan = tiles.Plan(q.shape[0], 0 if extra is None else extra.shape[0], int(block_size),
                     tuple(map(float, row_mult)), tuple(row_positive), tuple(map(float, col_mult)),
                     tuple(col_positive), negative_mask, bool(fused_gradient))
   if extra is not None:
     extra = tiles.pad_to(extra, ids[2].shape[0])
-  scale = jnp.asarray(scale, q.dtype)
+  scale = jnp.asarray(scale, common.accumulation_dtype(q.dtype))  # float32 for bfloat16 q
   return _softmax(plan, comm, mesh, scale, q, k, extra, *ids)
 
 
-_STATS_SPECS = (P(DATA), P(DATA), P(DATA), P(DATA), P(), P())  # SoftmaxStats fields
+_STATS_SPECS = (P(DATA), P(DATA), P(DATA), P(DATA), P(), P(), P(DATA))  # SoftmaxStats fields
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -196,14 +219,15 @@ def _softmax_fwd(plan, comm, mesh, scale, q, k, extra, row_ids, key_ids, extra_i
 
 def _softmax_bwd(plan, comm, mesh, residuals, cotangents):
   if fused.applies(plan, comm):
-    (scale, q, *_), grads = residuals
-    return fused.backward(scale, q, grads, cotangents.row_lse) + (None, None, None)
+    args, grads = residuals
+    grads = fused.backward(plan, *args[:3], grads, cotangents.row_lse, cotangents.pos_sim)
+    return _like(grads, args) + (None, None, None)
   args, row_lse, col_lse = residuals
   body = functools.partial(ring.softmax_backward, plan, comm)
   out_specs = (P(), P(DATA), P(DATA), P(DATA))
-  d_scale, dq, dk, d_extra = _on_mesh(mesh, body, (1, 10), out_specs)(
-      *args, row_lse, col_lse, cotangents.row_lse, cotangents.col_lse)
-  return d_scale, dq, dk, d_extra, None, None, None
+  grads = _on_mesh(mesh, body, (1, 11), out_specs)(
+      *args, row_lse, col_lse, cotangents.row_lse, cotangents.col_lse, cotangents.pos_sim)
+  return _like(grads, args) + (None, None, None)
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
@@ -226,12 +250,14 @@ def sigmoid_stats(q, k, *, scale, bias, extra=None, negative_mask=None, mask_ids
     bias, q, k and extra.
   """
   check_args(block_size, mesh, collective, negative_mask)
+  q, k, extra = _embeddings(q, k, extra)
   ids, comm = _prepare(q, k, extra, mask_ids, mesh, collective)
   plan = tiles.Plan(q.shape[0], 0 if extra is None else extra.shape[0], int(block_size),
                     keep=negative_mask)
   if extra is not None:
     extra = tiles.pad_to(extra, ids[2].shape[0])
-  scale, bias = jnp.asarray(scale, q.dtype), jnp.asarray(bias, q.dtype)
+  acc = common.accumulation_dtype(q.dtype)  # float32 for bfloat16 q: tau, b not rounded
+  scale, bias = jnp.asarray(scale, acc), jnp.asarray(bias, acc)
   return _sigmoid(plan, comm, mesh, scale, bias, q, k, extra, *ids)
 
 
@@ -250,13 +276,14 @@ def _sigmoid_fwd(plan, comm, mesh, scale, bias, q, k, extra, row_ids, key_ids, e
   out_specs = _SIGMOID_SPECS + ((P(), P(), P(DATA), P(DATA), P(DATA)),)
   *out, grads = _on_mesh(mesh, body, (2, 6), out_specs)(scale, bias, q, k, extra, row_ids,
                                                         key_ids, extra_ids)
-  return tuple(out), grads
+  return tuple(out), (grads, (scale, bias, q, k, extra))
 
 
-def _sigmoid_bwd(plan, comm, mesh, grads, cotangents):
+def _sigmoid_bwd(plan, comm, mesh, residuals, cotangents):
+  grads, primals = residuals
   g = cotangents[0]  # only loss_sum is differentiable
   scaled = tuple(None if x is None else g * x for x in grads)
-  return scaled + (None, None, None)
+  return _like(scaled, primals) + (None, None, None)
 
 
 _sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)

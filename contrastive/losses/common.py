@@ -1,4 +1,11 @@
-"""Input checks, normalisation and metrics shared by the contrastive losses."""
+"""Input checks, normalisation, precision and metrics shared by the contrastive losses.
+
+Mixed precision: bfloat16 embeddings [B, D] are L2-normalised in float32, rounded back to
+bfloat16 (`normalize`) and multiplied as they are, with float32 accumulation (`matmul`,
+`einsum`, `rowwise_dot`): the similarities, log-sum-exps, running statistics, losses and
+metrics are float32. Every other dtype keeps its former behaviour: float32 and float64 are
+computed in themselves (bitwise as before), float16 and integers in float32.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +20,56 @@ def at_least_float32(x):
   """x as float32, or kept in float64 (bf16, float16 and integers become float32)."""
   x = jnp.asarray(x)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def compute_dtype(dtype):
+  """The dtype the losses multiply embeddings of `dtype` in: bfloat16 stays bfloat16 (mixed
+  precision); any other as `at_least_float32` (float16 and integers -> float32, float64 kept)."""
+  dtype = jnp.dtype(dtype)
+  return dtype if dtype == jnp.bfloat16 else jnp.promote_types(dtype, jnp.float32)
+
+
+def accumulation_dtype(dtype):
+  """float32 for bfloat16 (and float16, float32) operands, float64 for float64 ones."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def normalize(x, axis=-1):
+  """`l2_normalize` computed in float32 (or float64), then in `compute_dtype(x.dtype)`.
+
+  For bfloat16 x: [..., D] -> [..., D] bfloat16, each entry the float32 unit vector's rounded
+  to 8 significand bits (relative error <= 2^-8). A no-op cast otherwise.
+  """
+  x = jnp.asarray(x)
+  return l2_normalize(x, axis).astype(compute_dtype(x.dtype))
+
+
+def _mixed(*xs):
+  """The accumulation dtype of xs, or None if they are all in it already (plain products)."""
+  acc = accumulation_dtype(jnp.result_type(*xs))
+  return None if all(x.dtype == acc for x in xs) else acc
+
+
+def matmul(a, b):
+  """a @ b, accumulated in float32 for bfloat16 operands: [..., M, K], [K, N] -> float32.
+
+  float32 and float64 operands go through `a @ b` exactly as before (bitwise unchanged).
+  """
+  acc = _mixed(a, b)
+  return a @ b if acc is None else jnp.matmul(a, b, preferred_element_type=acc)
+
+
+def einsum(spec, a, b):
+  """jnp.einsum(spec, a, b) with float32 accumulation for bfloat16 operands (see `matmul`)."""
+  acc = _mixed(a, b)
+  return jnp.einsum(spec, a, b, preferred_element_type=acc) if acc else jnp.einsum(spec, a, b)
+
+
+def rowwise_dot(a, b):
+  """sum_d a_id b_id: [N, D], [N, D] -> [N], products and sum in float32 for bfloat16 rows
+  (a product of two bfloat16 numbers is exact in float32), as the matmuls' diagonal."""
+  acc = accumulation_dtype(jnp.result_type(a, b))
+  return jnp.sum(a.astype(acc) * b.astype(acc), axis=1)
 
 
 def l2_normalize(x, axis=-1):
@@ -89,8 +146,8 @@ def two_view_similarities(z1, z2):
     (sim [2B, 2B], self_mask [2B, 2B] bool (j = i), pos_mask [2B, 2B] bool (j = p(i) = i +- B)).
   """
   b = z1.shape[0]
-  v = l2_normalize(jnp.concatenate([z1, z2], axis=0))  # (2B, D)
-  sim = v @ v.T  # (2B, D) . (D, 2B) -> (2B, 2B)
+  v = normalize(jnp.concatenate([z1, z2], axis=0))  # (2B, D), bfloat16 kept (see `normalize`)
+  sim = matmul(v, v.T)  # (2B, D) . (D, 2B) -> (2B, 2B), float32 (or float64)
   idx = jnp.arange(2 * b)
   self_mask = idx[:, None] == idx[None, :]
   pos_mask = idx[None, :] == ((idx + b) % (2 * b))[:, None]

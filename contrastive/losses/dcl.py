@@ -163,7 +163,7 @@ def decoupled_info_nce(query, key, *, temperature):
   common.check_pair(query, key, 'query', 'key')
   common.check_temperature(temperature)
   b = query.shape[0]
-  sim = common.l2_normalize(query) @ common.l2_normalize(key).T  # (B, D) . (D, B) -> (B, B)
+  sim = common.matmul(common.normalize(query), common.normalize(key).T)  # (B, D) . (D, B) -> (B, B)
   eye = jnp.eye(b, dtype=bool)
   logits = sim / temperature
   lse_neg = common.masked_logsumexp(logits, ~eye)  # -inf (zero gradient) when B = 1

@@ -28,7 +28,7 @@ def _similarities(query, key, temperature):
   """Checks the inputs; returns sim [B, B], logits = sim / tau, the positive logits [B], eye."""
   common.check_pair(query, key, 'query', 'key')
   common.check_temperature(temperature)
-  sim = common.l2_normalize(query) @ common.l2_normalize(key).T  # (B, D) . (D, B) -> (B, B)
+  sim = common.matmul(common.normalize(query), common.normalize(key).T)  # (B, D) . (D, B) -> (B, B)
   logits = sim / temperature
   return sim, logits, jnp.diagonal(logits), jnp.eye(query.shape[0], dtype=bool)
 
@@ -38,10 +38,10 @@ def _blockwise_log_sums(query, key, temperature, mults, **blocks):
   and the metrics: what the two losses need, without the [B, B] matrix."""
   common.check_pair(query, key, 'query', 'key')
   common.check_temperature(temperature)
-  q, k = common.l2_normalize(query), common.l2_normalize(key)
-  pos_sim = jnp.sum(q * k, axis=1)
+  q, k = common.normalize(query), common.normalize(key)  # bfloat16 kept (mixed precision)
   stats = blockwise.softmax_stats(q, k, scale=1.0 / temperature, row_mult=mults,
                                   row_positive=(False,) * len(mults), **blocks)
+  pos_sim = stats.pos_sim  # (B,) float32 s_ii, differentiated with the tiles
   metrics = blockwise.similarity_metrics(pos_sim, stats.row_neg_max, stats.neg_sum,
                                          stats.neg_count)
   return pos_sim / temperature, stats.row_lse, metrics

@@ -31,6 +31,7 @@ strips starve the matmuls (B = 32,768 on the 2-core CPU: 25.5 s at 32 rows, 19.2
 import jax.numpy as jnp
 from jax import lax
 
+from contrastive.losses import common
 from contrastive.losses import ring
 from contrastive.losses import tiles
 
@@ -62,28 +63,39 @@ def _sweep(plan, comm, scale, q, rpos, rid, k, cpos, cid, rows):
   """
   a = plan.row_mult[0] * scale
   with_positive = plan.row_positive[0]
+  shift = shifted(plan, k.dtype)
   num_strips, d = q.shape[0] // rows, q.shape[1]
 
   def strip(carry, row_in):
     dk, (total, count) = carry
     q_r, rpos_r, rid_r = row_in
-    sim = q_r @ k.T  # (rows, D) . (D, N) -> (rows, N)
+    sim = common.matmul(q_r, k.T)  # (rows, D) . (D, N) -> (rows, N), float32 accumulated
     pos, neg = tiles.tile_masks(plan, rpos_r, rid_r, cpos, cid, sim)
     x = jnp.where((pos | neg) if with_positive else neg, a * sim, tiles.NEG_INF)
     m = jnp.max(x, axis=1, keepdims=True)
     e = jnp.exp(x - jnp.where(m == tiles.NEG_INF, 0.0, m))  # 0 off the selection
     l = jnp.sum(e, axis=1, keepdims=True)
     ds = e * (a / jnp.where(l > 0, l, 1.0))  # a P: d lse / d S for a unit cotangent
-    dq_r = ds @ k  # (rows, N) . (N, D) -> (rows, D)
-    dk = dk + ds.T @ q_r  # (N, rows) . (rows, D) -> (N, D)
+    if shift:  # a (P_ii - 1) at the positive: small, so rounding it costs little (`backward`)
+      ds = ds - jnp.where(pos, a, 0.0)
+    ds = ds.astype(k.dtype)  # bfloat16 strips: the matmuls in bfloat16, float32 accumulated
+    dq_r = common.matmul(ds, k)  # (rows, N) . (N, D) -> (rows, D)
+    dk = dk + common.matmul(ds.T, q_r)  # (N, rows) . (rows, D) -> (N, D)
     neg_max = jnp.max(jnp.where(neg, sim, tiles.NEG_INF), axis=1)
     sums = (total + jnp.sum(jnp.where(neg, sim, 0.0)), count + jnp.sum(neg, dtype=jnp.float32))
     return (dk, sums), (tiles.logsumexp(m[:, 0], l[:, 0]), neg_max, dq_r)
 
   split = (q.reshape(num_strips, rows, d), rpos.reshape(num_strips, rows),
            rid.reshape(num_strips, rows))
-  carry = (jnp.zeros_like(k), (jnp.zeros((), k.dtype), jnp.zeros((), k.dtype)))
+  acc = common.accumulation_dtype(k.dtype)  # float32 gradients and totals for bfloat16 k
+  carry = (jnp.zeros(k.shape, acc), (jnp.zeros((), acc), jnp.zeros((), acc)))
   return lax.scan(strip, ring.varying(comm, carry), split)
+
+
+def shifted(plan, dtype):
+  """Whether the unit gradients hold a (P_ii - 1) rather than a P_ii at the positive: for
+  bfloat16 embeddings, whose dS is rounded (see `backward`)."""
+  return plan.row_positive[0] and jnp.dtype(dtype) != common.accumulation_dtype(dtype)
 
 
 def forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids):
@@ -95,8 +107,9 @@ def forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids):
 
   Returns:
     (row_lse [b, 1], col_lse [b, 0], row_neg_max [b], col_neg_max [b] (-inf), neg_sum,
-    neg_count, (dq [b, D], dk [b, D], d extra [m, D] or None)): the gradients of
-    sum_i row_lse_i w.r.t. q, k and extra.
+    neg_count, pos_sim [b], (dq [b, D], dk [b, D], d extra [m, D] or None)): the gradients
+    of sum_i row_lse_i (minus a s_ii if `shifted`) w.r.t. q, k and extra, float32 for
+    bfloat16 q, k (cast by the caller).
   """
   n, b = comm.size, q.shape[0]
   kc, cid = tiles.chunk_layout(plan, n, k, extra, key_ids, extra_ids)
@@ -113,19 +126,32 @@ def forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids):
   sums = ring.psum(comm, sums)
   d_extra = None if extra is None else dk[b:b + extra.shape[0]]
   grads = (dq.reshape(-1, q.shape[1])[:b], dk[:b], d_extra)
-  return (lse.reshape(-1, 1)[:b], jnp.zeros((b, 0), k.dtype), neg_max.reshape(-1)[:b],
-          jnp.full((b,), tiles.NEG_INF, k.dtype), sums[0], sums[1], grads)
+  acc = common.accumulation_dtype(k.dtype)
+  return (lse.reshape(-1, 1)[:b], jnp.zeros((b, 0), acc), neg_max.reshape(-1)[:b],
+          jnp.full((b,), tiles.NEG_INF, acc), sums[0], sums[1], common.rowwise_dot(q, k), grads)
 
 
-def backward(scale, q, grads, g_row):
-  """(d scale, dq, dk, d extra) of sum_i g_i row_lse_i from the unit gradients.
+def backward(plan, scale, q, k, grads, g_row, g_pos):
+  """(d scale, dq, dk, d extra) of sum_i (g_i row_lse_i + g_pos_i s_ii) from the unit gradients.
+
+  The positive similarity's term g_pos_i s_ii is added row by row (dq_i += c_i k_i, dk_i +=
+  c_i q_i), with c = g_pos, or g_pos + a g when the unit gradients were `shifted`: InfoNCE's
+  g_pos = -a g then gives c = 0, the cancellation done in float32 before anything is rounded.
 
   Args:
-    scale: 1/tau; q: [B, D] the normalised rows; grads: `forward`'s unit gradients.
+    plan: the Plan; scale: 1/tau; q, k: [B, D] the normalised rows and keys; grads: `forward`'s
+      unit gradients (float32).
     g_row: [B, 1] the cotangent of row_lse: must hold one value, else the gradients are NaN.
+    g_pos: [B] the cotangent of pos_sim.
   """
   g = g_row[0, 0]
   g = jnp.where(jnp.all(g_row == g), g, jnp.nan)
   dq, dk, d_extra = (None if x is None else g * x for x in grads)
-  # d lse_i / d scale = mult sum_j P_ij s_ij = q_i . dq_i / (g scale).
-  return jnp.sum(q * dq) / scale, dq, dk, d_extra
+  # d lse_i / d scale = mult sum_j P_ij s_ij = q_i . dq_i / (g scale) (+ mult s_ii if shifted).
+  total = jnp.sum(q * dq)
+  c = g_pos
+  if shifted(plan, k.dtype):
+    a = plan.row_mult[0] * scale
+    total = total + a * g * jnp.sum(common.rowwise_dot(q, k))
+    c = g_pos + a * g
+  return total / scale, dq + c[:, None] * k, dk + c[:, None] * q, d_extra

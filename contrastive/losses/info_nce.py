@@ -1,10 +1,12 @@
 """InfoNCE and its symmetric relative, CLIP's loss (DCL's query/key form is in `dcl.py`).
 
 Both score a query against a set of candidate keys with cosine similarities s_ij (each
-input is L2-normalised inside, see `common.l2_normalize`) divided by a temperature tau. Row i
+input is L2-normalised inside, see `common.normalize`) divided by a temperature tau. Row i
 of `key` is the positive of row i of `query`; the other rows of `key` are its negatives N(i).
 They are written on logical global arrays: under `jax.jit` with the batch sharded along a mesh
-axis, every device's keys are negatives for every other device's queries.
+axis, every device's keys are negatives for every other device's queries. bfloat16 embeddings
+are multiplied in bfloat16 with float32 accumulation; everything after the matmuls is float32
+and the gradients come back in bfloat16 (`common.py`).
 """
 
 import jax
@@ -48,7 +50,7 @@ def check_query_negatives(query, query_negatives, query_negative_mask):
 
 def _own_negatives(q, query_negatives, query_negative_mask):
   """(sim [B, S] of each query with its own negatives, keep [B, S])."""
-  sim = jnp.einsum('bd,bsd->bs', q, common.l2_normalize(query_negatives))
+  sim = common.einsum('bd,bsd->bs', q, common.normalize(query_negatives))  # float32
   keep = (jnp.ones(sim.shape, bool) if query_negative_mask is None else query_negative_mask)
   return sim, keep
 
@@ -110,17 +112,17 @@ def info_nce(query, key, *, temperature, extra_negatives=None, negative_mask=Non
   check_query_negatives(query, query_negatives, query_negative_mask)
   blockwise.check_args(block_size, mesh, collective, negative_mask)
   b = query.shape[0]
-  q = common.l2_normalize(query)
-  k = common.l2_normalize(key)
-  extra = None if extra_negatives is None else common.l2_normalize(extra_negatives)
+  q = common.normalize(query)  # (B, D) in the compute dtype (bfloat16 kept)
+  k = common.normalize(key)
+  extra = None if extra_negatives is None else common.normalize(extra_negatives)
   own = None if query_negatives is None else _own_negatives(q, query_negatives,
                                                             query_negative_mask)
   if block_size is not None:
-    pos_sim = jnp.sum(q * k, axis=1)
     stats = blockwise.softmax_stats(q, k, scale=1.0 / temperature, extra=extra,
                                     negative_mask=negative_mask, mask_ids=mask_ids,
                                     block_size=block_size, mesh=mesh, collective=collective,
                                     fused_gradient=own is None)  # the loss is a mean of lse
+    pos_sim = stats.pos_sim  # (B,) float32 s_ii, differentiated with the tiles
     lse, row_neg_max = stats.row_lse[:, 0], stats.row_neg_max
     neg_sum, neg_count = stats.neg_sum, stats.neg_count
     if own is not None:  # fold each row's own negatives into its streamed statistics
@@ -134,7 +136,7 @@ def info_nce(query, key, *, temperature, extra_negatives=None, negative_mask=Non
     return jnp.mean(lse - pos_sim / temperature), metrics
   if extra is not None:
     k = jnp.concatenate([k, extra])  # (B + M, D)
-  sim = q @ k.T  # (B, D) . (D, B + M) -> (B, B + M)
+  sim = common.matmul(q, k.T)  # (B, D) . (D, B + M) -> (B, B + M), float32 accumulated
   negative_mask = blockwise.dense_mask(negative_mask, mask_ids, sim)
   pos_mask = jnp.eye(b, k.shape[0], dtype=bool)
   keep = jnp.ones_like(pos_mask) if negative_mask is None else negative_mask | pos_mask
@@ -188,11 +190,11 @@ def clip_loss(za, zb, *, temperature, negative_mask=None, mask_ids=None, block_s
   check_candidates(za, None, negative_mask)
   blockwise.check_args(block_size, mesh, collective, negative_mask)
   b = za.shape[0]
-  a, c = common.l2_normalize(za), common.l2_normalize(zb)
+  a, c = common.normalize(za), common.normalize(zb)
   if block_size is not None:
     return _clip_blockwise(a, c, temperature, negative_mask=negative_mask, mask_ids=mask_ids,
                            block_size=block_size, mesh=mesh, collective=collective)
-  sim = a @ c.T  # (B, D) . (D, B) -> (B, B)
+  sim = common.matmul(a, c.T)  # (B, D) . (D, B) -> (B, B), float32 accumulated
   logits = sim / temperature
   pos_logit = jnp.diagonal(logits)
   eye = jnp.eye(b, dtype=bool)
@@ -216,9 +218,9 @@ def clip_loss(za, zb, *, temperature, negative_mask=None, mask_ids=None, block_s
 
 def _clip_blockwise(a, c, temperature, **kwargs):
   """clip_loss from one streamed pass over the tiles: row and column log-sum-exps."""
-  pos_sim = jnp.sum(a * c, axis=1)
   stats = blockwise.softmax_stats(a, c, scale=1.0 / temperature, col_mult=(1.0,),
                                   col_positive=(True,), **kwargs)
+  pos_sim = stats.pos_sim  # (B,) float32 s_ii, differentiated with the tiles
   lse_ab, lse_ba = stats.row_lse[:, 0], stats.col_lse[:, 0]
   pos_logit = pos_sim / temperature
   loss = 0.5 * (jnp.mean(lse_ab - pos_logit) + jnp.mean(lse_ba - pos_logit))

@@ -9,7 +9,7 @@ from contrastive.losses import common
 def nt_xent(z1, z2, *, temperature):
   """NT-Xent loss over the 2B views of a batch (SimCLR, Chen et al. 2020, eq. 1).
 
-  Both views are L2-normalised (see `common.l2_normalize` for the epsilon), stacked into
+  Both views are L2-normalised (see `common.normalize`: bfloat16 kept), stacked into
   v = [z1; z2] of 2B rows, and s_ij = v_i . v_j. View i's positive is its pair p(i) = i +- B;
   its negatives are the other 2B - 2 views:
 

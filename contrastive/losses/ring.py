@@ -14,7 +14,9 @@ chunks, one per device, in one of two ways (`Comm.kind`):
 The tiles inside a step are `tiles.sweep`, so no device holds a (B/n) x (B/n) block either.
 With `Comm.axis = None` (one device, no mesh) there is one chunk and no collective. These run
 inside `jax.shard_map` (see `blockwise.py`); they are not differentiated, `blockwise.py` wraps
-them in `jax.custom_vjp`s.
+them in `jax.custom_vjp`s. The chunks travel in the embeddings' dtype (bfloat16: half the
+bytes of float32); the state travelling with them (column statistics, the keys' gradient) is
+float32 (`acc`), as every accumulator.
 """
 
 from typing import NamedTuple
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from contrastive.losses import common
 from contrastive.losses import tiles
 
 
@@ -98,18 +101,19 @@ def softmax_forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids)
 
   Returns:
     (row_lse [b, C], col_lse [b, Cc] (the keys' columns), row_neg_max [b], col_neg_max [b] (or
-    [b] -inf without col channels), neg_sum, neg_count (global totals)).
+    [b] -inf without col channels), neg_sum, neg_count (global totals), pos_sim [b] (s_ii)).
   """
   (qr, rpos, rid), (kc, cid), rb, cb, b = layouts(plan, comm, q, k, extra, row_ids, key_ids,
                                                    extra_ids)
-  pos_sim = jnp.sum(q * k, axis=1)  # s_ii: bounds the positive's term, and is column i's too
+  acc = common.accumulation_dtype(q.dtype)  # float32 statistics for bfloat16 q, k
+  pos_sim = common.rowwise_dot(q, k)  # s_ii: bounds the positive's term, and is column i's too
   rsim = tiles.pad_to(pos_sim, qr.shape[0], tiles.NEG_INF)
   csim = tiles.pad_to(pos_sim, kc.shape[0], tiles.NEG_INF)
   rows = (qr, rpos, rid, rsim)
   if _gathering(comm):  # every chunk at once; column state combined over devices after
     kc, cid, csim = gather(comm, (kc, cid, csim))
-  row_state, col_state = tiles.softmax_init(plan, qr.shape[0], kc.shape[0], qr.dtype)
-  row_state, col_state, sums = varying(comm, (row_state, col_state, (jnp.zeros((), qr.dtype),) * 2))
+  row_state, col_state = tiles.softmax_init(plan, qr.shape[0], kc.shape[0], acc)
+  row_state, col_state, sums = varying(comm, (row_state, col_state, (jnp.zeros((), acc),) * 2))
   if _gathering(comm):
     cols = (kc, all_positions(plan, comm), cid, csim)
     row_state, col_state, sums = tiles.softmax_forward(plan, scale, rb, cb, rows, row_state,
@@ -133,8 +137,8 @@ def softmax_forward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids)
     cm, cl, col_max = col_state
     col_lse, col_max = tiles.logsumexp(cm, cl)[:b], col_max[:b]
   else:
-    col_lse, col_max = jnp.zeros((b, 0), qr.dtype), jnp.full((b,), tiles.NEG_INF, qr.dtype)
-  return tiles.logsumexp(m, l)[:b], col_lse, row_max[:b], col_max, sums[0], sums[1]
+    col_lse, col_max = jnp.zeros((b, 0), acc), jnp.full((b,), tiles.NEG_INF, acc)
+  return tiles.logsumexp(m, l)[:b], col_lse, row_max[:b], col_max, sums[0], sums[1], pos_sim
 
 
 def _combine_columns(comm, col_state):
@@ -150,24 +154,30 @@ def _combine_columns(comm, col_state):
 
 
 def softmax_backward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids, row_lse,
-                     col_lse, g_row, g_col):
-  """Gradient of sum(g_row * row_lse) + sum(g_col * col_lse), tiles recomputed.
+                     col_lse, g_row, g_col, g_pos):
+  """Gradient of sum(g_row * row_lse) + sum(g_col * col_lse) + sum(g_pos * s_ii), tiles
+  recomputed. For bfloat16 q, k, g_pos joins each tile's dS before it is rounded (see
+  `tiles.softmax_backward`); otherwise g_pos s_ii's gradient is added row by row, as autodiff
+  of s_ii = q_i . k_i would.
 
   Returns:
-    (d scale (global), dq [b, D], dk [b, D], d extra [m, D] or None).
+    (d scale (global), dq [b, D], dk [b, D], d extra [m, D] or None), float32 accumulated.
   """
+  acc = common.accumulation_dtype(q.dtype)
+  fold = q.dtype != acc  # static: low precision folds g_pos into the rounded dS
   (qr, rpos, rid), (kc, cid), rb, cb, b = layouts(plan, comm, q, k, extra, row_ids, key_ids,
                                                    extra_ids)
   length = qr.shape[0]
-  rows = (qr, rpos, rid, tiles.pad_to(row_lse, length, tiles.NEG_INF), tiles.pad_to(g_row, length))
+  rows = (qr, rpos, rid, tiles.pad_to(row_lse, length, tiles.NEG_INF), tiles.pad_to(g_row, length),
+          tiles.pad_to(g_pos, length) if fold else None)
   chunk = (kc, cid)
   if plan.col_mult:  # padding and extra negatives have no column statistics
     chunk += (tiles.pad_to(col_lse, kc.shape[0], tiles.NEG_INF), tiles.pad_to(g_col, kc.shape[0]))
-  dq = varying(comm, jnp.zeros_like(qr))
+  dq = varying(comm, jnp.zeros(qr.shape, acc))
   if _gathering(comm):
     chunk = gather(comm, chunk)
     cols = (chunk[0], all_positions(plan, comm)) + chunk[1:]
-    dk = varying(comm, jnp.zeros_like(chunk[0]))
+    dk = varying(comm, jnp.zeros(chunk[0].shape, acc))
     dq, dk = tiles.softmax_backward(plan, scale, rb, cb, rows, dq, cols, dk)
     dk = lax.psum_scatter(dk, comm.axis, tiled=True)
   else:
@@ -178,11 +188,18 @@ def softmax_backward(plan, comm, scale, q, k, extra, row_ids, key_ids, extra_ids
       dq, dk = tiles.softmax_backward(plan, scale, rb, cb, rows, dq, cols, dk)
       return dq, incoming, _shift(comm, dk)
 
-    dq, _, dk = _ring_loop(comm, step, (dq, chunk, varying(comm, jnp.zeros_like(kc))))
-  # sum_ij dS_ij s_ij = sum_i q_i . dq_i, and every logit is scale * mult * s_ij.
-  d_scale = psum(comm, jnp.sum(qr * dq)) / scale
+    dq, _, dk = _ring_loop(comm, step, (dq, chunk, varying(comm, jnp.zeros(kc.shape, acc))))
+  # sum_ij dS_ij s_ij = sum_i q_i . dq_i, and every logit is scale * mult * s_ij (the g_pos
+  # terms of a folded dS do not depend on the scale: taken out again).
+  total = jnp.sum(qr * dq)
+  if fold:
+    total = total - jnp.sum(g_pos * common.rowwise_dot(q, k))
+  d_scale = psum(comm, total) / scale
   d_extra = None if extra is None else dk[b:b + extra.shape[0]]
-  return d_scale, dq[:b], dk[:b], d_extra
+  dq, dk = dq[:b], dk[:b]
+  if not fold:  # d(g_pos_i q_i . k_i): row i's key lives on row i's device
+    dq, dk = dq + g_pos[:, None] * k, dk + g_pos[:, None] * q
+  return d_scale, dq, dk, d_extra
 
 
 # ---- Sigmoid ---------------------------------------------------------------------------------
@@ -193,17 +210,18 @@ def sigmoid_forward(plan, comm, with_grad, t, bias, q, k, extra, row_ids, key_id
 
   Returns:
     (loss_sum, row_neg_max [b], neg_sum, neg_count) (totals global), then if with_grad
-    (dt, db, dq [b, D], dk [b, D], d extra [m, D] or None).
+    (dt, db, dq [b, D], dk [b, D], d extra [m, D] or None); all float32 for bfloat16 q, k.
   """
+  acc = common.accumulation_dtype(q.dtype)
   (qr, rpos, rid), (kc, cid), rb, cb, b = layouts(plan, comm, q, k, extra, row_ids, key_ids,
                                                    extra_ids)
   rows = (qr, rpos, rid)
   if _gathering(comm):
     kc, cid = gather(comm, (kc, cid))
-  row_state = (jnp.full((qr.shape[0],), tiles.NEG_INF, qr.dtype),)
-  row_state += (jnp.zeros_like(qr),) if with_grad else ()
-  dk = (jnp.zeros_like(kc),) if with_grad else ()
-  row_state, dk, sums = varying(comm, (row_state, dk, (jnp.zeros((), qr.dtype),) * 4))
+  row_state = (jnp.full((qr.shape[0],), tiles.NEG_INF, acc),)
+  row_state += (jnp.zeros(qr.shape, acc),) if with_grad else ()
+  dk = (jnp.zeros(kc.shape, acc),) if with_grad else ()
+  row_state, dk, sums = varying(comm, (row_state, dk, (jnp.zeros((), acc),) * 4))
   if _gathering(comm):
     row_state, dk, sums = tiles.sigmoid_tiles(plan, t, bias, with_grad, rb, cb, rows, row_state,
                                               (kc, all_positions(plan, comm), cid), dk, sums)

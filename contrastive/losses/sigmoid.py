@@ -61,10 +61,10 @@ def sigmoid_loss(za, zb, *, temperature, bias, extra_negatives=None, negative_ma
   check_candidates(za, extra_negatives, negative_mask)
   blockwise.check_args(block_size, mesh, collective, negative_mask)
   b = za.shape[0]
-  a, c = common.l2_normalize(za), common.l2_normalize(zb)
-  extra = None if extra_negatives is None else common.l2_normalize(extra_negatives)
+  a, c = common.normalize(za), common.normalize(zb)  # bfloat16 kept (mixed precision)
+  extra = None if extra_negatives is None else common.normalize(extra_negatives)
   if block_size is not None:
-    pos_sim = jnp.sum(a * c, axis=1)
+    pos_sim = common.rowwise_dot(a, c)  # (B,) float32
     loss_sum, row_neg_max, neg_sum, neg_count = blockwise.sigmoid_stats(
         a, c, scale=1.0 / temperature, bias=bias, extra=extra, negative_mask=negative_mask,
         mask_ids=mask_ids, block_size=block_size, mesh=mesh, collective=collective)
@@ -73,7 +73,7 @@ def sigmoid_loss(za, zb, *, temperature, bias, extra_negatives=None, negative_ma
     return loss_sum / b, metrics
   if extra is not None:
     c = jnp.concatenate([c, extra])  # (B + M, D)
-  sim = a @ c.T  # (B, D) . (D, B + M) -> (B, B + M)
+  sim = common.matmul(a, c.T)  # (B, D) . (D, B + M) -> (B, B + M), float32 accumulated
   logits = sim / temperature + bias
   eye = jnp.eye(b, sim.shape[1], dtype=bool)
   labels = jnp.where(eye, 1.0, -1.0)

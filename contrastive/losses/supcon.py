@@ -42,8 +42,8 @@ def supcon(z, labels, *, temperature):
     raise ValueError(f'labels must be integers, got {labels.dtype}.')
   common.check_temperature(temperature)
   n = z.shape[0]
-  v = common.l2_normalize(z)
-  sim = v @ v.T  # (N, D) . (D, N) -> (N, N)
+  v = common.normalize(z)  # bfloat16 kept (mixed precision, `common.py`)
+  sim = common.matmul(v, v.T)  # (N, D) . (D, N) -> (N, N), float32 accumulated
   self_mask = jnp.eye(n, dtype=bool)
   pos_mask = (labels[:, None] == labels[None, :]) & ~self_mask
   logits = sim / temperature

@@ -15,6 +15,10 @@ The softmax channels: channel c of a row holds the online log-sum-exp (running m
 sum l of exp(x - m)) of x = mult_c * scale * s over the row's kept negatives, plus the positive
 if `positive_c`. The running max is the exact maximum of the selected similarities seen so far
 (times mult_c * scale >= 0), so nothing overflows and the largest term is 1.
+
+Precision: q and k may be bfloat16; S = q k^T is accumulated in float32 (`common.matmul`), and
+every statistic, total and gradient accumulator is float32. The backward matmuls take each
+tile's dS rounded to k's dtype (a no-op for float32 and float64).
 """
 
 from typing import Callable, NamedTuple
@@ -22,6 +26,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from contrastive.losses import common
 
 NEG_INF = -jnp.inf
 
@@ -179,8 +185,8 @@ def _fold(mults, positives, scale, sim, pos, neg, m, l, neg_max, pos_sim, axis):
 
 
 def softmax_init(plan, num_rows, num_cols, dtype):
-  """Empty running statistics in `dtype` (the similarities'): rows (m, l [R, C], neg max [R]),
-  cols likewise or ()."""
+  """Empty running statistics in `dtype` (the similarities': float32, float64 for float64
+  inputs): rows (m, l [R, C], neg max [R]), cols likewise or ()."""
   def side(n, channels):
     return (jnp.full((n, channels), NEG_INF, dtype), jnp.zeros((n, channels), dtype),
             jnp.full((n,), NEG_INF, dtype))
@@ -202,7 +208,7 @@ def softmax_forward(plan, scale, rb, cb, rows, row_state, cols, col_state, sums)
   def tile(row_in, row_state, col_in, col_state, sums):
     q, rpos, rid, rsim = row_in
     k, cpos, cid, csim = col_in
-    sim = q @ k.T  # (rb, D) . (D, cb) -> (rb, cb)
+    sim = common.matmul(q, k.T)  # (rb, D) . (D, cb) -> (rb, cb), float32 accumulated
     pos, neg = tile_masks(plan, rpos, rid, cpos, cid, sim)
     neg_sim = jnp.where(neg, sim, NEG_INF)
     m, l, row_max = row_state
@@ -241,23 +247,30 @@ def softmax_backward(plan, scale, rb, cb, rows, dq, cols, dk):
   """Adds the gradient of sum(g_row * row_lse) + sum(g_col * col_lse) w.r.t. q and k.
 
   Each tile is recomputed from q and k; with P_c the channel's softmax (from its final lse),
-  dS = sum_c g_c mult_c scale P_c, then dq += dS k and dk += dS^T q.
+  dS = sum_c g_c mult_c scale P_c, then dq += dS k and dk += dS^T q. With g_pos, the
+  cotangent of the positive similarities s_ii joins dS at (i, i) before dS is rounded to
+  k's dtype: for InfoNCE g_pos = -g / tau and dS_ii = g (P_ii - 1) / tau, small when the
+  positive dominates, instead of g P_ii / tau rounded to bfloat16 (an error u P_ii / tau
+  that the separate -g / tau would expose as (1 - P_ii) -> 0: catastrophic cancellation).
 
   Args:
-    rows: (q [R, D], positions, ids, row_lse [R, C], g_row [R, C]).
-    dq: [R, D] accumulator; dk: [N, D] accumulator.
+    rows: (q [R, D], positions, ids, row_lse [R, C], g_row [R, C], g_pos [R] or None).
+    dq: [R, D] accumulator; dk: [N, D] accumulator (float32, or float64 for float64 q, k).
     cols: (k [N, D], positions, ids) plus (col_lse [N, Cc], g_col [N, Cc]) if col channels.
   """
   def tile(row_in, dq, col_in, dk, carry):
-    q, rpos, rid, rlse, rg = row_in
+    q, rpos, rid, rlse, rg, g_pos = row_in
     k, cpos, cid = col_in[:3]
-    sim = q @ k.T  # (rb, D) . (D, cb) -> (rb, cb)
+    sim = common.matmul(q, k.T)  # (rb, D) . (D, cb) -> (rb, cb), float32 accumulated
     pos, neg = tile_masks(plan, rpos, rid, cpos, cid, sim)
     ds = _weights(plan.row_mult, plan.row_positive, scale, sim, pos, neg, rlse, rg, 1)
     if plan.col_mult:
       ds = ds + _weights(plan.col_mult, plan.col_positive, scale, sim, pos, neg, *col_in[3:], 0)
-    dq = dq + ds @ k  # (rb, cb) . (cb, D) -> (rb, D)
-    dk = dk + ds.T @ q  # (cb, rb) . (rb, D) -> (cb, D)
+    if g_pos is not None:
+      ds = ds + jnp.where(pos, g_pos[:, None], 0.0)  # d/ds_ii of the positive's own term
+    ds = ds.astype(k.dtype)  # bfloat16 tiles: the matmuls in bfloat16, accumulated in float32
+    dq = dq + common.matmul(ds, k)  # (rb, cb) . (cb, D) -> (rb, D)
+    dk = dk + common.matmul(ds.T, q)  # (cb, rb) . (rb, D) -> (cb, D)
     return dq, dk, carry
 
   dq, dk, _ = sweep(tile, rb, cb, rows, dq, cols, dk, ())
@@ -276,12 +289,13 @@ def sigmoid_tiles(plan, t, bias, with_grad, rb, cb, rows, row_state, cols, col_s
   Args:
     rows: (q [R, D], positions, ids); row_state: (neg max [R],) + (dq [R, D],) if with_grad.
     cols: (k [N, D], positions, ids); col_state: (dk [N, D],) if with_grad else ().
+    (State and sums float32 for bfloat16 q, k.)
     sums: (loss, sum of negative similarities, their count, db).
   """
   def tile(row_in, row_state, col_in, col_state, sums):
     q, rpos, rid = row_in
     k, cpos, cid = col_in
-    sim = q @ k.T  # (rb, D) . (D, cb) -> (rb, cb)
+    sim = common.matmul(q, k.T)  # (rb, D) . (D, cb) -> (rb, cb), float32 accumulated
     pos, neg = tile_masks(plan, rpos, rid, cpos, cid, sim)
     sel = pos | neg
     z = t * sim + bias
@@ -295,9 +309,9 @@ def sigmoid_tiles(plan, t, bias, with_grad, rb, cb, rows, row_state, cols, col_s
     if not with_grad:
       return (row_max,), col_state, (loss, total, count, db)
     dz = jnp.where(sel, jnp.where(z >= 0, 1.0, e) / (1.0 + e) - pos, 0.0)  # sigmoid(z) - y+
-    ds = t * dz
-    dq = row_state[1] + ds @ k  # (rb, cb) . (cb, D) -> (rb, D)
-    dk = col_state[0] + ds.T @ q  # (cb, rb) . (rb, D) -> (cb, D)
+    ds = (t * dz).astype(k.dtype)  # the matmuls in k's dtype, accumulated in float32
+    dq = row_state[1] + common.matmul(ds, k)  # (rb, cb) . (cb, D) -> (rb, D)
+    dk = col_state[0] + common.matmul(ds.T, q)  # (cb, rb) . (rb, D) -> (cb, D)
     return (row_max, dq), (dk,), (loss, total, count, db + jnp.sum(dz))
 
   return sweep(tile, rb, cb, rows, row_state, cols, col_state, sums)
