@@ -18,6 +18,9 @@ Every loss but nt_xent, dcl, dclw and supcon also takes `block_size` (None: dens
 blockwise path of `blockwise.py`, O(B D) memory), e.g. `--config.loss.block_size=1024`, and
 with it `collective` ('ring' by default, or 'all_gather'), as `--config.loss.collective=...`.
 
+Mixed precision: every loss here takes bfloat16 embeddings on every path (dense, blockwise,
+fused, ring); `check_compute_dtype` refuses what is not a float dtype before compiling.
+
 Asymmetric query/key losses are used in both directions and their metrics averaged. A learned
 temperature or SigLIP bias is a model parameter, not a config value: call the loss functions
 directly with traced scalars for that.
@@ -145,6 +148,43 @@ def check_loss_config(cfg):
   if tau_plus is not None and not 0 <= tau_plus < 1:
     raise ValueError(f'config.loss.tau_plus={tau_plus} must be in [0, 1) (e.g. 0.1 for 10 '
                      'balanced classes).')
+
+
+# Embedding dtypes the losses take: bfloat16 multiplied as it is (float32 accumulation, loss,
+# metrics and statistics in float32, gradients in bfloat16); float16 computed in float32
+# (bfloat16's exponent range, not float16's, is what the gradients 1/(B tau) need); float32 and
+# float64 in themselves.
+COMPUTE_DTYPES = ('bfloat16', 'float16', 'float32', 'float64')
+
+
+def check_compute_dtype(loss_name, dtype, *, block_size=None):
+  """Raises ValueError unless PAIR_LOSSES[loss_name] takes [B, D] embeddings of `dtype`.
+
+  Every pair loss takes bfloat16 on every path: dense (nt_xent, info_nce, clip_loss,
+  sigmoid_loss, dcl, dclw, debiased_info_nce, hard_negative_info_nce, supcon) and, for the
+  losses with `block_size`, blockwise, fused and over a mesh (ring or all_gather). The
+  similarity matmuls then run in bfloat16 with float32 accumulation (L2 normalisation in
+  float32, rounded back to bfloat16); log-sum-exps, running statistics, the loss and metrics
+  are float32; gradients come back in bfloat16. float16 inputs are computed in float32; float32
+  and float64 as before. Anything else (integers, float8, an unknown name) is refused.
+
+  Args:
+    loss_name: a key of PAIR_LOSSES.
+    dtype: anything `jnp.dtype` reads ('bfloat16', jnp.bfloat16, ...): the towers' output dtype.
+    block_size: the loss's block_size (None: dense); refused for a loss without a blockwise path.
+  """
+  if loss_name not in PAIR_LOSSES:
+    raise ValueError(f'loss {loss_name!r} is unknown; choose one of {sorted(PAIR_LOSSES)}.')
+  if block_size is not None and 'block_size' not in loss_arguments(loss_name):
+    raise ValueError(f'The {loss_name!r} loss has no blockwise path (block_size={block_size}); '
+                     'use block_size=None, or info_nce / clip_loss / sigmoid_loss with it.')
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:
+    name = repr(dtype)
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'The {loss_name!r} loss cannot take {name} embeddings; use one of '
+                     f'{COMPUTE_DTYPES} (bfloat16 for mixed precision).')
 
 
 def pair_loss_from_config(cfg, mesh=None):
