@@ -7,7 +7,7 @@ CONFIG ?= configs/simclr_fmnist.py
 APT_PACKAGES = dataset-fashion-mnist fonts-noto-color-emoji unicode-data unicode-cldr-core wordnet-base libfribidi0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install train test test-all
+.PHONY: install install-tpu train test test-all
 
 install:
 	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || \
@@ -18,9 +18,14 @@ install:
 train: install
 	$(PYTHON) -m contrastive.main --config $(CONFIG) --workdir $(WORKDIR)
 
-test: install
+# libtpu (requirements-tpu.txt, not part of the CPU install): the TPU compiler with which
+# python -m contrastive.aot compiles a recipe for a TPU topology on this CPU (tests/test_aot.py).
+install-tpu: install
+	$(PYTHON) -m pip install -q -r requirements-tpu.txt
+
+test: install-tpu
 	$(PYTHON) -m pytest -q tests
 
 # Also the slow end-to-end runs (the default recipe to its accuracy targets: ~15 min).
-test-all: install
+test-all: install-tpu
 	$(PYTHON) -m pytest -q -m "slow or not slow" tests

@@ -103,6 +103,15 @@ def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=Fa
   return jax.jit(init, out_shardings=shardings)(rng)
 
 
+def abstract_state(make_state, mesh):
+  """The state `make_state()` would create, as ShapeDtypeStructs with their shardings
+  (`state_shardings`): its structure without allocating it, e.g. to compile for devices this
+  process does not have (contrastive/aot.py)."""
+  shapes = jax.eval_shape(make_state)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, state_shardings(mesh, shapes))
+
+
 def state_shardings(mesh, state):
   """The FSDP rule (`parallel.fsdp_shardings`: replicated without an fsdp axis) for every
   array, except the queue's keys and ids: split along the batch axes."""

@@ -24,7 +24,8 @@ from contrastive.losses import pair_loss_from_config
 from contrastive.models import build_model
 from contrastive.samplers import feature_transform
 from contrastive.samplers import momentum as momentum_lib
-from contrastive.step import create_train_state  # pylint: disable=unused-import
+from contrastive.step import abstract_state
+from contrastive.step import create_train_state
 from contrastive.step import jit_train_step
 from contrastive.step import Method
 from contrastive.step import train_step  # pylint: disable=unused-import
@@ -121,24 +122,37 @@ def _check_resume(config, workdir, ckpt_dir, steps):
                               processes=jax.process_count())
 
 
-def _image_views_parts(config, mesh, train_source, steps, rng, *, clusters):
-  """(state, jitted step, evaluator) of the image-views family (SimCLR, MoCo, samplers)."""
+def image_views_step(config, mesh, image_shape, steps, rng, *, steps_per_epoch=1.0,
+                     clusters=None, abstract=False):
+  """(model, state, jitted step) of the image-views family (SimCLR, MoCo, samplers).
+
+  image_shape: [H, W, C] of the training images. abstract: the state as ShapeDtypeStructs
+  with their shardings, nothing allocated (compiling for other devices: contrastive/aot.py).
+  """
   model = build_model(config.model)
   tx, schedule = optim.build_optimizer(
       ml_collections.ConfigDict(dict(config.optimizer, batch_size=config.batch_size)), steps)
-  method = build_method(config, steps=steps, clusters=clusters,
-                        steps_per_epoch=len(train_source) / config.batch_size)
-  state = create_train_state(model, tx, train_source[0]['image'].shape, rng, mesh,
-                             ema=bool(validate.momentum_base(config)),
-                             queue_size=config.get('queue_size', 0),
-                             batch_size=config.batch_size,
-                             dtype=jnp.dtype(config.get('dtype', 'float32')))
+  method = build_method(config, steps=steps, clusters=clusters, steps_per_epoch=steps_per_epoch)
+  make_state = lambda: create_train_state(model, tx, image_shape, rng, mesh,
+                                          ema=bool(validate.momentum_base(config)),
+                                          queue_size=config.get('queue_size', 0),
+                                          batch_size=config.batch_size,
+                                          dtype=jnp.dtype(config.get('dtype', 'float32')))
+  state = abstract_state(make_state, mesh) if abstract else make_state()
   step_fn = jit_train_step(mesh, state, model=model, tx=tx,
                            loss_fn=pair_loss_from_config(config.loss,
                                                          mesh=parallel.batch_mesh(mesh)),
                            aug_cfg=config.augment, schedule=schedule,
                            nonfinite=config.get('nonfinite', 'error'), method=method,
                            micro_batch_size=grad_cache.micro_batch_size(config))
+  return model, state, step_fn
+
+
+def _image_views_parts(config, mesh, train_source, steps, rng, *, clusters):
+  """(state, jitted step, evaluator) of the image-views family (SimCLR, MoCo, samplers)."""
+  model, state, step_fn = image_views_step(
+      config, mesh, train_source[0]['image'].shape, steps, rng, clusters=clusters,
+      steps_per_epoch=len(train_source) / config.batch_size)
   return state, step_fn, evaluate.Evaluator(config.eval, config.dataset, model,
                                             parallel.batch_mesh(mesh))
 

@@ -155,23 +155,18 @@ def train_source(config, workdir):
   return pair_batches.TokenizedPairs(raw, spec, tok, config.tokenizer.context)
 
 
-def parts(config, mesh, source, steps, rng, *, clusters=None):
-  """(state, jitted step, evaluator) of a two-tower config; `source` from `train_source`."""
-  if clusters is not None:
-    raise ValueError('MCL cluster negatives are not implemented for two towers.')
+def step(config, mesh, inputs, steps, rng, *, abstract=False):
+  """(model, state, jitted step) of a two-tower config; `inputs`: `example_inputs`.
+
+  abstract: the state as ShapeDtypeStructs with their shardings, nothing allocated
+  (compiling for other devices: contrastive/aot.py).
+  """
   model = two_tower_lib.build_two_tower(model_config(config))
-  inputs = example_inputs(config, source.spec)
-  abstract = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), rng)
-  tx, schedule = optimizer(config, abstract['params'], steps)
-  state = step_lib.create_train_state(model, tx, None, rng, mesh, inputs=inputs,
-                                      dtype=np.dtype(config.get('dtype', 'float32')))
-  init = config.get('model_init', {})
-  if init.get('workdir'):
-    params, batch_stats = init_from_checkpoint(jax.device_get(state.params),
-                                               jax.device_get(state.batch_stats), init)
-    shardings = step_lib.state_shardings(mesh, state)
-    state = state.replace(params=jax.device_put(params, shardings.params),
-                          batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
+  params = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), rng)['params']
+  tx, schedule = optimizer(config, params, steps)
+  make_state = lambda: step_lib.create_train_state(
+      model, tx, None, rng, mesh, inputs=inputs, dtype=np.dtype(config.get('dtype', 'float32')))
+  state = step_lib.abstract_state(make_state, mesh) if abstract else make_state()
   block_size = config.loss.get('block_size')
   objective = objectives.two_tower(
       model=model, loss_name=config.loss.name, locked=LOCKS[config.get('lit', {}).get('lock', '')],
@@ -181,8 +176,22 @@ def parts(config, mesh, source, steps, rng, *, clusters=None):
                                     tx=tx, schedule=schedule,
                                     nonfinite=config.get('nonfinite', 'error'),
                                     micro_batch_size=grad_cache.micro_batch_size(config))
+  return model, state, step_fn
+
+
+def parts(config, mesh, source, steps, rng, *, clusters=None):
+  """(state, jitted step, evaluator) of a two-tower config; `source` from `train_source`."""
+  if clusters is not None:
+    raise ValueError('MCL cluster negatives are not implemented for two towers.')
+  model, state, step_fn = step(config, mesh, example_inputs(config, source.spec), steps, rng)
+  init = config.get('model_init', {})
+  if init.get('workdir'):
+    params, batch_stats = init_from_checkpoint(jax.device_get(state.params),
+                                               jax.device_get(state.batch_stats), init)
+    shardings = step_lib.state_shardings(mesh, state)
+    state = state.replace(params=jax.device_put(params, shardings.params),
+                          batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
   test = pair_batches.get_source(config.dataset, config.eval.get('split', 'test'))
   evaluator = two_tower_eval.TwoTowerEvaluator(config, model, parallel.batch_mesh(mesh), test,
-                                               source.spec,
-                                               source.tokenizer)
+                                               source.spec, source.tokenizer)
   return state, step_fn, evaluator

@@ -25,6 +25,7 @@ dtype (bfloat16) for the products, while the kernel parameter and its gradient s
 custom VJP hands the float32 sum to the float32 kernel without rounding it to bfloat16.
 """
 
+import contextlib
 import functools
 import math
 from typing import Any, Callable, Sequence
@@ -166,6 +167,21 @@ def conv2d(x, kernel, strides=(1, 1), max_size=MAX_SIZE):
   return conv_im2col_grad(x, kernel, strides, max_size)
 
 
+_TARGET_BACKEND = [None]  # the innermost `target_backend`, or None: jax.default_backend()
+
+
+@contextlib.contextmanager
+def target_backend(platform):
+  """Within it, `Conv(matmul_grads=None)` takes the path of `platform` ('cpu', 'tpu', 'gpu')
+  rather than of this process's backend: a step traced here to be compiled for TPUs
+  (contrastive/aot.py) gets XLA's convolution gradients, as it would on the TPU."""
+  _TARGET_BACKEND.append(platform)
+  try:
+    yield
+  finally:
+    _TARGET_BACKEND.pop()
+
+
 class Conv(nn.Module):
   """`nn.Conv(features, kernel_size, strides, use_bias=False)` ('SAME', NHWC) with `conv2d`.
 
@@ -194,7 +210,7 @@ class Conv(nn.Module):
     x = jnp.asarray(x, dtype or jnp.result_type(x, kernel))
     matmul_grads = self.matmul_grads
     if matmul_grads is None:
-      matmul_grads = jax.default_backend() == 'cpu'
+      matmul_grads = (_TARGET_BACKEND[-1] or jax.default_backend()) == 'cpu'
     if not matmul_grads:
       return _lax_conv(x, kernel.astype(x.dtype), strides)
     # The kernel stays in param_dtype: conv2d casts it and returns its gradient uncast.
