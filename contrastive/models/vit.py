@@ -114,7 +114,8 @@ class ViT(nn.Module):
     if images.ndim != 4:
       raise ValueError(f'images must be [N, H, W, C], got shape {tuple(images.shape)}.')
     x = patchify(to_float_images(images), self.patch)  # (N, T, p*p*C)
-    x = nn.Dense(self.width, dtype=compute.flax_dtype(self.dtype), name='embedding')(x)  # (N, T, p*p*C) . (p*p*C, width) -> (N, T, width)
+    # (N, T, p*p*C) . (p*p*C, width) -> (N, T, width)
+    x = nn.Dense(self.width, dtype=compute.flax_dtype(self.dtype), name='embedding')(x)
     n, tokens, _ = x.shape
     if self.posemb == 'learn':
       pos = self.param('pos_embedding', nn.initializers.normal(stddev=self.width**-0.5),
