@@ -29,7 +29,7 @@ def base_config(loss_params='siglip'):
   config.family = 'two_tower'
   config.seed = 0
   config.mesh = (('data', -1),)  # or e.g. (('data', 2), ('fsdp', 4)): contrastive/parallel.py
-  config.dtype = 'float32'
+  config.dtype = 'float32'  # or 'bfloat16' (mixed precision: contrastive/precision.py)
   config.dataset = dict(name='emoji_cldr', data_dir='', image_size=32, languages=('en',),
                         max_examples=0)  # > 0: that many distinct emoji (small runs)
   config.tokenizer = dict(vocab_size=1000, context=16, model_type='unigram',
@@ -42,6 +42,7 @@ def base_config(loss_params='siglip'):
       image=dict(name='vit', preset='small', patch=8, pool='map'),
       text=dict(name='text', preset='small', pool='eos'),
       embed_dim=128, loss_params=loss_params,
+      remat='',  # every tower's blocks, e.g. 'nothing_saveable' (models/compute.py)
       # SigLIP's published init (t' = log 10, b = -10) spends a short run escaping it
       # (../shared/DESIGN.md, calibration): a larger logit learning rate (below) moves it.
       logit_scale_init=10.0 if loss_params == 'siglip' else 1 / 0.07, logit_bias_init=-10.0)

@@ -100,6 +100,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.mesh = (('data', -1),)  # or e.g. (('data', 2), ('fsdp', 4)): contrastive/parallel.py
+  # 'bfloat16': mixed precision (float32 state, bfloat16 compute: contrastive/precision.py);
   # 'float64': every parameter and activation in float64 (a reference run whose results do not
   # depend on the order of float32 sums, e.g. across device or process counts).
   config.dtype = 'float32'
@@ -119,7 +120,8 @@ def get_config(arg=None):
   # that replaces the ResNet of the fields before it.
   config.model = dict(preset='', stage_sizes=(1, 1, 1), width=32, block='basic',
                       stem_strides=2, encoder=config_dict.placeholder(dict),
-                      head_hidden_dims=(256,), head_out_dim=128)
+                      head_hidden_dims=(256,), head_out_dim=128,
+                      remat='')  # e.g. 'nothing_saveable': models/compute.py REMAT_POLICIES
   loss = options.get('loss', 'nt_xent')
   if loss not in LOSSES:
     raise ValueError(f'Variant loss={loss!r} is unknown; choose one of {sorted(LOSSES)}.')

@@ -13,6 +13,11 @@ from contrastive.data import pipeline
 from contrastive.losses import l2_normalize
 
 
+def widen(x):
+  """x in at least float32 (bfloat16 features of mixed-precision towers become float32)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def extract_features(embed_fn, images, mesh, batch_size):
   """Runs jitted embed_fn over images [N, H, W, C] in sharded chunks -> features [N, F] (numpy).
 
@@ -110,7 +115,9 @@ class Evaluator:
     self.test = pipeline.load_arrays(pipeline.get_source(dataset_cfg, cfg.split),
                                      max_examples=cfg.get('max_test_examples'))
     self.num_classes = int(max(self.train['label'].max(), self.test['label'].max())) + 1
-    embed = lambda variables, x: model.apply(variables, augment.center_view(x), method='embed')
+    # bfloat16 towers (config.dtype): features in float32 for the kNN and the linear probe.
+    embed = lambda variables, x: widen(model.apply(variables, augment.center_view(x),
+                                                   method='embed'))
     self._embed = jax.jit(embed, out_shardings=parallel.replicated(mesh))
 
   def features(self, state, images):

@@ -15,6 +15,7 @@ from contrastive import grad_cache
 from contrastive import metric_writer
 from contrastive import optim
 from contrastive import parallel
+from contrastive import precision
 from contrastive import run_config
 from contrastive import two_tower_recipe
 from contrastive import validate
@@ -129,7 +130,8 @@ def image_views_step(config, mesh, image_shape, steps, rng, *, steps_per_epoch=1
   image_shape: [H, W, C] of the training images. abstract: the state as ShapeDtypeStructs
   with their shardings, nothing allocated (compiling for other devices: contrastive/aot.py).
   """
-  model = build_model(config.model)
+  model = build_model(config.model, dtype=precision.compute_dtype(config),
+                      remat=precision.remat(config))
   tx, schedule = optim.build_optimizer(
       ml_collections.ConfigDict(dict(config.optimizer, batch_size=config.batch_size)), steps)
   method = build_method(config, steps=steps, clusters=clusters, steps_per_epoch=steps_per_epoch)
@@ -137,7 +139,7 @@ def image_views_step(config, mesh, image_shape, steps, rng, *, steps_per_epoch=1
                                           ema=bool(validate.momentum_base(config)),
                                           queue_size=config.get('queue_size', 0),
                                           batch_size=config.batch_size,
-                                          dtype=jnp.dtype(config.get('dtype', 'float32')))
+                                          dtype=precision.state_dtype(config))
   state = abstract_state(make_state, mesh) if abstract else make_state()
   step_fn = jit_train_step(mesh, state, model=model, tx=tx,
                            loss_fn=pair_loss_from_config(config.loss,

@@ -71,7 +71,8 @@ class TwoTowerEvaluator:
       self.prompts, self.name_class = encode(prompts), name_class
     repl = parallel.replicated(mesh)
     apply = lambda method: jax.jit(
-        lambda variables, x: model.apply(variables, x, method=method, normalize=True),
+        lambda variables, x: evaluate.widen(model.apply(variables, x, method=method,
+                                                        normalize=True)),
         out_shardings=repl)
     self._encode = {'a': apply('encode_a'), 'b': apply('encode_b')}
     self._ks = tuple(config.eval.get('ks', (1, 5, 10)))

@@ -27,6 +27,7 @@ from contrastive import grad_cache
 from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
+from contrastive import precision
 from contrastive import step as step_lib
 from contrastive import two_tower_eval
 from contrastive.data import pair_batches
@@ -161,11 +162,13 @@ def step(config, mesh, inputs, steps, rng, *, abstract=False):
   abstract: the state as ShapeDtypeStructs with their shardings, nothing allocated
   (compiling for other devices: contrastive/aot.py).
   """
-  model = two_tower_lib.build_two_tower(model_config(config))
+  model = two_tower_lib.build_two_tower(model_config(config),
+                                        dtype=precision.compute_dtype(config),
+                                        remat=precision.remat(config))
   params = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), rng)['params']
   tx, schedule = optimizer(config, params, steps)
   make_state = lambda: step_lib.create_train_state(
-      model, tx, None, rng, mesh, inputs=inputs, dtype=np.dtype(config.get('dtype', 'float32')))
+      model, tx, None, rng, mesh, inputs=inputs, dtype=precision.state_dtype(config))
   state = step_lib.abstract_state(make_state, mesh) if abstract else make_state()
   block_size = config.loss.get('block_size')
   objective = objectives.two_tower(

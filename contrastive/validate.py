@@ -6,17 +6,20 @@ from contrastive import faults
 from contrastive import grad_cache
 from contrastive import optim
 from contrastive import parallel
+from contrastive import precision
 from contrastive import two_tower_recipe
 from contrastive.data import pipeline
+from contrastive.losses import check_compute_dtype
 from contrastive.losses import check_loss_config
 from contrastive.models import PRESETS
+from contrastive.models.compute import REMAT_POLICIES
 from contrastive.models import two_tower
 from contrastive.models.resnet import BLOCKS
 from contrastive.samplers.momentum import MOMENTUM_SCHEDULES
 from contrastive.samplers.queue import check_queue_size
 
 
-DTYPES = ('float32', 'float64')
+DTYPES = precision.DTYPES
 # Recipe families: 'image_views' (SimCLR, MoCo; contrastive/step.py) and 'two_tower' (CLIP,
 # SigLIP, LiT; contrastive/two_tower_recipe.py).
 FAMILIES = ('image_views', 'two_tower')
@@ -76,6 +79,7 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
       two_tower_recipe.validate(config)
     except two_tower_recipe.TwoTowerConfigError as e:
       raise ConfigError(str(e)) from None
+    validate_precision(config)
     return
   try:
     check_loss_config(config.loss)
@@ -94,7 +98,27 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
     raise ConfigError(f'config.model.block={config.model.block!r} is unknown; choose one of '
                       f'{sorted(BLOCKS)}.')
   validate_method(config)
+  validate_precision(config)
   pipeline.check_dataset(config.dataset)
+
+
+def validate_precision(config):
+  """config.dtype='bfloat16' with a loss path that takes bfloat16 embeddings, and
+  config.model.remat a known policy."""
+  remat = precision.remat(config)
+  if remat and remat not in REMAT_POLICIES:
+    raise ConfigError(f'config.model.remat={remat!r} is unknown; choose one of '
+                      f'{sorted(REMAT_POLICIES)} or \'\' (none).')
+  if config.get('dtype', 'float32') != 'bfloat16':
+    return
+  if uses_samplers(config):
+    raise ConfigError('config.dtype=\'bfloat16\' is not implemented with a momentum encoder, '
+                      'queue or negative samplers (their mixing and masks are float32 code): '
+                      'use config.dtype=\'float32\' for them.')
+  try:
+    check_compute_dtype(config.loss.name, 'bfloat16', block_size=config.loss.get('block_size'))
+  except ValueError as e:
+    raise ConfigError(f'config.dtype=\'bfloat16\': {e}') from None
 
 
 # (dotted field, test, requirement): each numeric field of the configs and what it must be.
