@@ -49,9 +49,9 @@ def main(argv):
   print(aot_report.format_table([report]), flush=True)
   print(json.dumps(report), flush=True)
   if not report['fits']:
-    print(f'ERROR: the step needs {report["total_gib"]:.2f} GiB per chip (XLA: '
+    print(f'ERROR: the step needs {report["total_gib"]:.2f} GiB per device (XLA: '
           f'{report.get("xla_error", "memory analysis")}), more than the '
-          f'{report["hbm_gib"]} GiB of a {report["chip"]} chip: lower the batch size, add '
+          f'{report["hbm_gib"]:g} GiB of a {report["chip"]} device: lower the batch size, add '
           '--config.grad_cache.micro_batch_size, an fsdp mesh axis, bfloat16 or remat.',
           file=sys.stderr, flush=True)
     sys.exit(1)

@@ -1,7 +1,8 @@
 """The work of `python -m contrastive.aot`: a config's train step compiled for a TPU topology
 described by libtpu, and its per-chip memory and FLOPs.
 
-Per chip (the compiled SPMD program is one chip's):
+Per device (the compiled SPMD program is one device's: a chip, or on v4 without megacore one
+of its two TensorCores, with half its HBM and FLOP/s):
   arguments  the train state's shard and the batch's (inputs);
   outputs    the new state and the metrics; donated state buffers (`alias`) are reused for the
              new state, so they are counted once;
@@ -102,6 +103,9 @@ def compile_for_topology(config, topology):
   """Compiles `config`'s train step for `topology`; returns the per-chip report (a dict)."""
   devices = topology_devices(topology)
   hosts = len({d.process_index for d in devices})
+  # v4 (without megacore) describes each of a chip's two TensorCores as a device: they share
+  # its HBM and FLOP/s.
+  cores = len({getattr(d, 'core_on_chip', 0) for d in devices})
   try:
     validate.validate_config(config, num_devices=len(devices), num_processes=hosts)
   except validate.ConfigError as e:
@@ -112,8 +116,8 @@ def compile_for_topology(config, topology):
   with conv.target_backend('tpu'):
     state, step_fn, batch, key = abstract_parts(config, mesh)
     lowered = step_fn.lower(state, batch, key)
-    facts = dict(topology=topology, chips=len(devices), hosts=hosts, mesh=dict(mesh.shape),
-                 batch_size=config.batch_size)
+    facts = dict(topology=topology, chips=len(devices) // cores, devices_per_chip=cores,
+                 hosts=hosts, mesh=dict(mesh.shape), batch_size=config.batch_size)
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # XLA:TPU refuses a program that cannot fit
@@ -123,7 +127,7 @@ def compile_for_topology(config, topology):
   return summarize(compiled, compile_s=time.perf_counter() - start, **facts)
 
 
-def out_of_memory(message, *, topology, **facts):
+def out_of_memory(message, *, topology, devices_per_chip=1, **facts):
   """The report when XLA:TPU stops compiling because the step cannot fit, e.g. 'Ran out of
   memory on HBM, the total memory required for HLO temporaries (257.35G) exceeds available
   HBM (15.75G)': the needed GiB it names, when it names them, as the total."""
@@ -132,17 +136,24 @@ def out_of_memory(message, *, topology, **facts):
   sizes = re.findall(r'\(([0-9.]+)([KMGT])\)', line)
   scale = dict(K=2 ** -20, M=2 ** -10, G=1, T=2 ** 10)
   needed = float(sizes[0][0]) * scale[sizes[0][1]] if sizes else math.nan
-  chip = CHIPS[topology.split(':')[0]]
   nan = math.nan
-  return dict(topology=topology, chip=topology.split(':')[0], **facts, arguments_gib=nan,
+  return dict(topology=topology, chip=topology.split(':')[0],
+              devices_per_chip=devices_per_chip, **facts, arguments_gib=nan,
               outputs_gib=nan, alias_gib=nan, temp_gib=needed, code_gib=nan, total_gib=needed,
-              hbm_gib=chip['hbm_gib'], fits=False, tflops_per_chip=nan, step_s_at_peak=nan,
+              hbm_gib=_per_device(topology, devices_per_chip)[0], fits=False, tflops_per_chip=nan, step_s_at_peak=nan,
               xla_error=line)
 
 
-def summarize(compiled, *, topology, **facts):
-  """The report of a compiled step: memory (GiB per chip), FLOPs, implied step time, fits."""
+def _per_device(topology, devices_per_chip):
+  """(HBM GiB, peak FLOP/s) of one device of `topology`: a chip's, or its share."""
   chip = CHIPS[topology.split(':')[0]]
+  return chip['hbm_gib'] / devices_per_chip, chip['peak_flops'] / devices_per_chip
+
+
+def summarize(compiled, *, topology, devices_per_chip=1, **facts):
+  """The report of a compiled step: memory (GiB per device: a chip, or a v4 TensorCore),
+  FLOPs, implied step time, fits."""
+  hbm_gib, peak_flops = _per_device(topology, devices_per_chip)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -152,10 +163,12 @@ def summarize(compiled, *, topology, **facts):
   total = (parts['arguments'] + parts['outputs'] - parts['alias'] + parts['temp'] +
            parts['code'])
   flops = float(cost.get('flops', math.nan)) if cost else math.nan
-  report = dict(topology=topology, chip=topology.split(':')[0], **facts,
+  report = dict(topology=topology, chip=topology.split(':')[0],
+                devices_per_chip=devices_per_chip, **facts,
                 **{f'{k}_gib': v / GIB for k, v in parts.items()}, total_gib=total / GIB,
-                hbm_gib=chip['hbm_gib'], fits=total <= chip['hbm_gib'] * GIB,
-                tflops_per_chip=flops / 1e12, step_s_at_peak=flops / chip['peak_flops'])
+                hbm_gib=hbm_gib, fits=total <= hbm_gib * GIB,
+                tflops_per_chip=flops * devices_per_chip / 1e12,
+                step_s_at_peak=flops / peak_flops)
   return report
 
 
@@ -175,6 +188,6 @@ def format_table(reports):
         f"{_fmt(r['arguments_gib'], '.2f', ' GiB')} | "
         f"{_fmt(r['outputs_gib'] - r['alias_gib'], '.2f', ' GiB')} | "
         f"{_fmt(r['temp_gib'], '.2f', ' GiB')} | {_fmt(r['total_gib'], '.2f', ' GiB')} | "
-        f"{r['hbm_gib']} GiB | {'yes' if r['fits'] else 'NO'} | "
+        f"{r['hbm_gib']:g} GiB | {'yes' if r['fits'] else 'NO'} | "
         f"{_fmt(r['tflops_per_chip'], '.3g')} | {_fmt(r['step_s_at_peak'] * 1e3, '.3g', ' ms')} |")
   return '\n'.join(rows)

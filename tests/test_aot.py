@@ -87,7 +87,7 @@ def test_a_step_that_cannot_fit_exits_1():
   # are 13 GiB; the backward pass keeps more.
   assert report['total_gib'] > 16 and report['xla_error'].startswith('RESOURCE_EXHAUSTED')
   assert '| v5e:2x2 | 262144 | data4 |' in out.stdout and '| NO |' in out.stdout
-  assert 'more than the 16 GiB of a v5e chip' in out.stderr
+  assert 'more than the 16 GiB of a v5e device' in out.stderr
 
 
 def test_out_of_memory_report():
