@@ -16,6 +16,7 @@ from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
 from contrastive import step as step_lib
+from contrastive import train
 from contrastive.losses import nt_xent
 from contrastive.models import build_model
 from tests import float64
@@ -111,3 +112,38 @@ def test_micro_batch_errors():
   with pytest.raises(ValueError, match='divide batch_size=64'):
     grad_cache.check_micro_batch(24, 64, 8)
   grad_cache.check_micro_batch(16, 64, 8)
+
+
+def _moco_vit_run(micro_batch_size, steps=2):
+  """MoCo v2 (momentum encoder, queue of 4 batches) with a ViT encoder and LayerNorm heads
+  (no BatchNorm anywhere), float64, through `train.image_views_step` -> (losses, state)."""
+  from configs import moco_v2_fmnist  # pylint: disable=g-import-not-at-top
+  config = moco_v2_fmnist.get_config('runlocal')
+  config.batch_size, config.queue_size, config.dtype = 16, 64, 'float64'
+  config.model.encoder = dict(name='vit', patch=4, width=16, depth=1, heads=2, mlp_dim=32,
+                              pool='gap')
+  config.model.head_norm = 'layer'
+  config.grad_cache = dict(micro_batch_size=micro_batch_size)
+  mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:2])
+  _, state, step = train.image_views_step(config, mesh, (8, 8, 1), 10, jax.random.key(0))
+  assert not state.batch_stats and state.queue is not None
+  rng = np.random.default_rng(0)
+  losses = []
+  for i in range(steps):
+    batch = {'image': (rng.random((16, 8, 8, 1)) * 255).astype(np.uint8),
+             'id': np.arange(16 * i, 16 * (i + 1), dtype=np.int32)}
+    state, metrics = step(state, jax.device_put(batch, parallel.data_sharding(mesh)),
+                          jax.random.key(i))
+    losses.append(float(metrics['loss']))
+  return losses, jax.device_get(state)
+
+
+def test_queue_and_momentum_encoder_equal_full_batch():
+  """A BatchNorm-free MoCo step with the queue: 4 micro-batches (2 rows per device each) give
+  the full-batch losses, parameters, momentum encoder and queue after 2 steps."""
+  ref_losses, ref = _moco_vit_run(0)
+  losses, state = _moco_vit_run(4)
+  float64.assert_close(np.array(losses), np.array(ref_losses))
+  float64.assert_close(state.params, ref.params, atol=1e-9)  # atol: as test_two_tower's
+  float64.assert_close(state.ema_params, ref.ema_params, atol=1e-9)
+  float64.assert_close(state.queue.keys, ref.queue.keys)
