@@ -163,7 +163,7 @@ def get_config(arg=None):
     config.model.stem_strides = 1
     config.optimizer.update(name='lars', lr=0.3, scale_lr_by_batch=True, weight_decay=1e-6,
                             warmup_steps=500)
-    config.eval.every = 5000
+    config.eval.update(every=5000, batch_size=4096)  # divisible by a pod slice's devices
     config.checkpoint_every = 1000
   if 'vit' in variants:  # a ViT on 4 x 4 patches of 7 x 7 px (the two-tower issue's item 10)
     config.model.encoder = dict(name='vit', patch=7, width=128, depth=4, heads=4, mlp_dim=256,
