@@ -84,7 +84,8 @@ def test_skip_mode_finishes_a_diverging_run(tmp_path, tfds_dir):
 
 @pytest.mark.parametrize('field, value, match', [
     ('mesh', [('data', 3)], r"config.mesh=\[\('data', 3\)\] has 3 devices but there are 8"),
-    ('mesh', [('data', -1), ('model', 3)], r'config.mesh=.* does not fit 8 devices'),
+    ('mesh', [('data', -1), ('fsdp', 3)], r'config.mesh=.* does not fit 8 devices'),
+    ('mesh', [('data', -1), ('model', 2)], r"axis 'model' is unknown"),
     ('nonfinite', 'ignore', r"config.nonfinite='ignore' is unknown; choose one of"),
     ('checkpoint_keep', 0, r'config.checkpoint_keep=0 must be >= 1'),
     ('checkpoint_every', 0, r'config.checkpoint_every=0 must be > 0'),

@@ -35,7 +35,8 @@ def full_batch():
   return two_tower_tests._run(1, loss_params='siglip', steps=2)  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize('n, micro, block_size', [(1, 8, None), (8, 16, 4)])
+@pytest.mark.parametrize('n, micro, block_size', [pytest.param(1, 8, None, marks=pytest.mark.slow),
+                                                  (8, 16, 4)])
 def test_two_tower_equals_full_batch(full_batch, n, micro, block_size):
   """ViT + text towers (no BatchNorm), SigLIP with its learned temperature and bias: 4 or 2
   micro-batches, dense on 1 device or the blockwise ring on 8, equal the full-batch step."""

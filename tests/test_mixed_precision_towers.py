@@ -163,7 +163,7 @@ def test_two_tower_vit_and_text():
   assert err > 8 * bounds(TEXT_EOS_D + 1)[0], err / U
 
 
-@pytest.mark.parametrize('matmul_grads', [True, False])
+@pytest.mark.parametrize('matmul_grads', [pytest.param(True, marks=pytest.mark.slow), False])
 def test_simclr_resnet(matmul_grads, monkeypatch):
   """ContrastiveModel: ResNet (basic blocks, a 1x1 stride-2 projection shortcut) and a
   BatchNorm head, with `conv.Conv`'s matmul kernel gradients on and off. BatchNorm running

@@ -173,6 +173,7 @@ def small_fmnist(tmp_path_factory):
   return dict(idx_dir=str(idx_dir), data_dir=str(tmp_path_factory.mktemp('tfds')))
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min (the writer, profiler and memory units run in CI)
 def test_main_writes_events_a_trace_and_memory_line(small_fmnist, tmp_path):
   """The runlocal recipe for 4 steps through `python -m contrastive.main` (which calls
   train.train_and_evaluate), profiling steps 2..3: in a process with one CPU device, which

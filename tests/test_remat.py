@@ -78,6 +78,7 @@ def test_compiled_memory():
   assert temp('everything_saveable') > 0.9 * temp('')
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min (the ViT's policies run in CI)
 def test_resnet_and_text_remat():
   """ResNet residual blocks (BatchNorm's train flag static): bitwise equal gradients and
   batch statistics, same variables; the text tower's blocks too (mask argument)."""
