@@ -64,6 +64,7 @@ def test_loader_gives_each_process_its_rows_of_the_global_batch(tfds_dir, monkey
     np.testing.assert_array_equal(np.concatenate([parts[0][step], parts[1][step]]), one[step])
 
 
+@pytest.mark.slow  # ~80 s of three jax processes: make test-all; the loader's split above runs in CI
 def test_two_processes_match_one(tfds_dir, tmp_path):
   args = [f'--config.dataset.data_dir={tfds_dir}', f'--config.total_steps={STEPS}',
           '--config.dtype=float64', '--config.eval.max_train_examples=400',
