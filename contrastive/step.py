@@ -124,7 +124,7 @@ def state_shardings(mesh, state):
 
 
 def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', momentum=None,
-           micro_batch_size=0, mesh=None):
+           micro_batch_size=0, mesh=None, fsdp=None):
   """One optimizer update on the global batch; what every recipe family shares.
 
   Args:
@@ -141,6 +141,10 @@ def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', mom
     micro_batch_size: > 0 computes the same gradient with GradCache (contrastive/grad_cache.py),
       embedding that many rows at a time (`objective` must be an `objectives.Objective`);
       `mesh`: the step's mesh, which the batch's rows are split over.
+    fsdp: None, or (gathered, sharded) shardings of the parameters (`jit_train_step` sets them
+      on a mesh with an fsdp axis): the objective sees the parameters gathered (all-gathered
+      once per step, so activations stay split by batch rows over every device, ZeRO-3 style)
+      and their gradient is reduce-scattered back to the sharded layout of the optimizer.
 
   Returns:
     (new state, metrics): loss, the objective's metrics, lr, l2_grads, l2_params,
@@ -152,7 +156,12 @@ def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', mom
                                                mesh=mesh)
   else:
     value_and_grad = jax.value_and_grad(objective, has_aux=True)
-  (loss, (metrics, batch_stats, keys)), grads = value_and_grad(state.params, state, batch, rng)
+  params = state.params
+  if fsdp is not None:
+    params = jax.lax.with_sharding_constraint(params, fsdp[0])
+  (loss, (metrics, batch_stats, keys)), grads = value_and_grad(params, state, batch, rng)
+  if fsdp is not None:
+    grads = jax.lax.with_sharding_constraint(grads, fsdp[1])
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -179,7 +188,7 @@ def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', mom
 
 
 def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonfinite='error',
-               method=None, micro_batch_size=0, mesh=None):
+               method=None, micro_batch_size=0, mesh=None, fsdp=None):
   """One update of the image-views family (SimCLR, MoCo; `objectives.image_views`).
 
   Args:
@@ -190,7 +199,7 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonf
     loss_fn: fn(z1, z2) -> (loss, metrics), the plain SimCLR objective (method=None).
     nonfinite: as in `update`.
     method: None (SimCLR with loss_fn) or a `Method`: momentum encoder, queue, samplers.
-    micro_batch_size, mesh: GradCache, as in `update`.
+    micro_batch_size, mesh: GradCache, as in `update`; fsdp: as in `update`.
 
   Returns:
     (new state, metrics), as `update`.
@@ -199,17 +208,19 @@ def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonf
                                      method=method)
   return update(state, batch, rng, objective=objective, tx=tx, schedule=schedule,
                 nonfinite=nonfinite, momentum=method.momentum if method else None,
-                micro_batch_size=micro_batch_size, mesh=mesh)
+                micro_batch_size=micro_batch_size, mesh=mesh, fsdp=fsdp)
 
 
 def jit_train_step(mesh, state, step_fn=train_step, **step_kwargs):
   """step_fn (train_step, or `update` with a family's objective) under jax.jit with explicit
   shardings; the state's buffers are donated. With `micro_batch_size` (GradCache), the step
-  gets the mesh too."""
+  gets the mesh too; with an fsdp axis, the parameters' gathered and sharded layouts."""
   if step_kwargs.get('micro_batch_size'):
     step_kwargs['mesh'] = mesh
   repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   shardings = state_shardings(mesh, state)
+  if mesh.shape.get(parallel.FSDP, 1) > 1:
+    step_kwargs['fsdp'] = (jax.tree.map(lambda _: repl, shardings.params), shardings.params)
   return jax.jit(functools.partial(step_fn, **step_kwargs),
                  in_shardings=(shardings, data, repl),
                  out_shardings=(shardings, repl),
