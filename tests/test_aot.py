@@ -66,14 +66,14 @@ def test_compiles_a_recipe_for_a_tpu_topology():
   assert report['chips'] == 4 and report['mesh'] == {'data': 4} and report['fits']
   assert 0 < report['total_gib'] < 1 and report['tflops_per_chip'] > 0
   assert '| v5e:2x2 | 64 | data4 |' in out.stdout
-  out = _aot('--config', 'configs/simclr_fmnist.py:runlocal', '--topology', 'v5e:2x2',
-             '--config.batch_size=6')  # 6 rows do not split over 4 chips
-  assert out.returncode == 2 and 'batch_size=6' in out.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow  # ~1 min of XLA:TPU compilation here; the parsing is tested below
 @NEEDS_LIBTPU
 def test_a_step_that_cannot_fit_exits_1():
+  out = _aot('--config', 'configs/simclr_fmnist.py:runlocal', '--topology', 'v5e:2x2',
+             '--config.batch_size=6')  # 6 rows do not split over 4 chips: before compiling
+  assert out.returncode == 2 and 'batch_size=6' in out.stderr.strip().splitlines()[-1]
   """At a batch whose activations cannot fit 16 GiB, XLA:TPU refuses to compile: the report
   says how much it needed, and the exit status is 1."""
   out = _aot('--config', 'configs/simclr_fmnist.py:runlocal', '--topology', 'v5e:2x2',

@@ -120,6 +120,7 @@ def _saved_states(workdir):
             for s in os.listdir(directory) if s.isdigit()}
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min (the skip-mode state guard runs in CI)
 def test_nonfinite_state_is_never_checkpointed(tmp_path, tfds_dir):
   """lr=1e9 overflows the state (BatchNorm variance, moments) while the loss is still finite:
   the run stops at that step, and the checkpoint it names as good is finite."""

@@ -189,6 +189,7 @@ def test_simclr_resnet(matmul_grads, monkeypatch):
     assert np.any(np.asarray(jnp.asarray(kernel).astype(BF16).astype(jnp.float32)) != kernel)
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min (the two-tower ViT bound runs in CI)
 def test_simclr_vit_layer_norm_head():
   """ContrastiveModel with a ViT encoder, LayerNorm head and predictor (MoCo v3 shape): no
   batch statistics at all, bfloat16 h and z, float32 gradients."""

@@ -120,6 +120,7 @@ def test_step_equal_on_1_2_8_devices(one_device, loss_params, n, block_size):
   float64.assert_close(state.opt_state, ref_state.opt_state, atol=1e-9)
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min (their gradients are checked in CI)
 def test_temperature_and_bias_are_learned(one_device):
   initial, _, metrics, state = one_device[('siglip', None)]
   assert initial.params['logit']['log_scale'] == pytest.approx(np.log(10.0))
