@@ -29,28 +29,12 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 def run_worker(point):
   """Builds the step of `point` ({'batch', 'micro'}) and serves timed steps."""
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_num_cpu_devices', interleaved.cores())  # before the backend starts
   sys.path.insert(0, ROOT)
-  from contrastive import config_lib  # pylint: disable=g-import-not-at-top
-  from contrastive import parallel  # pylint: disable=g-import-not-at-top
-  from contrastive import two_tower_recipe  # pylint: disable=g-import-not-at-top
-  from contrastive.data import pair_batches  # pylint: disable=g-import-not-at-top
-
-  config = config_lib.load_config(os.path.join(ROOT, 'configs', 'siglip_emoji.py'))
-  config.batch_size = point['batch']
-  config.grad_cache.micro_batch_size = point['micro']
-  mesh = parallel.make_mesh(config.mesh)
-  inputs = two_tower_recipe.example_inputs(config, pair_batches.SPECS['emoji_cldr'])
-  _, state, step = two_tower_recipe.step(config, mesh, inputs, 1000, jax.random.key(0))
-  rng = np.random.default_rng(0)
-  b = config.batch_size
-  batch = {'a': rng.integers(0, 256, (b, *inputs[0].shape[1:]), dtype=np.uint8),
-           'b': rng.integers(3, config.tokenizer.vocab_size, (b, inputs[1].shape[1]),
-                             dtype=np.int32),
-           'id': np.arange(b, dtype=np.int32), 'truncated': np.zeros(b, np.int32)}
-  batch = jax.device_put(batch, parallel.data_sharding(mesh))
-  memory = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
+  import emoji_step  # pylint: disable=g-import-not-at-top (benchmarks/emoji_step.py)
+  state, step, batch, memory = emoji_step.build(
+      batch_size=point['batch'],
+      **{'grad_cache.micro_batch_size': point['micro']})
   holder = [state]
 
   def run(i):
