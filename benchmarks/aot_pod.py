@@ -6,7 +6,7 @@ JSON line per variant (the per-device report plus the variant's name and flags).
 Needs libtpu (pip install -r requirements-tpu.txt). Variants: SimCLR ResNet-50 at batch 4096
 on a v5e 4x4 slice, and the SigLIP pod config (ViT-B/16 at 224 px + text transformer B, batch
 32,768) on v5e 16x16: float32 / bfloat16, the blockwise ring loss / the dense loss, GradCache,
-an fsdp axis. Each compiles in a fresh process; one that cannot fit is reported as XLA:TPU
+an fsdp axis, rematerialised blocks. Each compiles in a fresh process; one that cannot fit is reported as XLA:TPU
 refused it.
 """
 
@@ -25,7 +25,8 @@ VARIANTS = {
     'siglip_ring_f32': (*SIGLIP, ()),
     'siglip_ring_bf16': (*SIGLIP, (BF16,)),
     'siglip_ring_bf16_gradcache8k': (*SIGLIP, (BF16, '--config.grad_cache.micro_batch_size=8192')),
-    'siglip_dense_bf16': (*SIGLIP, (BF16, '--config.loss.block_size=None')),
+    'siglip_dense_bf16': ('configs/siglip_emoji.py:pod,dense', SIGLIP[1], (BF16,)),
+    'siglip_ring_bf16_remat': (*SIGLIP, (BF16, '--config.model.remat=nothing_saveable')),
     'siglip_ring_bf16_fsdp4': (*SIGLIP, (BF16, "--config.mesh=(('data',64),('fsdp',4))")),
     'simclr_r50_f32': (*SIMCLR, ()),
     'simclr_r50_bf16': (*SIMCLR, (BF16,)),

@@ -13,14 +13,16 @@ Variants (comma-separated after the colon): `runlocal` (tiny, seconds), `resnet`
 ResNet as the image tower), `lit` (the image tower locked: LiT; initialise it with
 --config.model_init.workdir=W --config.model_init.mapping=tower_a:tower_a,proj_a:proj_a from a
 trained run W), `pod` (ViT-B/16 at 224 px + a text transformer B, batch 32,768, blockwise ring
-loss: a pod job, built but not run here). Fields: `--config.loss.block_size=1024` (blockwise),
-`--config.dataset.languages='("en","de")'` (multilingual pairs).
+loss: a pod job, built but not run here), `dense` (the loss without blocks, block_size None:
+e.g. `:pod,dense`, the dense row of the README's TPU compile table). Fields:
+`--config.loss.block_size=1024` (blockwise), `--config.dataset.languages='("en","de")'`
+(multilingual pairs).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
-VARIANTS = ('runlocal', 'resnet', 'vit', 'lit', 'pod')
+VARIANTS = ('runlocal', 'resnet', 'vit', 'lit', 'pod', 'dense')
 
 
 def base_config(loss_params='siglip'):
@@ -94,6 +96,8 @@ def apply_variants(config, variants):
     config.optimizer.update(lr=1e-3, warmup_steps=2000, weight_decay=1e-4)
     config.eval.update(every=2000, batch_size=4096)
     config.checkpoint_every = 1000
+  if 'dense' in variants:
+    config.loss.block_size = None
   if 'runlocal' in variants:
     config.dataset.max_examples = 64
     config.tokenizer.update(vocab_size=400, context=12)

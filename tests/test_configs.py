@@ -19,7 +19,7 @@ VARIANTS = {
                          'vit,runlocal'],
     'moco_v2_fmnist.py': [None, 'runlocal', 'runlocal,mining,mochi,ft,threshold,gist'],
     'moco_v3_fmnist.py': [None, 'runlocal'],
-    'siglip_emoji.py': [None, 'runlocal', 'resnet', 'lit', 'pod', 'resnet,lit,runlocal'],
+    'siglip_emoji.py': [None, 'runlocal', 'resnet', 'lit', 'pod', 'pod,dense', 'resnet,lit,runlocal'],
     'clip_emoji.py': [None, 'runlocal', 'lit', 'pod'],
     'siglip_wordnet.py': [None, 'runlocal', 'lit', 'pod'],
 }
