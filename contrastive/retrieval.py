@@ -41,8 +41,21 @@ def _check_embeddings(queries, keys, names=('queries', 'keys')):
                      f'{names[0]}: {np.shape(queries)}, {names[1]}: {np.shape(keys)}.')
 
 
-def _blockwise_topk(q, keys, k, block_size):
-  """Running top-k of q [n, D] against keys [M, D] over blocks of block_size keys."""
+def blockwise_topk(q, keys, k, block_size, drop=None):
+  """Running top-k of q [n, D] against keys [M, D] over blocks of block_size keys (jittable).
+
+  Args:
+    q: [n, D] queries; keys: [M, D]; same float dtype.
+    k: keys kept per query, >= 1 (may exceed the keys a query has left after `drop`).
+    block_size: keys per `lax.scan` step (M is padded to a multiple with -inf scores).
+    drop: optional cols [block] int32 (global key indices; >= M on padding) -> bool
+      [n, block], True where a key must not be returned for that query (scored -inf).
+
+  Returns:
+    (scores [n, k] descending, indices [n, k] int32); ties: lower index first. Where a query
+    has fewer than k kept keys, the missing entries are score -inf and index M: the running
+    top-k starts as k such entries, and on equal scores the carried entries come first.
+  """
   m, d = keys.shape
   nb = -(-m // block_size)
   kb = tiles.pad_to(keys, nb * block_size).reshape(nb, block_size, d)
@@ -56,6 +69,8 @@ def _blockwise_topk(q, keys, k, block_size):
     s = jnp.where(s == 0, jnp.zeros_like(s), s)  # -0.0 -> +0.0: top_k orders -0.0 below +0.0
     col = start + jnp.arange(block_size, dtype=jnp.int32)
     s = jnp.where(col[None, :] < m, s, -jnp.inf)  # padded keys
+    if drop is not None:
+      s = jnp.where(drop(col), -jnp.inf, s)  # (n, block)
     s, i = lax.top_k(s, bk)  # (n, bk); ties: lower index first
     s = jnp.concatenate([top_s, s], axis=1)  # carried first: lower indices
     i = jnp.concatenate([top_i, start + i], axis=1)
@@ -71,7 +86,7 @@ def _blockwise_topk(q, keys, k, block_size):
 def _topk(queries, keys, k, block_size, mesh):
   dtype = jnp.promote_types(jnp.result_type(queries, keys), jnp.float32)
   q, keys = queries.astype(dtype), keys.astype(dtype)
-  fn = functools.partial(_blockwise_topk, k=k, block_size=block_size)
+  fn = functools.partial(blockwise_topk, k=k, block_size=block_size)
   if mesh is None:
     return fn(q, keys)
   n, devices = q.shape[0], mesh.shape[DATA]
