@@ -6,3 +6,8 @@ functions of embeddings, as opposed to the in-step samplers of `contrastive/samp
 """
 
 from contrastive.negatives.corpus_mining import mine_hard_negatives
+from contrastive.negatives.geodesic_mixup import geodesic_negatives
+from contrastive.negatives.geodesic_mixup import slerp
+from contrastive.negatives.negclip import negative_captions
+from contrastive.negatives.negclip import order_sensitivity
+from contrastive.negatives.negclip import perturb_order
