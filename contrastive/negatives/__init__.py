@@ -1,8 +1,11 @@
-"""Negatives mined from a whole corpus, between training rounds (ANCE / STAR style): pure
-functions of embeddings, as opposed to the in-step samplers of `contrastive/samplers`.
+"""Negatives for dual encoders (issue 15): pure functions of embeddings or captions, as opposed
+to the in-step samplers of `contrastive/samplers`.
 
-  corpus_mining  each query's hardest non-positive, non-false-negative candidates, exact
-                 tiled top-k, optionally sharded over the queries
+  corpus_mining   each query's hardest non-positive, non-false-negative candidates in a whole
+                  corpus (ANCE / STAR), exact tiled top-k, optionally sharded over the queries
+  negclip         word-order perturbations of captions as extra text negatives (NegCLIP), and
+                  the order sensitivity of a model (ARO)
+  geodesic_mixup  slerp of matched image-text pairs on the sphere as hard negatives (m^3-Mix)
 """
 
 from contrastive.negatives.corpus_mining import mine_hard_negatives
