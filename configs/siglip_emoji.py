@@ -51,6 +51,9 @@ def base_config(loss_params='siglip'):
   config.loss = dict(name='sigmoid_loss' if loss_params == 'siglip' else 'clip_loss',
                      block_size=config_dict.placeholder(int),  # None: dense
                      collective=config_dict.placeholder(str))  # None: 'ring'
+  # Which rows share a batch (contrastive/batching/from_config.py): 'random' or 'tas_b' (each
+  # batch from one of num_topics k-means topics of side a); no_duplicates: one row per group id.
+  config.batching = dict(method='random', num_topics=0, no_duplicates=False)
   config.lit = dict(lock='')  # 'image' (or 'a') / 'text' (or 'b'): that tower is frozen
   config.model_init = dict(workdir='', mapping='')  # e.g. 'tower_a:tower_a,proj_a:proj_a'
   config.optimizer = dict(name='adamw', lr=1e-3, scale_lr_by_batch=False, warmup_steps=50,

@@ -20,6 +20,7 @@ from contrastive import run_config
 from contrastive import two_tower_recipe
 from contrastive import validate
 from contrastive import workdir as workdir_lib
+from contrastive.batching import from_config as batching
 from contrastive.data import pipeline
 from contrastive.losses import pair_loss_from_config
 from contrastive.models import build_model
@@ -177,15 +178,20 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
                   pipeline.get_source(config.dataset, 'train'))
   steps = total_steps(config, len(train_source))
   _check_resume(config, workdir, ckpt_dir, steps)
-  loader = pipeline.train_loader(train_source, global_batch_size=config.batch_size,
-                                 seed=config.seed)
-  batch_iter = iter(loader)
 
   # ---- Model, optimizer, objective, evaluation ----------------------------------------------
   rng = jax.random.key(config.seed)
   parts = two_tower_recipe.parts if two_tower else _image_views_parts
   state, step_fn, evaluator = parts(config, mesh, train_source, steps,
                                     jax.random.fold_in(rng, 0), clusters=clusters)
+  if two_tower and batching.composed(config):  # from the starting state: the same on resume
+    loader, composition = batching.train_loader(config, train_source,
+                                                lambda a: evaluator.embed(state, 'a', a))
+    print(f'Batches: {composition}.', flush=True)
+  else:
+    loader = pipeline.train_loader(train_source, global_batch_size=config.batch_size,
+                                   seed=config.seed)
+  batch_iter = iter(loader)
   replicated = parallel.unsharded_by_fsdp(mesh, state.params)
   if replicated:
     print(f'fsdp: the axis size {mesh.shape[parallel.FSDP]} divides no dimension of '

@@ -30,6 +30,7 @@ from contrastive import parallel
 from contrastive import precision
 from contrastive import step as step_lib
 from contrastive import two_tower_eval
+from contrastive.batching import from_config as batching
 from contrastive.data import pair_batches
 from contrastive.models import two_tower as two_tower_lib
 
@@ -80,6 +81,10 @@ def validate(config):
     if config.dataset.image_size % patch:
       raise TwoTowerConfigError(f'config.dataset.image_size={config.dataset.image_size} is not a '
                                 f'multiple of the ViT patch size {patch}.')
+  try:
+    batching.check(config)
+  except ValueError as e:
+    raise TwoTowerConfigError(str(e)) from None
   pair_batches.check_files(config.dataset)
   init = config.get('model_init', {})
   if init.get('workdir') and not os.path.isdir(os.path.join(init.workdir, 'checkpoints')):

@@ -114,11 +114,22 @@ def test_other_recipes_runlocal(config, data_dir, tmp_path):
     assert 'bias' not in _rows(workdir)[0]
 
 
+TAS_B = ('--config.batching.method=tas_b', '--config.batching.num_topics=4',
+         '--config.batching.no_duplicates=True')
+
+
 @pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
-def test_sigkill_then_rerun_is_bitwise_identical(siglip_run, data_dir, tmp_path):
-  ref_workdir, _ = siglip_run
+@pytest.mark.parametrize('batching', [(), TAS_B], ids=['random', 'tas_b_no_duplicates'])
+def test_sigkill_then_rerun_is_bitwise_identical(siglip_run, data_dir, tmp_path, batching):
+  """Killed after checkpoint 3 and rerun: step 6 equals the uninterrupted run's, with the plain
+  shuffle and with composed batches (config.batching: the topics recomputed on resume)."""
+  if batching:
+    ref_workdir = str(tmp_path / 'ref')
+    assert 'Batches: tas_b: 4 topics' in main('siglip_emoji.py', ref_workdir, data_dir, *batching)
+  else:
+    ref_workdir, _ = siglip_run
   workdir = str(tmp_path / 'run')
-  flags = ('--config.total_steps=6',)
+  flags = ('--config.total_steps=6', *batching)
   proc = subprocess.Popen(_command('siglip_emoji.py', workdir, data_dir, *flags), cwd=REPO,
                           env=_env(), text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)

@@ -12,6 +12,7 @@ batch as `pipeline.train_loader` does.
   dedup       no_duplicates: no two rows with one key in a batch (any method, keys=...)
   plan        epoch_order (one epoch's [S, B] rows), plan (checked, for the loader), EpochPlan
   loader      composed_loader: a plan as a resumable grain dataset, process_slice
+  from_config config.batching of the two-tower recipes (tas_b, no_duplicates) -> the loader
 
 Usage (the iterator's get_state() goes into the checkpoint, as train_loader's does):
 

@@ -1,0 +1,96 @@
+"""`config.batching`: the two-tower recipes' batch composition, chosen in the config.
+
+  config.batching = dict(
+      method='random',      # train_loader's shuffle; or 'tas_b': each global batch from one
+                            # k-means topic of side a (Hofstatter et al. 2021, `topics.py`)
+      num_topics=0,         # tas_b: k, topics of the starting towers' side-a embeddings
+      no_duplicates=False)  # no two rows with one group id in a global batch (`dedup.py`)
+
+e.g. `--config.batching.method=tas_b --config.batching.num_topics=32
+--config.batching.no_duplicates=True`.
+
+TAS-B clusters the queries with a trained baseline. Here the topics come from the towers the
+run starts from: random-init, or a previous stage's tower through `config.model_init` (LiT or a
+staged run). They are a pure function of the initial state and the seed, so a resumed run
+recomputes the same topics, and the grain state saved in each checkpoint resumes the data
+stream exactly (`loader.composed_loader`). The group ids are the dataset's false-negative ids
+(same emoji, same synset): with `no_duplicates` a batch holds each group at most once, so the
+id mask of the loss removes no negative.
+"""
+
+import numpy as np
+
+from contrastive.batching.loader import composed_loader
+from contrastive.batching.plan import plan as make_plan
+from contrastive.batching.topics import topic_clusters
+from contrastive.data import pipeline
+
+METHODS = ('random', 'tas_b')
+DEFAULTS = dict(method='random', num_topics=0, no_duplicates=False)
+
+
+def settings(config):
+  """config.batching with its defaults filled in (configs without the field: random)."""
+  return dict(DEFAULTS, **dict(config.get('batching') or {}))
+
+
+def check(config):
+  """Raises ValueError naming the field, before any data is read or anything compiled."""
+  cfg = settings(config)
+  unknown = set(cfg) - set(DEFAULTS)
+  if unknown:
+    raise ValueError(f'config.batching: unknown field(s) {sorted(unknown)}; known: '
+                     f'{sorted(DEFAULTS)}.')
+  if cfg['method'] not in METHODS:
+    raise ValueError(f'config.batching.method={cfg["method"]!r} is unknown; choose one of '
+                     f'{METHODS}.')
+  k = int(cfg['num_topics'])
+  if cfg['method'] == 'tas_b' and k < 1:
+    raise ValueError(f'config.batching.num_topics={k}: tas_b needs >= 1 topic.')
+  if cfg['method'] != 'tas_b' and k:
+    raise ValueError(f'config.batching.num_topics={k} applies to method tas_b only '
+                     f'(method is {cfg["method"]!r}).')
+
+
+def composed(config):
+  """True if config.batching asks for more than train_loader's shuffle."""
+  cfg = settings(config)
+  return cfg['method'] != 'random' or bool(cfg['no_duplicates'])
+
+
+def train_loader(config, source, embed_a):
+  """The training stream of config.batching: `pipeline.train_loader` for the plain shuffle,
+  else `composed_loader` over the plan (each process reads its rows of every global batch).
+
+  Args:
+    config: the recipe config (batch_size, seed, batching).
+    source: the training rows (`pair_batches.TokenizedPairs`: {'a', 'b', 'id', ...}).
+    embed_a: items [N, ...] of side a -> [N, D] numpy embeddings (the starting towers'; only
+      called for tas_b).
+
+  Returns:
+    (grain dataset, description): the description is a line for the log (topics, rows that
+    no_duplicates moves or drops per epoch).
+  """
+  if not composed(config):
+    return pipeline.train_loader(source, global_batch_size=config.batch_size,
+                                 seed=config.seed), 'random shuffle'
+  cfg, n = settings(config), len(source)
+  rows = source.__getitems__(range(n))  # every row once: group ids and side a
+  keys = np.array([r['id'] for r in rows]) if cfg['no_duplicates'] else None
+  method_args, line = {}, cfg['method']
+  if cfg['method'] == 'tas_b':
+    clusters = topic_clusters(embed_a(np.stack([r['a'] for r in rows])),
+                              int(cfg['num_topics']), seed=config.seed)
+    sizes = np.bincount(clusters, minlength=int(cfg['num_topics']))
+    method_args['clusters'] = clusters
+    line += (f': {int(cfg["num_topics"])} topics of the starting towers\' side a, '
+             f'{int((sizes > 0).sum())} non-empty, sizes {int(sizes.min())}..{int(sizes.max())}')
+  plan = make_plan(cfg['method'], num_rows=n, global_batch_size=config.batch_size, keys=keys,
+                   **method_args)
+  if keys is not None:
+    stats = plan.stats(0, config.seed)
+    line += (f'; no duplicates: {plan.steps_per_epoch} batches per epoch, {stats.pushed} rows '
+             f'moved to a later batch, {stats.dropped} rows not in epoch 0')
+  return composed_loader(source, plan, global_batch_size=config.batch_size,
+                         seed=config.seed), line
