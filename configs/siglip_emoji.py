@@ -54,6 +54,9 @@ def base_config(loss_params='siglip'):
   # Which rows share a batch (contrastive/batching/from_config.py): 'random' or 'tas_b' (each
   # batch from one of num_topics k-means topics of side a); no_duplicates: one row per group id.
   config.batching = dict(method='random', num_topics=0, no_duplicates=False)
+  # NegCLIP (contrastive/negatives/negclip.py): > 0 word-order perturbations of each text b as
+  # extra negatives of the batch (sigmoid_loss), and order sensitivity in the evaluation.
+  config.negclip = dict(num_negatives=0)
   config.lit = dict(lock='')  # 'image' (or 'a') / 'text' (or 'b'): that tower is frozen
   config.model_init = dict(workdir='', mapping='')  # e.g. 'tower_a:tower_a,proj_a:proj_a'
   config.optimizer = dict(name='adamw', lr=1e-3, scale_lr_by_batch=False, warmup_steps=50,

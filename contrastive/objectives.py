@@ -113,13 +113,33 @@ def _sampled(state, batch, q1, q2, const, rng, *, method):
   return loss, (metrics, k2)
 
 
+def negclip_negatives(z, batch):
+  """The loss's extra negatives and mask ids: (za, zb) -> mask_ids (id, id) only; with NegCLIP's
+  zneg [B, P, D] (Yuksekgonul et al. 2023), its B P rows are extra text negatives of every row
+  of the batch (`extra_negatives`, as NegCLIP adds them to the batch). A perturbation's id is
+  -1 - its position, equal to no row's group id (>= 0), so it is a negative of its own row
+  (its point: the same words in another order); an invalid one (a text of < 2 distinct words,
+  the text itself) takes its row's id, so the id mask keeps it from its own row and group.
+  """
+  ids = batch['id']
+  if len(z) == 2:
+    return dict(mask_ids=(ids, ids))
+  b, p, d = z[2].shape
+  own = jnp.arange(b * p, dtype=ids.dtype)
+  neg_ids = jnp.where(batch['b_neg_valid'].reshape(-1), -1 - own, jnp.repeat(ids, p))
+  return dict(extra_negatives=z[2].reshape(b * p, d),
+              mask_ids=(ids, jnp.concatenate([ids, neg_ids])))
+
+
 def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collective=None):
   """CLIP / SigLIP / LiT: za = model's tower a (+ projection), zb = tower b's; the loss takes
   the model's traced temperature (and bias), so they are learned.
 
   batch: {'a': [B, H, W, C] uint8 images or [B, L] int32 tokens, 'b': [B, L] int32 tokens,
   'id': [B] int group ids (rows sharing one are not negatives: `blockwise.distinct_ids`),
-  'truncated': [B] int (texts cut at the context length, summed into the metrics)}.
+  'truncated': [B] int (texts cut at the context length, summed into the metrics)}, and with
+  NegCLIP (config.negclip) 'b_neg': [B, P, L] int32 perturbed texts, 'b_neg_valid': [B, P]
+  bool: extra negatives of the loss (`negclip_negatives`).
 
   Args:
     loss_name: 'clip_loss' or 'sigmoid_loss'.
@@ -140,14 +160,19 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
       variables['batch_stats'] = state.batch_stats
     (za, zb, _), updates = model.apply(variables, rows['a'], rows['b'], train=True,
                                        mutable=['batch_stats'])
-    return (za, zb), None, updates.get('batch_stats', state.batch_stats)
+    if 'b_neg' not in rows:
+      return (za, zb), None, updates.get('batch_stats', state.batch_stats)
+    b, p, length = rows['b_neg'].shape  # NegCLIP: [B, P, L] perturbed texts b
+    zneg = model.apply({'params': lock(params)}, rows['b_neg'].reshape(b * p, length),
+                       train=True, method='encode_b')
+    return (za, zb, zneg.reshape(b, p, -1)), None, updates.get('batch_stats', state.batch_stats)
 
   def loss(params, state, embeddings, batch, rng):
     del state, rng
-    (za, zb), _ = embeddings
+    z, _ = embeddings
     logit = model.apply({'params': lock(params)}, method='logit_params')
-    value, metrics = loss_fn(za, zb, **logit, negative_mask=blockwise.distinct_ids,
-                             mask_ids=(batch['id'], batch['id']), **blockwise_args)
+    value, metrics = loss_fn(*z[:2], **logit, **negclip_negatives(z, batch),
+                             negative_mask=blockwise.distinct_ids, **blockwise_args)
     metrics = dict(metrics, temperature=logit['temperature'],
                    truncated_texts=jnp.sum(batch['truncated']))
     if 'bias' in logit:

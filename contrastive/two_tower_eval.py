@@ -27,6 +27,7 @@ from contrastive import retrieval
 from contrastive.data import emoji
 from contrastive.data import pair_batches
 from contrastive.data import wordnet
+from contrastive.negatives import negclip
 
 EMOJI_TEMPLATES = ('an emoji of {}', '{}', 'a {} emoji', 'a picture of {}')
 WORDNET_TEMPLATES = ('{}', 'a word about {}', 'something to do with {}')
@@ -53,6 +54,22 @@ def _unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def _order_probe(ev, config, encode):
+  """(a indices, b indices, tokens [N P, L], valid [N, P]) of ARO's order test where
+  config.negclip.num_negatives = P > 0 (else None): each held-out a item with its first linked
+  text b and P word-order perturbations of it (`negatives.negclip`, seeded by config.seed)."""
+  num = int((config.get('negclip') or {}).get('num_negatives', 0))
+  if not num:
+    return None
+  first = {}
+  for a_i, b_i in ev['pairs'].tolist():
+    first.setdefault(a_i, b_i)
+  a_idx = np.array(sorted(first))
+  b_idx = np.array([first[i] for i in a_idx])
+  texts, valid = negclip.negative_captions([ev['b_items'][j] for j in b_idx], num, config.seed)
+  return a_idx, b_idx, encode([t for row in texts for t in row]), valid
+
+
 class TwoTowerEvaluator:
   """Loads the held-out split once; `evaluator(state)` returns the metrics of the module doc."""
 
@@ -69,6 +86,7 @@ class TwoTowerEvaluator:
       prompts = [t.format(n) for names_c in names for n in names_c for t in templates]
       name_class = np.repeat(np.arange(len(names)), [len(c) for c in names])  # [names]
       self.prompts, self.name_class = encode(prompts), name_class
+    self.order = _order_probe(self.ev, config, encode)
     repl = parallel.replicated(mesh)
     apply = lambda method: jax.jit(
         lambda variables, x: evaluate.widen(model.apply(variables, x, method=method,
@@ -115,6 +133,12 @@ class TwoTowerEvaluator:
         scores = retrieval.zero_shot_accuracy(items, _unit(per_name), labels,
                                               class_of=self.name_class)
         metrics.update({f'zero_shot_subclass/{k}': float(v) for k, v in scores.items()})
+    if self.order is not None:  # NegCLIP: does the model tell a text from its reorderings?
+      a_idx, b_idx, tokens, valid = self.order
+      zneg = self.embed(state, 'b', tokens).reshape(*valid.shape, -1)
+      metrics['order_sensitivity'] = float(negclip.order_sensitivity(za[a_idx], zb[b_idx], zneg,
+                                                                     valid))
+      metrics['order_sensitivity/chance'] = float(np.mean(1 / (1 + valid.sum(1)[valid.any(1)])))
     metrics['alignment'] = float(retrieval.alignment(za[links[:, 0]], zb[links[:, 1]]))
     metrics['uniformity_a'] = float(retrieval.uniformity(za))
     metrics['uniformity_b'] = float(retrieval.uniformity(zb))

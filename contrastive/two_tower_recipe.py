@@ -85,6 +85,10 @@ def validate(config):
     batching.check(config)
   except ValueError as e:
     raise TwoTowerConfigError(str(e)) from None
+  if negclip_count(config) < 0 or (negclip_count(config) and config.loss.name != 'sigmoid_loss'):
+    raise TwoTowerConfigError(
+        f'config.negclip.num_negatives={negclip_count(config)}: must be >= 0, and NegCLIP\'s '
+        f'extra text negatives need sigmoid_loss (got {config.loss.name!r}).')
   pair_batches.check_files(config.dataset)
   init = config.get('model_init', {})
   if init.get('workdir') and not os.path.isdir(os.path.join(init.workdir, 'checkpoints')):
@@ -158,7 +162,13 @@ def train_source(config, workdir):
   tok = pair_batches.load_or_train_tokenizer(
       workdir, raw, spec, config.tokenizer,
       dataset_dir=pair_batches.builder(config.dataset).data_dir)
-  return pair_batches.TokenizedPairs(raw, spec, tok, config.tokenizer.context)
+  return pair_batches.TokenizedPairs(raw, spec, tok, config.tokenizer.context,
+                                     negclip=negclip_count(config), negclip_seed=config.seed)
+
+
+def negclip_count(config):
+  """config.negclip.num_negatives (0 where the config has no negclip field)."""
+  return int((config.get('negclip') or {}).get('num_negatives', 0))
 
 
 def step(config, mesh, inputs, steps, rng, *, abstract=False):

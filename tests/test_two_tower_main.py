@@ -114,18 +114,22 @@ def test_other_recipes_runlocal(config, data_dir, tmp_path):
     assert 'bias' not in _rows(workdir)[0]
 
 
-TAS_B = ('--config.batching.method=tas_b', '--config.batching.num_topics=4',
-         '--config.batching.no_duplicates=True')
+# Issue 15's config options: TAS-B topics, no duplicate groups, NegCLIP text negatives.
+NEGATIVES = ('--config.batching.method=tas_b', '--config.batching.num_topics=4',
+             '--config.batching.no_duplicates=True', '--config.negclip.num_negatives=2')
 
 
 @pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
-@pytest.mark.parametrize('batching', [(), TAS_B], ids=['random', 'tas_b_no_duplicates'])
+@pytest.mark.parametrize('batching', [(), NEGATIVES], ids=['plain', 'tas_b_negclip'])
 def test_sigkill_then_rerun_is_bitwise_identical(siglip_run, data_dir, tmp_path, batching):
   """Killed after checkpoint 3 and rerun: step 6 equals the uninterrupted run's, with the plain
-  shuffle and with composed batches (config.batching: the topics recomputed on resume)."""
+  recipe and with issue 15's options (config.batching: the topics recomputed on resume;
+  NegCLIP's perturbations drawn per row index)."""
   if batching:
     ref_workdir = str(tmp_path / 'ref')
     assert 'Batches: tas_b: 4 topics' in main('siglip_emoji.py', ref_workdir, data_dir, *batching)
+    final = _rows(ref_workdir)[-1]
+    assert 0 <= final['order_sensitivity'] <= 1 and final['order_sensitivity/chance'] < 1
   else:
     ref_workdir, _ = siglip_run
   workdir = str(tmp_path / 'run')

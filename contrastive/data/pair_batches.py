@@ -27,6 +27,7 @@ from contrastive.data import emoji
 from contrastive.data import pairs
 from contrastive.data import tokenizer as tokenizer_lib
 from contrastive.data import wordnet
+from contrastive.negatives import negclip as negclip_lib
 
 TOKENIZER_NAME = 'tokenizer.model'
 
@@ -145,10 +146,16 @@ def load_or_train_tokenizer(workdir, train_source, pair_spec, cfg, dataset_dir=N
 
 
 class TokenizedPairs(grain.sources.RandomAccessDataSource):
-  """A pair source as the step's rows: {'a', 'b', 'id', 'truncated'} (see the module doc)."""
+  """A pair source as the step's rows: {'a', 'b', 'id', 'truncated'} (see the module doc).
 
-  def __init__(self, source, pair_spec, tok, context):
+  With `negclip` = P > 0 a row also has 'b_neg': [P, L] int32, P word-order perturbations of
+  its text b (`negatives.negclip.negative_captions`, drawn from (negclip_seed, row index): the
+  same on resume), and 'b_neg_valid': [P] bool (False where b has < 2 distinct words).
+  """
+
+  def __init__(self, source, pair_spec, tok, context, negclip=0, negclip_seed=0):
     self._source, self.spec, self.tokenizer, self.context = source, pair_spec, tok, context
+    self.negclip, self.negclip_seed = int(negclip), int(negclip_seed)
 
   def __len__(self):
     return len(self._source)
@@ -171,6 +178,13 @@ class TokenizedPairs(grain.sources.RandomAccessDataSource):
         a, cut_a = self._encode(r[self.spec.a])
       rows.append({'a': a, 'b': b, 'id': np.int32(r[self.spec.group]),
                    'truncated': np.int32(cut_a + cut_b)})
+    if self.negclip:
+      captions = [tokenizer_lib._as_str(r[self.spec.b]) for r in records]  # pylint: disable=protected-access
+      negatives, valid = negclip_lib.negative_captions(captions, self.negclip, self.negclip_seed,
+                                                       indices=indices)
+      for row, texts, ok in zip(rows, negatives, valid):
+        row['b_neg'] = self.tokenizer.encode(texts, self.context)[0]
+        row['b_neg_valid'] = ok
     return rows
 
 

@@ -99,12 +99,13 @@ def perturb_order(caption, kind, rng):
   return ' '.join(_shuffle(words, rng) if kind == 'shuffle' else _swap(words, rng))
 
 
-def negative_captions(captions, num, seed):
+def negative_captions(captions, num, seed, indices=None):
   """NegCLIP hard-negative captions: `num` word-order perturbations of every caption.
 
   Perturbation k of a caption is of kind KINDS[k % 2] ('swap', 'shuffle', 'swap', ...), drawn
-  from `np.random.default_rng([seed, i])` for caption i: the same (seed, i, caption) give the
-  same negatives whatever the other captions are. Perturbations of one caption may repeat
+  from `np.random.default_rng([seed, i])` for caption i (i = indices[n] for the n-th caption if
+  given: e.g. its row in the dataset): the same (seed, i, caption) give the same negatives
+  whatever the other captions are. Perturbations of one caption may repeat
   (short captions have few orders). A caption with < 2 distinct words has no valid negative:
   its entries are the caption itself, marked False in the mask, so the whole grid can go
   through `Tokenizer.encode` and the mask to the loss's `query_negative_mask`.
@@ -113,6 +114,7 @@ def negative_captions(captions, num, seed):
     captions: N strings.
     num: negatives per caption, an int >= 1.
     seed: an int >= 0.
+    indices: optional N ints >= 0, the captions' own indices (default 0..N-1).
 
   Returns:
     (negatives, valid): negatives a list of N lists of `num` strings; valid [N, num] bool NumPy.
@@ -124,11 +126,14 @@ def negative_captions(captions, num, seed):
     raise ValueError(f'num must be an int >= 1; got {num!r}.')
   if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
     raise ValueError(f'seed must be an int >= 0; got {seed!r}.')
+  indices = range(len(captions)) if indices is None else [int(i) for i in indices]
+  if len(indices) != len(captions) or min(indices, default=0) < 0:
+    raise ValueError(f'indices must be {len(captions)} ints >= 0 (one per caption).')
   negatives, valid = [], np.zeros((len(captions), num), bool)
-  for i, caption in enumerate(captions):
+  for n, (i, caption) in enumerate(zip(indices, captions)):
     rng = np.random.default_rng([seed, i])
     row = [perturb_order(caption, KINDS[k % 2], rng) for k in range(num)]
-    valid[i] = [neg is not None for neg in row]
+    valid[n] = [neg is not None for neg in row]
     negatives.append([caption if neg is None else neg for neg in row])
   return negatives, valid
 
