@@ -65,8 +65,13 @@ def _dense():
   return jax.device_get(_value_and_grads()(z1, z2, extra, labels, 0.2, -2.0))
 
 
-@pytest.mark.parametrize('collective', ['ring', 'all_gather'])
-@pytest.mark.parametrize('num_devices,block_size', [(1, 5), (2, 6), (8, 3)])
+_SLOW = pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
+
+
+@pytest.mark.parametrize('num_devices,block_size,collective', [
+    pytest.param(1, 5, 'ring', marks=_SLOW), pytest.param(1, 5, 'all_gather', marks=_SLOW),
+    (2, 6, 'ring'), pytest.param(2, 6, 'all_gather', marks=_SLOW),
+    (8, 3, 'ring'), (8, 3, 'all_gather')])
 def test_blockwise_on_mesh_equals_dense(num_devices, block_size, collective):
   mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:num_devices])
   sharding = parallel.data_sharding(mesh)

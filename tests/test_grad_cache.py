@@ -139,6 +139,8 @@ def _moco_vit_run(micro_batch_size, steps=2):
   return losses, jax.device_get(state)
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min (GradCache = full batch with
+# the ring loss on 8 devices, and with BatchNorm, run in CI)
 def test_queue_and_momentum_encoder_equal_full_batch():
   """A BatchNorm-free MoCo step with the queue: 4 micro-batches (2 rows per device each) give
   the full-batch losses, parameters, momentum encoder and queue after 2 steps."""

@@ -70,6 +70,7 @@ def test_without_negclip_only_the_ids():
   assert set(out) == {'mask_ids'}
 
 
+@pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
 def test_gradients_reach_the_perturbations():
   rng = np.random.default_rng(1)
   za, zb = rng.standard_normal((2, 4, 3))
