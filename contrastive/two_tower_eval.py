@@ -58,7 +58,7 @@ def _order_probe(ev, config, encode):
   """(a indices, b indices, tokens [N P, L], valid [N, P]) of ARO's order test where
   config.negclip.num_negatives = P > 0 (else None): each held-out a item with its first linked
   text b and P word-order perturbations of it (`negatives.negclip`, seeded by config.seed)."""
-  num = int((config.get('negclip') or {}).get('num_negatives', 0))
+  num = negclip.num_negatives(config)
   if not num:
     return None
   first = {}

@@ -32,6 +32,7 @@ from contrastive import step as step_lib
 from contrastive import two_tower_eval
 from contrastive.batching import from_config as batching
 from contrastive.data import pair_batches
+from contrastive.negatives import negclip
 from contrastive.models import two_tower as two_tower_lib
 
 LOSS_OF_PARAMS = {'clip': 'clip_loss', 'siglip': 'sigmoid_loss'}
@@ -85,10 +86,11 @@ def validate(config):
     batching.check(config)
   except ValueError as e:
     raise TwoTowerConfigError(str(e)) from None
-  if negclip_count(config) < 0 or (negclip_count(config) and config.loss.name != 'sigmoid_loss'):
+  num_negatives = negclip.num_negatives(config)
+  if num_negatives < 0 or (num_negatives and config.loss.name != 'sigmoid_loss'):
     raise TwoTowerConfigError(
-        f'config.negclip.num_negatives={negclip_count(config)}: must be >= 0, and NegCLIP\'s '
-        f'extra text negatives need sigmoid_loss (got {config.loss.name!r}).')
+        f'config.negclip.num_negatives={num_negatives}: must be >= 0, and NegCLIP\'s extra '
+        f'text negatives need sigmoid_loss (got {config.loss.name!r}).')
   pair_batches.check_files(config.dataset)
   init = config.get('model_init', {})
   if init.get('workdir') and not os.path.isdir(os.path.join(init.workdir, 'checkpoints')):
@@ -163,12 +165,8 @@ def train_source(config, workdir):
       workdir, raw, spec, config.tokenizer,
       dataset_dir=pair_batches.builder(config.dataset).data_dir)
   return pair_batches.TokenizedPairs(raw, spec, tok, config.tokenizer.context,
-                                     negclip=negclip_count(config), negclip_seed=config.seed)
-
-
-def negclip_count(config):
-  """config.negclip.num_negatives (0 where the config has no negclip field)."""
-  return int((config.get('negclip') or {}).get('num_negatives', 0))
+                                     negclip=negclip.num_negatives(config),
+                                     negclip_seed=config.seed)
 
 
 def step(config, mesh, inputs, steps, rng, *, abstract=False):

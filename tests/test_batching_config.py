@@ -23,6 +23,10 @@ class Rows:
   def __getitems__(self, indices):
     return [{'a': self.a[i], 'id': np.int32(self.ids[i])} for i in indices]
 
+  def side_a(self, indices):
+    indices = np.asarray(indices)
+    return {'a': self.a[indices], 'id': self.ids[indices].astype(np.int32)}
+
 
 def config(**batching):
   return ml_collections.ConfigDict(dict(batch_size=16, seed=3, batching=dict(

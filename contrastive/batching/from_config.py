@@ -64,7 +64,8 @@ def train_loader(config, source, embed_a):
 
   Args:
     config: the recipe config (batch_size, seed, batching).
-    source: the training rows (`pair_batches.TokenizedPairs`: {'a', 'b', 'id', ...}).
+    source: the training rows (`pair_batches.TokenizedPairs`: {'a', 'b', 'id', ...}), with
+      `side_a(indices)` -> {'a', 'id'} of those rows.
     embed_a: items [N, ...] of side a -> [N, D] numpy embeddings (the starting towers'; only
       called for tas_b).
 
@@ -76,11 +77,11 @@ def train_loader(config, source, embed_a):
     return pipeline.train_loader(source, global_batch_size=config.batch_size,
                                  seed=config.seed), 'random shuffle'
   cfg, n = settings(config), len(source)
-  rows = source.__getitems__(range(n))  # every row once: group ids and side a
-  keys = np.array([r['id'] for r in rows]) if cfg['no_duplicates'] else None
+  rows = source.side_a(range(n))  # every row once: group ids and side a
+  keys = rows['id'] if cfg['no_duplicates'] else None
   method_args, line = {}, cfg['method']
   if cfg['method'] == 'tas_b':
-    clusters = topic_clusters(embed_a(np.stack([r['a'] for r in rows])),
+    clusters = topic_clusters(embed_a(rows['a']),
                               int(cfg['num_topics']), seed=config.seed)
     sizes = np.bincount(clusters, minlength=int(cfg['num_topics']))
     method_args['clusters'] = clusters

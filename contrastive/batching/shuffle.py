@@ -23,15 +23,20 @@ def epoch_rng(seed, epoch, method):
   return np.random.default_rng([int(seed), int(epoch), SALTS[method]])
 
 
+def _shuffled(num_rows, seed, epoch):
+  """i -> the row at position i of epoch `epoch` in train_loader: grain's
+  `MapDataset.shuffle` (index_shuffle, 4 rounds, the epoch's seed seed + e taken mod 2**32)."""
+  return functools.partial(index_shuffle, max_index=num_rows - 1,
+                           seed=(int(seed) + int(epoch)) % 2**32, rounds=4)
+
+
 def _positions(num_rows, seed, start, count):
   """Rows at positions [start, start + count) of train_loader's endless shuffled sequence:
-  position e N + i is row index_shuffle(i) of epoch e, drawn from seed + e (grain's
-  `MapDataset.shuffle`: 4 rounds, the epoch's seed taken mod 2**32)."""
+  position e N + i is row i of epoch e's shuffle."""
   out = np.empty(count, np.int64)
   for n, position in enumerate(range(start, start + count)):
     epoch, index = divmod(position, num_rows)
-    out[n] = index_shuffle(index, max_index=num_rows - 1, seed=(int(seed) + epoch) % 2**32,
-                           rounds=4)
+    out[n] = _shuffled(num_rows, seed, epoch)(index)
   return out
 
 
@@ -40,9 +45,8 @@ def permutation(num_rows, seed, epoch):
 
   Grain's index shuffle, one row at a time (~10 us a row: ~10 s for a million rows).
   """
-  shuffled = functools.partial(index_shuffle, max_index=num_rows - 1,
-                               seed=(int(seed) + int(epoch)) % 2**32, rounds=4)
-  return np.fromiter(map(shuffled, range(num_rows)), np.int64, num_rows)
+  return np.fromiter(map(_shuffled(num_rows, seed, epoch), range(num_rows)), np.int64,
+                     num_rows)
 
 
 def random_batches(seed, epoch, *, num_rows, global_batch_size):

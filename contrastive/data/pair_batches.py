@@ -167,24 +167,34 @@ class TokenizedPairs(grain.sources.RandomAccessDataSource):
   def __getitem__(self, index):
     return self.__getitems__([index])[0]
 
+  def _side_a(self, record):
+    """(a, texts cut): the record's image, or its text a tokenized."""
+    if self.spec.a_is_image:
+      return np.asarray(record[self.spec.a], np.uint8), 0
+    return self._encode(record[self.spec.a])
+
+  def side_a(self, indices):
+    """{'a': [n, ...], 'id': [n] int32} of rows `indices`, text b left alone: what batch
+    composition reads of every row (contrastive/batching/from_config.py)."""
+    records = self._source.__getitems__([int(i) for i in indices])
+    return {'a': np.stack([self._side_a(r)[0] for r in records]),
+            'id': np.array([r[self.spec.group] for r in records], np.int32)}
+
   def __getitems__(self, indices):
     records = self._source.__getitems__([int(i) for i in indices])
     rows = []
     for r in records:
       b, cut_b = self._encode(r[self.spec.b])
-      if self.spec.a_is_image:
-        a, cut_a = np.asarray(r[self.spec.a], np.uint8), 0
-      else:
-        a, cut_a = self._encode(r[self.spec.a])
+      a, cut_a = self._side_a(r)
       rows.append({'a': a, 'b': b, 'id': np.int32(r[self.spec.group]),
                    'truncated': np.int32(cut_a + cut_b)})
     if self.negclip:
       captions = [tokenizer_lib._as_str(r[self.spec.b]) for r in records]  # pylint: disable=protected-access
       negatives, valid = negclip_lib.negative_captions(captions, self.negclip, self.negclip_seed,
                                                        indices=indices)
-      for row, texts, ok in zip(rows, negatives, valid):
-        row['b_neg'] = self.tokenizer.encode(texts, self.context)[0]
-        row['b_neg_valid'] = ok
+      tokens = self.tokenizer.encode([t for row in negatives for t in row], self.context)[0]
+      for row, row_tokens, ok in zip(rows, tokens.reshape(len(rows), self.negclip, -1), valid):
+        row['b_neg'], row['b_neg_valid'] = row_tokens, ok
     return rows
 
 
