@@ -57,6 +57,14 @@ def base_config(loss_params='siglip'):
   # NegCLIP (contrastive/negatives/negclip.py): > 0 word-order perturbations of each text b as
   # extra negatives of the batch (sigmoid_loss), and order sensitivity in the evaluation.
   config.negclip = dict(num_negatives=0)
+  # ANCE / STAR corpus-mined negatives (contrastive/negatives/corpus_index.py): num_hard > 0
+  # hardest texts b of each row, re-mined from the whole training split every refresh_every
+  # steps, from step 0 with from_start (sigmoid_loss; with lit.lock=text the index is fixed:
+  # ADORE).
+  config.hard_negatives = dict(num_hard=0, refresh_every=0, from_start=False, block_size=1024)
+  # m^3-Mix (objectives.geodesic_mixup_loss): alpha > 0 adds slerp(za_j, zb_j, lam), lam ~
+  # Beta(alpha, alpha), as negatives of both sides' rows (sigmoid_loss).
+  config.geodesic_mixup = dict(alpha=0.0)
   config.lit = dict(lock='')  # 'image' (or 'a') / 'text' (or 'b'): that tower is frozen
   config.model_init = dict(workdir='', mapping='')  # e.g. 'tower_a:tower_a,proj_a:proj_a'
   config.optimizer = dict(name='adamw', lr=1e-3, scale_lr_by_batch=False, warmup_steps=50,

@@ -21,11 +21,13 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from contrastive.data import augment
 from contrastive.losses import blockwise
 from contrastive.losses import clip_loss
 from contrastive.losses import sigmoid_loss
+from contrastive.negatives import geodesic_mixup
 from contrastive.samplers import objective as sampler_objective
 
 TWO_TOWER_LOSSES = {'clip_loss': clip_loss, 'sigmoid_loss': sigmoid_loss}
@@ -113,25 +115,63 @@ def _sampled(state, batch, q1, q2, const, rng, *, method):
   return loss, (metrics, k2)
 
 
-def negclip_negatives(z, batch):
-  """The loss's extra negatives and mask ids: (za, zb) -> mask_ids (id, id) only; with NegCLIP's
-  zneg [B, P, D] (Yuksekgonul et al. 2023), its B P rows are extra text negatives of every row
-  of the batch (`extra_negatives`, as NegCLIP adds them to the batch). A perturbation's id is
-  -1 - its position, equal to no row's group id (>= 0), so it is a negative of its own row
-  (its point: the same words in another order); an invalid one (a text of < 2 distinct words,
-  the text itself) takes its row's id, so the id mask keeps it from its own row and group.
+EXTRA_TEXTS = ('b_neg', 'b_hard')  # NegCLIP's perturbations, corpus-mined hard negatives
+
+
+def text_negatives(z, batch):
+  """The loss's extra negatives and mask ids from z = (za, zb, extra): {'b_neg': [B, P, D],
+  'b_hard': [B, K, D]} (either, both or none). All B P (+ B K) rows are extra text negatives of
+  every row of the batch (`extra_negatives`; as NegCLIP adds its perturbations to the batch and
+  STAR / DPR share mined negatives across it). Their mask ids:
+
+  - a NegCLIP perturbation (Yuksekgonul et al. 2023): -1 - its position, equal to no row's
+    group id (>= 0), so it is a negative of its own row (its point: the same words in another
+    order);
+  - a mined negative (contrastive/negatives/corpus_index.py): its text's group id
+    ('b_hard_id'), so it is kept from any row of its group;
+  - an invalid entry (`<name>_valid` False: a text of < 2 distinct words, or no mined
+    negative yet; its tokens are the row's own text) takes its row's id, so the id mask keeps
+    it from its own row and group.
   """
   ids = batch['id']
-  if len(z) == 2:
+  extra = z[2] if len(z) > 2 else {}
+  rows, neg_ids, offset = [], [], 0
+  for name in EXTRA_TEXTS:  # at most two kinds: not a loop over rows or devices
+    if name not in extra:
+      continue
+    b, n, d = extra[name].shape
+    own = (batch[name + '_id'].reshape(-1) if name + '_id' in batch else
+           -1 - (offset + jnp.arange(b * n, dtype=ids.dtype)))
+    neg_ids.append(jnp.where(batch[name + '_valid'].reshape(-1), own, jnp.repeat(ids, n)))
+    rows.append(extra[name].reshape(b * n, d))
+    offset += b * n
+  if not rows:
     return dict(mask_ids=(ids, ids))
-  b, p, d = z[2].shape
-  own = jnp.arange(b * p, dtype=ids.dtype)
-  neg_ids = jnp.where(batch['b_neg_valid'].reshape(-1), -1 - own, jnp.repeat(ids, p))
-  return dict(extra_negatives=z[2].reshape(b * p, d),
-              mask_ids=(ids, jnp.concatenate([ids, neg_ids])))
+  return dict(extra_negatives=jnp.concatenate(rows),
+              mask_ids=(ids, jnp.concatenate([ids] + neg_ids)))
 
 
-def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collective=None):
+def geodesic_mixup_loss(loss_fn, za, zb, ids, lam, **kwargs):
+  """SigLIP with m^3-Mix negatives (Oh et al. 2023, "Geodesic Multi-Modal Mixup for Robust
+  Fine-Tuning", Section 4): the mixes m_j = slerp(za_j, zb_j, lam) on the sphere join as
+  negatives of every image (side a) row and every text (side b) row of another group:
+
+      loss = 1/2 [L(za, zb; extra M) + L(zb, za; extra M)]
+           = L(za, zb) + 1/(2B) sum_i sum_{j: id_j != id_i} [l(za_i, m_j) + l(zb_i, m_j)],
+
+  since SigLIP's in-batch sum is symmetric in (za, zb) (l: the pair's negative term
+  -log sigmoid(-z)). Gradients flow through the mixes into both towers, as in the paper.
+  Returns (loss, metrics of the first call, with `mixup_lambda`).
+  """
+  mixes = geodesic_mixup.slerp(za, zb, lam)  # [B, D]
+  ids2 = (ids, jnp.concatenate([ids, ids]))  # m_j is no negative of group id_j's rows
+  loss_a, metrics = loss_fn(za, zb, extra_negatives=mixes, mask_ids=ids2, **kwargs)
+  loss_b, _ = loss_fn(zb, za, extra_negatives=mixes, mask_ids=ids2, **kwargs)
+  return 0.5 * (loss_a + loss_b), dict(metrics, mixup_lambda=lam)
+
+
+def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collective=None,
+              mixup_alpha=0.0):
   """CLIP / SigLIP / LiT: za = model's tower a (+ projection), zb = tower b's; the loss takes
   the model's traced temperature (and bias), so they are learned.
 
@@ -139,13 +179,16 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
   'id': [B] int group ids (rows sharing one are not negatives: `blockwise.distinct_ids`),
   'truncated': [B] int (texts cut at the context length, summed into the metrics)}, and with
   NegCLIP (config.negclip) 'b_neg': [B, P, L] int32 perturbed texts, 'b_neg_valid': [B, P]
-  bool: extra negatives of the loss (`negclip_negatives`).
+  bool, and with corpus-mined negatives (config.hard_negatives) 'b_hard': [B, K, L],
+  'b_hard_valid': [B, K], 'b_hard_id': [B, K]: extra negatives of the loss (`text_negatives`).
 
   Args:
     loss_name: 'clip_loss' or 'sigmoid_loss'.
     locked: parameter groups without gradient (LiT: e.g. ('tower_a', 'proj_a')); their
       optimizer update is zero as well (`two_tower_recipe.optimizer`).
     block_size, mesh, collective: the loss's blockwise path (`mesh`: the ring over devices).
+    mixup_alpha: > 0 adds m^3-Mix geodesic negatives with lam ~ Beta(alpha, alpha) drawn per
+      step (`geodesic_mixup_loss`; sigmoid_loss, without NegCLIP or mined negatives).
   """
   loss_fn = TWO_TOWER_LOSSES[loss_name]
   blockwise_args = {} if block_size is None else dict(
@@ -160,19 +203,30 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
       variables['batch_stats'] = state.batch_stats
     (za, zb, _), updates = model.apply(variables, rows['a'], rows['b'], train=True,
                                        mutable=['batch_stats'])
-    if 'b_neg' not in rows:
-      return (za, zb), None, updates.get('batch_stats', state.batch_stats)
-    b, p, length = rows['b_neg'].shape  # NegCLIP: [B, P, L] perturbed texts b
-    zneg = model.apply({'params': lock(params)}, rows['b_neg'].reshape(b * p, length),
-                       train=True, method='encode_b')
-    return (za, zb, zneg.reshape(b, p, -1)), None, updates.get('batch_stats', state.batch_stats)
+    stats = updates.get('batch_stats', state.batch_stats)
+    names = [n for n in EXTRA_TEXTS if n in rows]
+    if not names:
+      return (za, zb), None, stats
+    shapes = [rows[n].shape for n in names]  # [B, P, L] perturbed / [B, K, L] mined texts b
+    tokens = jnp.concatenate([rows[n].reshape(-1, s[-1]) for n, s in zip(names, shapes)])
+    zext = model.apply({'params': lock(params)}, tokens, train=True, method='encode_b')
+    sizes = [s[0] * s[1] for s in shapes]
+    parts = jnp.split(zext, np.cumsum(sizes)[:-1])
+    extra = {n: p.reshape(*s[:2], -1) for n, p, s in zip(names, parts, shapes)}
+    return (za, zb, extra), None, stats
 
   def loss(params, state, embeddings, batch, rng):
-    del state, rng
+    del state
     z, _ = embeddings
     logit = model.apply({'params': lock(params)}, method='logit_params')
-    value, metrics = loss_fn(*z[:2], **logit, **negclip_negatives(z, batch),
-                             negative_mask=blockwise.distinct_ids, **blockwise_args)
+    if mixup_alpha:
+      lam = jax.random.beta(rng, mixup_alpha, mixup_alpha, (), jnp.result_type(z[0], 1.0))
+      value, metrics = geodesic_mixup_loss(loss_fn, *z[:2], batch['id'], lam, **logit,
+                                           negative_mask=blockwise.distinct_ids,
+                                           **blockwise_args)
+    else:
+      value, metrics = loss_fn(*z[:2], **logit, **text_negatives(z, batch),
+                               negative_mask=blockwise.distinct_ids, **blockwise_args)
     metrics = dict(metrics, temperature=logit['temperature'],
                    truncated_texts=jnp.sum(batch['truncated']))
     if 'bias' in logit:

@@ -38,6 +38,8 @@ class TrainState:
   ema_params: Any = None  # the momentum encoder (MoCo), or None
   ema_batch_stats: Any = None
   queue: queue_lib.Queue | None = None  # MoCo's memory of past keys, or None
+  mined: Any = None  # [N, K] int32 corpus-mined hard negatives of each training row, or None
+  # (contrastive/negatives/corpus_index.py: refreshed by the loop, saved with the state)
 
 
 class Method(NamedTuple):
@@ -114,9 +116,12 @@ def abstract_state(make_state, mesh):
 
 def state_shardings(mesh, state):
   """The FSDP rule (`parallel.fsdp_shardings`: replicated without an fsdp axis) for every
-  array, except the queue's keys and ids: split along the batch axes."""
+  array, except the queue's keys and ids: split along the batch axes, and the mined table:
+  replicated (every process reads its rows' hard negatives from it)."""
   repl = parallel.replicated(mesh)
   shardings = parallel.fsdp_shardings(mesh, state)
+  if state.mined is not None:
+    shardings = shardings.replace(mined=repl)
   if state.queue is not None:
     data = parallel.data_sharding(mesh)
     shardings = shardings.replace(queue=queue_lib.Queue(keys=data, ids=data, ptr=repl))

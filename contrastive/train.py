@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from contrastive.batching import from_config as batching
 from contrastive.data import pipeline
 from contrastive.losses import pair_loss_from_config
 from contrastive.models import build_model
+from contrastive.negatives import corpus_index
 from contrastive.samplers import feature_transform
 from contrastive.samplers import momentum as momentum_lib
 from contrastive.step import abstract_state
@@ -184,9 +186,10 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
   parts = two_tower_recipe.parts if two_tower else _image_views_parts
   state, step_fn, evaluator = parts(config, mesh, train_source, steps,
                                     jax.random.fold_in(rng, 0), clusters=clusters)
-  if two_tower and batching.composed(config):  # from the starting state: the same on resume
-    loader, composition = batching.train_loader(config, train_source,
-                                                lambda a: evaluator.embed(state, 'a', a))
+  plan = None
+  if two_tower:  # composed from the starting state (tas_b): the same on resume
+    loader, composition, plan = batching.train_loader(
+        config, train_source, lambda a: evaluator.embed(state, 'a', a), with_plan=True)
     print(f'Batches: {composition}.', flush=True)
   else:
     loader = pipeline.train_loader(train_source, global_batch_size=config.batch_size,
@@ -204,6 +207,11 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
   if data_state is not None:
     batch_iter.set_state(data_state)
   start = int(state.step)
+  index = None  # corpus-mined negatives (config.hard_negatives): the table is in the state
+  if two_tower and corpus_index.num_hard(config):
+    index = corpus_index.CorpusIndex(config, train_source, mesh, plan=plan, total_steps=steps)
+    index.sync(state)
+    print(f'Hard negatives: {index.describe()}.', flush=True)
 
   data_sharding = parallel.data_sharding(mesh)
   histograms = []  # (step, pos/neg score counts) at each logged step (config.samplers.histograms)
@@ -241,7 +249,11 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
   skips_in_a_row = 0
   for step in range(start + 1, steps + 1):
     profiler.before_step(step)
-    batch = pipeline.to_global(next(batch_iter), data_sharding)
+    if index is not None and index.due(step - 1):  # from the state before this update
+      with progress.paused():
+        state = _refresh(index, evaluator, state, step - 1, writer)
+    batch = next(batch_iter)
+    batch = pipeline.to_global(index.attach(batch) if index else batch, data_sharding)
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
     metrics = jax.device_get(metrics)
     profiler.after_step(step, state)
@@ -272,6 +284,16 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
   ckpt.close()
   writer.close()
   return state, eval_metrics
+
+
+def _refresh(index, evaluator, state, step, writer):
+  """The state with its corpus-mined negatives re-mined by its towers; the time is logged."""
+  start = time.perf_counter()
+  state = index.refresh(evaluator.embed, state, step)
+  seconds = time.perf_counter() - start
+  writer.write(step, {'hard_negatives/refresh_seconds': seconds})
+  print(f'Step {step}: re-mined {index.k} hard negatives per row in {seconds:.1f} s.', flush=True)
+  return state
 
 
 def _nonfinite_message(step, metrics, nonfinite, skips_in_a_row, ckpt):

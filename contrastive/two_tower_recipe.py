@@ -14,6 +14,10 @@
              checkpoint), mapping: 'src:dst,...' parameter groups (e.g. 'encoder:tower_a' takes a
              SimCLR encoder as the image tower)
   optimizer  as the other recipes, plus logit_lr_mult (the temperature/bias learning rate factor)
+  batching, negclip, hard_negatives, geodesic_mixup: which rows share a batch, NegCLIP's
+             reordered texts, corpus-mined negatives, m^3-Mix negatives (alpha > 0)
+             (contrastive/batching/from_config.py, contrastive/negatives/negclip.py,
+             contrastive/negatives/corpus_index.py, objectives.geodesic_mixup_loss)
 """
 
 import os
@@ -32,6 +36,7 @@ from contrastive import step as step_lib
 from contrastive import two_tower_eval
 from contrastive.batching import from_config as batching
 from contrastive.data import pair_batches
+from contrastive.negatives import corpus_index
 from contrastive.negatives import negclip
 from contrastive.models import two_tower as two_tower_lib
 
@@ -86,15 +91,30 @@ def validate(config):
     batching.check(config)
   except ValueError as e:
     raise TwoTowerConfigError(str(e)) from None
+  try:
+    corpus_index.check(config)
+  except ValueError as e:
+    raise TwoTowerConfigError(str(e)) from None
   num_negatives = negclip.num_negatives(config)
   if num_negatives < 0 or (num_negatives and config.loss.name != 'sigmoid_loss'):
     raise TwoTowerConfigError(
         f'config.negclip.num_negatives={num_negatives}: must be >= 0, and NegCLIP\'s extra '
         f'text negatives need sigmoid_loss (got {config.loss.name!r}).')
+  alpha = mixup_alpha(config)
+  if alpha < 0 or (alpha and (config.loss.name != 'sigmoid_loss' or num_negatives or
+                              corpus_index.num_hard(config))):
+    raise TwoTowerConfigError(
+        f'config.geodesic_mixup.alpha={alpha}: must be >= 0 (0: off), and m^3-Mix negatives '
+        'need sigmoid_loss without negclip or hard_negatives.')
   pair_batches.check_files(config.dataset)
   init = config.get('model_init', {})
   if init.get('workdir') and not os.path.isdir(os.path.join(init.workdir, 'checkpoints')):
     raise TwoTowerConfigError(f'config.model_init.workdir={init.workdir!r} has no checkpoints/.')
+
+
+def mixup_alpha(config):
+  """config.geodesic_mixup.alpha: m^3-Mix's Beta(alpha, alpha) mixing ratio (0: off)."""
+  return float((config.get('geodesic_mixup') or {}).get('alpha', 0.0))
 
 
 def optimizer(config, params, steps):
@@ -166,14 +186,16 @@ def train_source(config, workdir):
       dataset_dir=pair_batches.builder(config.dataset).data_dir)
   return pair_batches.TokenizedPairs(raw, spec, tok, config.tokenizer.context,
                                      negclip=negclip.num_negatives(config),
-                                     negclip_seed=config.seed)
+                                     negclip_seed=config.seed,
+                                     with_row=bool(corpus_index.num_hard(config)))
 
 
-def step(config, mesh, inputs, steps, rng, *, abstract=False):
+def step(config, mesh, inputs, steps, rng, *, abstract=False, mined_rows=0):
   """(model, state, jitted step) of a two-tower config; `inputs`: `example_inputs`.
 
   abstract: the state as ShapeDtypeStructs with their shardings, nothing allocated
-  (compiling for other devices: contrastive/aot.py).
+  (compiling for other devices: contrastive/aot.py). mined_rows: N > 0 gives the state an
+  [N, K] table of corpus-mined negatives (config.hard_negatives; -1: none yet).
   """
   model = two_tower_lib.build_two_tower(model_config(config),
                                         dtype=precision.compute_dtype(config),
@@ -183,11 +205,15 @@ def step(config, mesh, inputs, steps, rng, *, abstract=False):
   make_state = lambda: step_lib.create_train_state(
       model, tx, None, rng, mesh, inputs=inputs, dtype=precision.state_dtype(config))
   state = step_lib.abstract_state(make_state, mesh) if abstract else make_state()
+  if mined_rows:
+    shape, repl = (mined_rows, corpus_index.num_hard(config)), parallel.replicated(mesh)
+    state = state.replace(mined=jax.ShapeDtypeStruct(shape, np.int32, sharding=repl) if abstract
+                          else jax.device_put(np.full(shape, -1, np.int32), repl))
   block_size = config.loss.get('block_size')
   objective = objectives.two_tower(
       model=model, loss_name=config.loss.name, locked=LOCKS[config.get('lit', {}).get('lock', '')],
       block_size=block_size, mesh=parallel.batch_mesh(mesh) if block_size else None,
-      collective=config.loss.get('collective'))
+      collective=config.loss.get('collective'), mixup_alpha=mixup_alpha(config))
   step_fn = step_lib.jit_train_step(mesh, state, step_fn=step_lib.update, objective=objective,
                                     tx=tx, schedule=schedule,
                                     nonfinite=config.get('nonfinite', 'error'),
@@ -199,7 +225,8 @@ def parts(config, mesh, source, steps, rng, *, clusters=None):
   """(state, jitted step, evaluator) of a two-tower config; `source` from `train_source`."""
   if clusters is not None:
     raise ValueError('MCL cluster negatives are not implemented for two towers.')
-  model, state, step_fn = step(config, mesh, example_inputs(config, source.spec), steps, rng)
+  model, state, step_fn = step(config, mesh, example_inputs(config, source.spec), steps, rng,
+                               mined_rows=len(source) if corpus_index.num_hard(config) else 0)
   init = config.get('model_init', {})
   if init.get('workdir'):
     params, batch_stats = init_from_checkpoint(jax.device_get(state.params),

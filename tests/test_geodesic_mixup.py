@@ -188,3 +188,68 @@ def test_bad_inputs():
     gm.slerp(x[:, :1], x[:, :1], 0.5)
   with pytest.raises(ValueError, match=r'lam must broadcast to x.shape\[:-1\] = \(4,\); got \(3'):
     gm.slerp(x, x, np.ones(3))
+
+
+# ---- m^3-Mix in the two-tower objective (config.geodesic_mixup) -----------------------------
+
+def siglip_with_mixes_numpy(za, zb, ids, lam, t, bias):
+  """SigLIP's in-batch loss, -(1/B) sum_ij log sigmoid(y_ij z_ij) without the pairs of one
+  group (i != j), plus 1/(2B) sum_i sum_{j: ids_j != ids_i} of log(1 + exp(x . m_j / t + b))
+  for x = a_i and x = b_i, with m_j the textbook slerp of a_j and b_j."""
+  a, c = unit(za), unit(zb)
+  theta = np.arccos(np.clip(np.sum(a * c, 1), -1, 1))[:, None]
+  m = (np.sin((1 - lam) * theta) * a + np.sin(lam * theta) * c) / np.sin(theta)
+  b = len(a)
+  total = 0.0
+  for i in range(b):
+    for j in range(b):
+      z = a[i] @ c[j] / t + bias
+      if i == j:
+        total += np.log1p(np.exp(-z))
+      elif ids[i] != ids[j]:
+        total += np.log1p(np.exp(z))
+      if ids[i] != ids[j]:
+        total += 0.5 * (np.log1p(np.exp(a[i] @ m[j] / t + bias)) +
+                        np.log1p(np.exp(c[i] @ m[j] / t + bias)))
+  return total / b
+
+
+@pytest.mark.parametrize('block_size', [None, 4])
+def test_mixup_loss_matches_numpy(block_size):
+  from contrastive import objectives  # pylint: disable=g-import-not-at-top
+  from contrastive.losses import blockwise, sigmoid_loss  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  za, zb = rng.standard_normal((2, 6, 5))
+  ids = np.array([0, 1, 1, 2, 3, 3])
+  args = {} if block_size is None else dict(block_size=block_size)
+  loss, metrics = objectives.geodesic_mixup_loss(
+      sigmoid_loss, jnp.asarray(za), jnp.asarray(zb), jnp.asarray(ids), 0.3, temperature=0.5,
+      bias=-1.0, negative_mask=blockwise.distinct_ids, **args)
+  want = siglip_with_mixes_numpy(za, zb, ids, 0.3, 0.5, -1.0)
+  np.testing.assert_allclose(loss, want, rtol=1e-12)
+  assert metrics['mixup_lambda'] == 0.3
+  # Counterexample: the plain in-batch loss is far from it (the mixes are hard negatives).
+  plain, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, mask_ids=(ids, ids),
+                          negative_mask=blockwise.distinct_ids)
+  assert abs(float(plain) - want) > 0.5
+  f = lambda x, y: objectives.geodesic_mixup_loss(
+      sigmoid_loss, x, y, jnp.asarray(ids), 0.3, temperature=0.5, bias=-1.0,
+      negative_mask=blockwise.distinct_ids, **args)[0]
+  test_util.check_grads(f, (jnp.asarray(za), jnp.asarray(zb)), order=1, modes=['rev'])
+
+
+def test_mixup_config_errors():
+  import os  # pylint: disable=g-import-not-at-top
+  from contrastive import config_lib, validate  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'siglip_emoji.py')
+  for field, value in (('negclip.num_negatives', 2), ('loss.name', 'clip_loss')):
+    config = config_lib.load_config(path, 'runlocal')
+    config.geodesic_mixup.alpha = 0.5
+    section, name = field.split('.')
+    config[section][name] = value
+    if name == 'name':
+      config.model.loss_params = 'clip'
+    with pytest.raises(validate.ConfigError, match=r'geodesic_mixup.alpha=0.5: .* need '
+                       'sigmoid_loss without negclip') as e:
+      validate.validate_config(config, num_devices=8, num_processes=1)
+    assert '\n' not in str(e.value)

@@ -50,14 +50,14 @@ def test_negclip_negatives_in_sigmoid_loss_match_numpy(block_size):
   ids = np.array([0, 1, 1, 2, 3, 3])  # rows 1, 2 and 4, 5 share a group
   valid = np.array([[1, 1], [1, 0], [0, 0], [1, 1], [1, 1], [0, 1]], bool)
   batch = {'id': jnp.asarray(ids), 'b_neg_valid': jnp.asarray(valid)}
-  z = (jnp.asarray(za), jnp.asarray(zb), jnp.asarray(zneg))
+  z = (jnp.asarray(za), jnp.asarray(zb), {'b_neg': jnp.asarray(zneg)})
   args = {} if block_size is None else dict(block_size=block_size)
   loss, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_ids,
-                         **objectives.negclip_negatives(z, batch), **args)
+                         **objectives.text_negatives(z, batch), **args)
   want = siglip_with_negclip_numpy(za, zb, zneg, valid, ids, 0.5, -1.0)
   np.testing.assert_allclose(loss, want, rtol=1e-12)
   # Counterexample: giving the perturbations their rows' ids would drop each from its own row.
-  wrong = dict(objectives.negclip_negatives(z, batch))
+  wrong = dict(objectives.text_negatives(z, batch))
   wrong['mask_ids'] = (batch['id'], jnp.concatenate([batch['id'], jnp.repeat(batch['id'], p)]))
   bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0,
                         negative_mask=blockwise.distinct_ids, **wrong, **args)
@@ -66,7 +66,7 @@ def test_negclip_negatives_in_sigmoid_loss_match_numpy(block_size):
 
 def test_without_negclip_only_the_ids():
   batch = {'id': jnp.arange(3)}
-  out = objectives.negclip_negatives((jnp.zeros((3, 2)), jnp.zeros((3, 2))), batch)
+  out = objectives.text_negatives((jnp.zeros((3, 2)), jnp.zeros((3, 2))), batch)
   assert set(out) == {'mask_ids'}
 
 
@@ -78,9 +78,9 @@ def test_gradients_reach_the_perturbations():
   batch = {'id': jnp.arange(4), 'b_neg_valid': jnp.ones((4, 2), bool)}
 
   def loss(zneg):
-    z = (jnp.asarray(za), jnp.asarray(zb), zneg)
+    z = (jnp.asarray(za), jnp.asarray(zb), {'b_neg': zneg})
     return sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_ids,
-                        **objectives.negclip_negatives(z, batch))[0]
+                        **objectives.text_negatives(z, batch))[0]
   g = jax.grad(loss)(jnp.asarray(zneg))
   assert np.all(np.abs(np.asarray(g)).max(axis=-1) > 1e-4)
 

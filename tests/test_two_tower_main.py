@@ -116,18 +116,21 @@ def test_other_recipes_runlocal(config, data_dir, tmp_path):
 
 # Issue 15's config options: TAS-B topics, no duplicate groups, NegCLIP text negatives.
 NEGATIVES = ('--config.batching.method=tas_b', '--config.batching.num_topics=4',
-             '--config.batching.no_duplicates=True', '--config.negclip.num_negatives=2')
+             '--config.batching.no_duplicates=True', '--config.negclip.num_negatives=2',
+             '--config.hard_negatives.num_hard=2', '--config.hard_negatives.refresh_every=2')
 
 
 @pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
-@pytest.mark.parametrize('batching', [(), NEGATIVES], ids=['plain', 'tas_b_negclip'])
+@pytest.mark.parametrize('batching', [(), NEGATIVES], ids=['plain', 'tas_b_negclip_mined'])
 def test_sigkill_then_rerun_is_bitwise_identical(siglip_run, data_dir, tmp_path, batching):
   """Killed after checkpoint 3 and rerun: step 6 equals the uninterrupted run's, with the plain
   recipe and with issue 15's options (config.batching: the topics recomputed on resume;
-  NegCLIP's perturbations drawn per row index)."""
+  NegCLIP's perturbations drawn per row index; the mined negatives, re-mined at steps 0, 2,
+  4, 6, restored with checkpoint 3 rather than recomputed)."""
   if batching:
     ref_workdir = str(tmp_path / 'ref')
-    assert 'Batches: tas_b: 4 topics' in main('siglip_emoji.py', ref_workdir, data_dir, *batching)
+    out = main('siglip_emoji.py', ref_workdir, data_dir, *batching)
+    assert 'Batches: tas_b: 4 topics' in out and 'Step 4: re-mined 2 hard negatives' in out
     final = _rows(ref_workdir)[-1]
     assert 0 <= final['order_sensitivity'] <= 1 and final['order_sensitivity/chance'] < 1
   else:

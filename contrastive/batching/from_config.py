@@ -22,6 +22,7 @@ import numpy as np
 
 from contrastive.batching.loader import composed_loader
 from contrastive.batching.plan import plan as make_plan
+from contrastive.batching.shuffle import RandomStream
 from contrastive.batching.topics import topic_clusters
 from contrastive.data import pipeline
 
@@ -58,7 +59,7 @@ def composed(config):
   return cfg['method'] != 'random' or bool(cfg['no_duplicates'])
 
 
-def train_loader(config, source, embed_a):
+def train_loader(config, source, embed_a, *, with_plan=False):
   """The training stream of config.batching: `pipeline.train_loader` for the plain shuffle,
   else `composed_loader` over the plan (each process reads its rows of every global batch).
 
@@ -71,11 +72,14 @@ def train_loader(config, source, embed_a):
 
   Returns:
     (grain dataset, description): the description is a line for the log (topics, rows that
-    no_duplicates moves or drops per epoch).
+    no_duplicates moves or drops per epoch); with `with_plan` also the plan, whose
+    `rows(s, seed)` are the global rows of the loader's batch s (of training step s + 1).
   """
   if not composed(config):
-    return pipeline.train_loader(source, global_batch_size=config.batch_size,
-                                 seed=config.seed), 'random shuffle'
+    loader = pipeline.train_loader(source, global_batch_size=config.batch_size,
+                                   seed=config.seed)
+    stream = RandomStream(num_rows=len(source), global_batch_size=config.batch_size)
+    return (loader, 'random shuffle') + ((stream,) if with_plan else ())
   cfg, n = settings(config), len(source)
   rows = source.side_a(range(n))  # every row once: group ids and side a
   keys = rows['id'] if cfg['no_duplicates'] else None
@@ -93,5 +97,5 @@ def train_loader(config, source, embed_a):
     stats = plan.stats(0, config.seed)
     line += (f'; no duplicates: {plan.steps_per_epoch} batches per epoch, {stats.pushed} rows '
              f'moved to a later batch, {stats.dropped} rows not in epoch 0')
-  return composed_loader(source, plan, global_batch_size=config.batch_size,
-                         seed=config.seed), line
+  loader = composed_loader(source, plan, global_batch_size=config.batch_size, seed=config.seed)
+  return (loader, line) + ((plan,) if with_plan else ())

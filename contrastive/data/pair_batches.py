@@ -148,14 +148,18 @@ def load_or_train_tokenizer(workdir, train_source, pair_spec, cfg, dataset_dir=N
 class TokenizedPairs(grain.sources.RandomAccessDataSource):
   """A pair source as the step's rows: {'a', 'b', 'id', 'truncated'} (see the module doc).
 
+  With `with_row` a row also has 'row': its index in the source (the training loop looks up
+  its corpus-mined negatives, contrastive/negatives/corpus_index.py, and removes the field).
   With `negclip` = P > 0 a row also has 'b_neg': [P, L] int32, P word-order perturbations of
   its text b (`negatives.negclip.negative_captions`, drawn from (negclip_seed, row index): the
   same on resume), and 'b_neg_valid': [P] bool (False where b has < 2 distinct words).
   """
 
-  def __init__(self, source, pair_spec, tok, context, negclip=0, negclip_seed=0):
+  def __init__(self, source, pair_spec, tok, context, negclip=0, negclip_seed=0,
+               with_row=False):
     self._source, self.spec, self.tokenizer, self.context = source, pair_spec, tok, context
     self.negclip, self.negclip_seed = int(negclip), int(negclip_seed)
+    self.with_row = with_row  # each row carries 'row': its index (corpus-mined negatives)
 
   def __len__(self):
     return len(self._source)
@@ -173,12 +177,21 @@ class TokenizedPairs(grain.sources.RandomAccessDataSource):
       return np.asarray(record[self.spec.a], np.uint8), 0
     return self._encode(record[self.spec.a])
 
-  def side_a(self, indices):
-    """{'a': [n, ...], 'id': [n] int32} of rows `indices`, text b left alone: what batch
-    composition reads of every row (contrastive/batching/from_config.py)."""
+  def side_a(self, indices, texts_b=False):
+    """{'a': [n, ...], 'id': [n] int32} of rows `indices` (texts a tokenized in one call),
+    and with `texts_b` 'text_b': their texts b (str): what batch composition and corpus
+    mining read of every row (contrastive/batching/from_config.py,
+    contrastive/negatives/corpus_index.py), in one pass over the records."""
     records = self._source.__getitems__([int(i) for i in indices])
-    return {'a': np.stack([self._side_a(r)[0] for r in records]),
-            'id': np.array([r[self.spec.group] for r in records], np.int32)}
+    if self.spec.a_is_image:
+      a = np.stack([np.asarray(r[self.spec.a], np.uint8) for r in records])
+    else:
+      a = self.tokenizer.encode([tokenizer_lib._as_str(r[self.spec.a]) for r in records],  # pylint: disable=protected-access
+                                self.context)[0]
+    out = {'a': a, 'id': np.array([r[self.spec.group] for r in records], np.int32)}
+    if texts_b:
+      out['text_b'] = [tokenizer_lib._as_str(r[self.spec.b]) for r in records]  # pylint: disable=protected-access
+    return out
 
   def __getitems__(self, indices):
     records = self._source.__getitems__([int(i) for i in indices])
@@ -188,6 +201,9 @@ class TokenizedPairs(grain.sources.RandomAccessDataSource):
       a, cut_a = self._side_a(r)
       rows.append({'a': a, 'b': b, 'id': np.int32(r[self.spec.group]),
                    'truncated': np.int32(cut_a + cut_b)})
+    if self.with_row:
+      for row, index in zip(rows, indices):
+        row['row'] = np.int32(index)
     if self.negclip:
       captions = [tokenizer_lib._as_str(r[self.spec.b]) for r in records]  # pylint: disable=protected-access
       negatives, valid = negclip_lib.negative_captions(captions, self.negclip, self.negclip_seed,

@@ -1,0 +1,153 @@
+"""The dual-encoder negatives ablation: each technique of issue 15 against the baseline on the
+SigLIP emoji and WordNet recipes, at the same step budget, over several seeds.
+
+Each run goes through the public entry point, in its own process:
+
+  python -m contrastive.main --config configs/siglip_emoji.py --workdir DIR \\
+      --config.total_steps=STEPS --config.seed=SEED --config.eval.every=0 \\
+      --config.eval.random_init_baseline=False  TECHNIQUE FLAGS
+
+and prints one JSON line with the final held-out evaluation (metrics.jsonl), the median
+seconds per training step (the logged intervals after the first, which holds the compile),
+the time spent re-mining hard negatives and the wall time:
+
+  python benchmarks/negatives.py --recipes=emoji --seeds=0,1,2 \\
+      >> benchmarks/results/negatives.jsonl
+  python benchmarks/negatives.py --report benchmarks/results/negatives.jsonl \\
+      --plot benchmarks/results/negatives.png    # the README table (mean ± std) and plot
+
+Techniques (flags in TECHNIQUES): TAS-B topic batches, no duplicate groups in a batch, NegCLIP
+word-order negatives, ANCE corpus-mined negatives refreshed during training, and m^3-Mix
+geodesic negatives. Every technique keeps the recipe's model, batch, optimizer and steps.
+"""
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+RECIPES = {'emoji': ('siglip_emoji.py', 300), 'wordnet': ('siglip_wordnet.py', 300)}
+TECHNIQUES = {
+    'baseline': (),
+    'no_duplicates': ('--config.batching.no_duplicates=True',),
+    'tas_b': ('--config.batching.method=tas_b', '--config.batching.num_topics=16'),
+    'negclip': ('--config.negclip.num_negatives=2',),
+    'ance': ('--config.hard_negatives.num_hard=2', '--config.hard_negatives.refresh_every=100'),
+    'geodesic': ('--config.geodesic_mixup.alpha=0.5',),
+}
+METRICS = ('a2b/r@1', 'a2b/r@10', 'b2a/r@1', 'b2a/r@10', 'zero_shot/balanced_top1',
+           'order_sensitivity')
+
+
+def read_metrics(path):
+  """(last evaluation row, median seconds per step after the first logged interval, total
+  seconds of hard-negative refreshes) from a metrics.jsonl."""
+  final, rates, refresh = {}, [], 0.0
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      row = json.loads(line)
+      if 'a2b/r@1' in row:
+        final = row
+      if 'steps_per_s' in row:
+        rates.append(row['steps_per_s'])
+      refresh += row.get('hard_negatives/refresh_seconds', 0.0)
+  step_s = float(np.median(1 / np.array(rates[1:]))) if len(rates) > 1 else None
+  return final, step_s, refresh
+
+
+def run(recipe, technique, seed, steps, workdir, extra):
+  """Trains one (recipe, technique, seed) in a fresh process; returns its JSON record."""
+  config, _ = RECIPES[recipe]
+  shutil.rmtree(workdir, ignore_errors=True)
+  cmd = [sys.executable, '-m', 'contrastive.main', f'--config=configs/{config}',
+         f'--workdir={workdir}', f'--config.total_steps={steps}', f'--config.seed={seed}',
+         '--config.eval.every=0', '--config.eval.random_init_baseline=False',
+         *TECHNIQUES[technique], *extra]
+  start = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+  record = dict(recipe=recipe, technique=technique, seed=seed, steps=steps,
+                wall_s=round(time.perf_counter() - start, 1), returncode=proc.returncode)
+  if proc.returncode:
+    record['error'] = (proc.stdout + proc.stderr)[-2000:]
+    return record
+  final, step_s, refresh = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  record.update({k: final.get(k) for k in METRICS if k in final},
+                step_s=step_s, refresh_s=round(refresh, 1))
+  return record
+
+
+def report(path, plot=None):
+  """Mean ± std over seeds per (recipe, technique) as a Markdown table; a bar plot of r@1."""
+  groups = collections.defaultdict(list)
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      r = json.loads(line)
+      if not r.get('returncode'):
+        groups[(r['recipe'], r['technique'])].append(r)
+  cols = ('a2b/r@1', 'a2b/r@10', 'b2a/r@1', 'b2a/r@10', 'zero_shot/balanced_top1')
+  print('| recipe | technique | seeds | ' + ' | '.join(cols) + ' | s / step | refresh s | wall |')
+  print('|' + '---|' * (len(cols) + 6))
+  order = list(TECHNIQUES)
+  keys = sorted(groups, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
+  for recipe, technique in keys:
+    rows = groups[(recipe, technique)]
+    cells = []
+    for c in cols:
+      v = np.array([r[c] for r in rows if r.get(c) is not None], float)
+      cells.append(f'{v.mean():.3f} ± {v.std():.3f}' if len(v) else '')
+    step = np.median([r['step_s'] for r in rows if r.get('step_s')])
+    refresh = np.mean([r.get('refresh_s', 0) for r in rows])
+    wall = np.mean([r['wall_s'] for r in rows])
+    print(f'| {recipe} | {technique} | {len(rows)} | ' + ' | '.join(cells) +
+          f' | {step:.2f} | {refresh:.0f} | {wall / 60:.1f} min |')
+  if plot:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    recipes = sorted({k[0] for k in keys})
+    fig, axes = plt.subplots(1, len(recipes), figsize=(5 * len(recipes), 3.5), squeeze=False)
+    for ax, recipe in zip(axes[0], recipes):
+      names = [t for r, t in keys if r == recipe]
+      for offset, metric in ((-0.2, 'a2b/r@1'), (0.2, 'b2a/r@1')):
+        values = [[r[metric] for r in groups[(recipe, t)]] for t in names]
+        ax.bar(np.arange(len(names)) + offset, [np.mean(v) for v in values], 0.4,
+               yerr=[np.std(v) for v in values], label=metric, capsize=3)
+      ax.set_xticks(range(len(names)), names, rotation=30, ha='right')
+      ax.set_title(f'SigLIP {recipe}: held-out recall@1 (mean ± std over seeds)')
+      ax.legend()
+    fig.tight_layout()
+    fig.savefig(plot, dpi=100)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--recipes', default=','.join(RECIPES))
+  p.add_argument('--techniques', default=','.join(TECHNIQUES))
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--steps', type=int, default=0, help='0: each recipe\'s budget in RECIPES')
+  p.add_argument('--workdir', default='/tmp/negatives')
+  p.add_argument('--flag', action='append', default=[],
+                 help='extra flag for every run, e.g. --flag=--config.batch_size=128')
+  p.add_argument('--report', help='a JSON-lines file of this script: print the table')
+  p.add_argument('--plot', help='with --report: write the recall@1 bar plot here')
+  args = p.parse_args(argv)
+  if args.report:
+    report(args.report, args.plot)
+    return
+  for seed in [int(s) for s in args.seeds.split(',')]:
+    for recipe in args.recipes.split(','):
+      for technique in args.techniques.split(','):
+        steps = args.steps or RECIPES[recipe][1]
+        workdir = os.path.join(args.workdir, f'{recipe}_{technique}_{seed}')
+        print(json.dumps(run(recipe, technique, seed, steps, workdir, args.flag)), flush=True)
+
+
+if __name__ == '__main__':
+  main()

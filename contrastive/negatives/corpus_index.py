@@ -1,0 +1,191 @@
+"""`config.hard_negatives`: corpus-mined hard negatives refreshed during training (ANCE, STAR,
+ADORE) on the two-tower recipes.
+
+  config.hard_negatives = dict(
+      num_hard=0,         # K mined text-b negatives per training row (0: off)
+      refresh_every=0,    # R: re-embed the corpus and re-mine before steps R, 2R, ...
+      from_start=False,   # also before step 1, with the starting towers (a previous stage's)
+      block_size=1024)    # candidates per tile of the exact top-k
+
+e.g. `--config.hard_negatives.num_hard=4 --config.hard_negatives.refresh_every=300`.
+
+The corpus is the training split's distinct texts b (the candidate side: captions, glosses).
+Before update R + 1, 2R + 1, ... (and 1 with `from_start`; the rows have no mined negatives
+until then: random-init towers would mine random texts) the loop embeds every distinct side-a item
+and every candidate with the current towers (sharded and jitted, `TwoTowerEvaluator.embed`)
+and mines each training row i's K hardest candidates (`corpus_mining.mine_hard_negatives`,
+an exact tiled top-k: never an N x M matrix):
+
+  hard(i) = top-K_j  s(za_i, zb_j)  over  j != text_of(i)  and  id_j != id_i
+
+(the positive text and every text of the row's group — same emoji, same synset — are left
+out; identical texts are one candidate). The [N, K] table is a field of the train state
+(`TrainState.mined`), so it is saved with each checkpoint and a resumed run reads the same
+negatives: resume stays exact. Each batch row then carries its K mined texts as tokens
+('b_hard' [B, K, L], 'b_hard_valid', 'b_hard_id'); the objective embeds them with tower b and
+adds all B K of them to SigLIP's global loss as extra negatives of every row, beside the
+random in-batch ones (STAR's mix; DPR shares mined negatives across the batch the same way),
+each masked from the rows of its own group (`objectives.text_negatives`).
+
+ADORE (Zhan et al. 2021): lock the document tower (`--config.lit.lock=text`, or `b`) and
+the candidate embeddings are computed once; each refresh re-embeds only the queries, so the
+query tower is trained against hard negatives of a fixed index. (ADORE re-retrieves at every
+step; here it is every R steps.)
+
+References:
+  Xiong et al. 2021, "Approximate Nearest Neighbor Negative Contrastive Learning for Dense
+  Text Retrieval" (ANCE), ICLR.
+  Zhan et al. 2021, "Optimizing Dense Retrieval Model Training with Hard Negatives"
+  (STAR / ADORE), SIGIR.
+"""
+
+import jax
+import numpy as np
+
+from contrastive import parallel
+from contrastive.negatives import corpus_mining
+
+DEFAULTS = dict(num_hard=0, refresh_every=0, from_start=False, block_size=1024)
+LOCKED_B = ('b', 'text')
+
+
+def settings(config):
+  """config.hard_negatives with its defaults filled in (configs without the field: off)."""
+  return dict(DEFAULTS, **dict(config.get('hard_negatives') or {}))
+
+
+def num_hard(config):
+  """K, the mined negatives per row (0: off)."""
+  return int(settings(config)['num_hard'])
+
+
+def check(config):
+  """Raises ValueError naming the field, before any data is read or anything compiled."""
+  cfg = settings(config)
+  unknown = set(cfg) - set(DEFAULTS)
+  if unknown:
+    raise ValueError(f'config.hard_negatives: unknown field(s) {sorted(unknown)}; known: '
+                     f'{sorted(DEFAULTS)}.')
+  k, every, block = (int(cfg[f]) for f in ('num_hard', 'refresh_every', 'block_size'))
+  if k < 0:
+    raise ValueError(f'config.hard_negatives.num_hard={k} must be >= 0 (0: off).')
+  if k and every < 1:
+    raise ValueError(f'config.hard_negatives.refresh_every={every}: mining {k} negatives needs a '
+                     'refresh interval >= 1 step.')
+  if k and block < 1:
+    raise ValueError(f'config.hard_negatives.block_size={block} must be >= 1.')
+  if k and config.loss.name != 'sigmoid_loss':
+    raise ValueError(f'config.hard_negatives.num_hard={k}: the mined text negatives join the '
+                     f'loss as extra negatives, which need sigmoid_loss (got '
+                     f'{config.loss.name!r}).')
+
+
+class CorpusIndex:
+  """The training rows, their distinct side-a items and candidate texts, and the mined table.
+
+  Args:
+    config: the recipe config (hard_negatives, lit, seed).
+    source: the training rows (`pair_batches.TokenizedPairs`, with `side_a`).
+    mesh: the step's mesh (the mining splits the queries over its batch devices).
+    plan: the loader's plan (`batching.from_config.train_loader(with_plan=True)`): a refresh
+      before update s + 1 mines only the rows of the loader's batches s ... s + R - 1, the
+      ones used before the next refresh (the others keep their last negatives), which is the
+      same as mining every row for every batch that uses them; None: every row.
+    total_steps: the run's length (no batch after it is mined for).
+  """
+
+  def __init__(self, config, source, mesh, *, plan=None, total_steps=None):
+    cfg = settings(config)
+    self.k, self.every, self.block = (int(cfg[f]) for f in
+                                      ('num_hard', 'refresh_every', 'block_size'))
+    self.mesh = parallel.batch_mesh(mesh)
+    self.plan, self.seed, self.total = plan, int(config.get('seed', 0)), total_steps
+    self.from_start = bool(cfg['from_start'])
+    n = len(source)
+    rows = source.side_a(range(n), texts_b=True)
+    flat = rows['a'].reshape(n, -1)
+    items, self.a_of_row = np.unique(flat, axis=0, return_inverse=True)
+    self.a_items = items.reshape(-1, *rows['a'].shape[1:])
+    self.row_ids = rows['id']
+    texts, self.text_of_row = np.unique(np.array(rows['text_b'], dtype=object),
+                                        return_inverse=True)
+    self.a_of_row, self.text_of_row = self.a_of_row.reshape(-1), self.text_of_row.reshape(-1)
+    if self.k > len(texts) - 1:
+      raise ValueError(f'config.hard_negatives.num_hard={self.k} is more than the corpus has '
+                       f'besides a row\'s own text ({len(texts)} distinct texts b).')
+    self.tokens = source.tokenizer.encode(list(texts), source.context)[0]  # [M, L]
+    self.candidate_ids = np.empty(len(texts), np.int32)  # the group of a text's first row
+    self.candidate_ids[self.text_of_row[::-1]] = self.row_ids[::-1]
+    self.fixed_b = config.get('lit', {}).get('lock', '') in LOCKED_B  # ADORE
+    self._zb = None
+    self.table = None
+
+  def describe(self):
+    """A line for the log."""
+    what = 'queries only (tower b locked: ADORE)' if self.fixed_b else 'both towers'
+    return (f'{self.k} mined negatives per row from {len(self.tokens)} distinct texts b, '
+            f'{len(self.a_items)} side-a items; refreshed every {self.every} steps ({what})')
+
+  def empty(self):
+    """The table before the first refresh: [N, K] int32 of -1 (no negative)."""
+    return np.full((len(self.row_ids), self.k), -1, np.int32)
+
+  def due(self, step):
+    """True if the table is re-mined before update `step + 1`: steps R, 2R, ... (and 0 with
+    `from_start`: mining with the starting towers, e.g. a previous stage's via model_init)."""
+    return step % self.every == 0 and (step > 0 or self.from_start)
+
+  def rows_until_next_refresh(self, step):
+    """The distinct rows of the loader's batches step ... step + R - 1 (all without a plan)."""
+    if self.plan is None:
+      return np.arange(len(self.row_ids))
+    end = step + self.every if self.total is None else min(step + self.every, self.total)
+    return np.unique(np.concatenate([self.plan.rows(s, self.seed)
+                                     for s in range(step, max(end, step + 1))]))
+
+  def mine(self, embed, state, rows):
+    """[n, K] int32: the hard negatives (indices into the candidates) of training rows `rows`
+    [n], from the towers of `state`. embed: fn(state, side, items) -> L2-normalised [m, D]."""
+    items, item_of_row = np.unique(self.a_of_row[rows], return_inverse=True)
+    za = embed(state, 'a', self.a_items[items])[item_of_row.reshape(-1)]
+    if self._zb is None or not self.fixed_b:
+      self._zb = embed(state, 'b', self.tokens)
+    n = len(rows)
+    pad = -n % self.mesh.size
+    positive = np.concatenate([self.text_of_row[rows], np.full(pad, -1)])
+    ids = np.concatenate([self.row_ids[rows], np.full(pad, -1)])
+    queries = np.concatenate([za, np.zeros((pad, za.shape[1]), za.dtype)])
+    table, _ = corpus_mining.mine_hard_negatives(
+        queries, self._zb, num_hard=self.k, positive=positive, query_ids=ids,
+        candidate_ids=self.candidate_ids, block_size=self.block, mesh=self.mesh)
+    return np.asarray(jax.device_get(table))[:n]
+
+  def refresh(self, embed, state, step):
+    """The state with the table re-mined for the rows used before the next refresh
+    (`rows_until_next_refresh(step)`; the others unchanged), replicated over the mesh."""
+    rows = self.rows_until_next_refresh(step)
+    table = np.array(self.table)
+    table[rows] = self.mine(embed, state, rows)
+    self.table = table
+    return state.replace(mined=jax.device_put(table, state.mined.sharding))
+
+  def sync(self, state):
+    """Reads the table of `state` (after a restore) for `attach`."""
+    self.table = np.asarray(state.mined.addressable_data(0))
+
+  def attach(self, batch):
+    """This process's batch rows with their mined texts; 'row' is removed.
+
+    batch: host arrays with 'row' [b] int32. Adds 'b_hard' [b, K, L] int32 tokens,
+    'b_hard_valid' [b, K] bool (False: no negative; the token row is the row's own text, which
+    the id mask keeps from its group) and 'b_hard_id' [b, K] int32 (each candidate's group).
+    """
+    batch = dict(batch)
+    row = np.asarray(batch.pop('row'))
+    mined = self.table[row]  # [b, K]
+    valid = mined >= 0
+    text = np.where(valid, mined, self.text_of_row[row][:, None])
+    batch['b_hard'] = self.tokens[text]
+    batch['b_hard_valid'] = valid
+    batch['b_hard_id'] = np.where(valid, self.candidate_ids[text], self.row_ids[row][:, None])
+    return batch

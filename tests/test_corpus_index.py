@@ -1,0 +1,260 @@
+"""config.hard_negatives (contrastive/negatives/corpus_index.py): the refreshed corpus index of
+the two-tower recipes against a NumPy brute force, the batch's mined texts, their place in
+SigLIP's loss, and the config errors. The tiled top-k itself is tested on 1, 2 and 8 devices
+in tests/test_corpus_mining.py; the SIGKILL resume of a run with mined negatives in
+tests/test_two_tower_main.py (slow)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from contrastive import objectives
+from contrastive import parallel
+from contrastive import step as step_lib
+from contrastive.losses import blockwise
+from contrastive.losses import sigmoid_loss
+from contrastive.negatives import corpus_index
+from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
+
+
+class Tokenizer:
+  """Text 't<j>' -> tokens [j, 1, 0] (a stand-in for the SentencePiece tokenizer)."""
+
+  def encode(self, texts, length):
+    ids = np.zeros((len(texts), length), np.int32)
+    ids[:, 0] = [int(t[1:]) for t in texts]
+    ids[:, 1] = 1
+    return ids, 0
+
+
+class Rows:
+  """N training rows: side a a 3-vector, text b 't<j>', a group id."""
+
+  def __init__(self, a, texts, ids):
+    self.a, self.texts, self.ids = a, texts, ids
+    self.tokenizer, self.context = Tokenizer(), 3
+
+  def __len__(self):
+    return len(self.ids)
+
+  def side_a(self, indices, texts_b=False):
+    indices = np.asarray(list(indices))
+    out = {'a': self.a[indices], 'id': self.ids[indices].astype(np.int32)}
+    if texts_b:
+      out['text_b'] = [self.texts[i] for i in indices]
+    return out
+
+
+def data():
+  """22 rows over 12 texts: rows 13..20 repeat the texts (and side-a items) of rows 0 and
+  6..12 in the same groups, rows 3 and 4 share a text and an item; texts 0 / 9, 1 / 10 and
+  2 / 11 share a group (ids modulo 9); text embeddings with an exact tie (2 and 7). Side a is
+  near its own text, as in a trained model, so the exclusions decide the top of the ranking."""
+  rng = np.random.default_rng(0)
+  text_of_row = np.array([0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 5, 6, 7, 8, 9, 10, 11, 4])
+  ids = np.append(text_of_row[:-1] % 9, 7)  # the last row: text 4 in group 7 (text 4's own
+  # candidate id is group 4, its first row's: only `positive` keeps it from this row)
+  text_emb = rng.standard_normal((12, 3))
+  text_emb[7] = text_emb[2]  # a tie
+  a = (text_emb + 0.1 * rng.standard_normal((12, 3)))[text_of_row]
+  return Rows(a, [f't{j}' for j in text_of_row], ids), text_of_row, text_emb
+
+
+def embed_fn(text_emb):
+  def embed(state, side, items):
+    del state
+    x = items if side == 'a' else text_emb[items[:, 0]]
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+  return embed
+
+
+def brute_force(rows, text_of_row, text_emb, k):
+  """Each row's k highest-cosine texts (sorted by text name, as np.unique does: 't0', 't1',
+  't10', 't11', 't2', ...) that are not its own text and not a text of its group."""
+  names = sorted(set(rows.texts))
+  emb = text_emb[[int(n[1:]) for n in names]]
+  emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  group_texts = {}
+  for t, g in zip(rows.texts, rows.ids):
+    group_texts.setdefault(names.index(t), g)  # the group of a text's first row
+  out = []
+  for i in range(len(rows)):
+    q = rows.a[i] / np.linalg.norm(rows.a[i])
+    keep = [j for j in range(len(names)) if names[j] != rows.texts[i]
+            and group_texts[j] != rows.ids[i]]
+    scores = emb[keep] @ q
+    order = np.argsort(-scores, kind='stable')[:k]
+    out.append([keep[o] for o in order] + [-1] * (k - len(order)))
+  return np.array(out), names
+
+
+def config(**hard):
+  return ml_collections.ConfigDict(dict(
+      loss=dict(name='sigmoid_loss'), lit=dict(lock=''),
+      hard_negatives=dict(corpus_index.DEFAULTS, **hard)))
+
+
+def test_mined_table_equals_a_brute_force_and_the_batch_carries_its_texts():
+  rows, text_of_row, text_emb = data()
+  mesh = parallel.make_mesh([('data', -1)])
+  index = corpus_index.CorpusIndex(config(num_hard=4, refresh_every=3, block_size=5), rows, mesh)
+  assert len(index.a_items) == 12 and len(index.tokens) == 12
+  state = step_lib.TrainState(step=0, params={}, batch_stats={}, opt_state=(), skipped_steps=0,
+                              mined=jax.device_put(index.empty(), parallel.replicated(mesh)))
+  index.sync(state)
+  batch = {'row': np.array([4, 13]), 'id': rows.ids[[4, 13]]}
+  before = index.attach(batch)  # no refresh yet: every entry invalid, the row's own text
+  assert 'row' not in before and not before['b_hard_valid'].any()
+  np.testing.assert_array_equal(before['b_hard'][:, :, 0], [[3] * 4, [0] * 4])
+  np.testing.assert_array_equal(before['b_hard_id'], [[3] * 4, [0] * 4])
+
+  state = index.refresh(embed_fn(text_emb), state, 0)  # no plan: every row
+  want, names = brute_force(rows, text_of_row, text_emb, 4)
+  np.testing.assert_array_equal(index.table, want)
+  np.testing.assert_array_equal(np.asarray(state.mined), want)
+  assert [index.due(s) for s in range(7)] == [False, False, False, True, False, False, True]
+  index.from_start = True  # config.hard_negatives.from_start: also before the first update
+  assert [index.due(s) for s in range(4)] == [True, False, False, True]
+  after = index.attach(batch)
+  assert after['b_hard_valid'].all()
+  np.testing.assert_array_equal(after['b_hard'][:, :, 0],
+                                [[int(names[j][1:]) for j in want[r]] for r in (4, 13)])
+  for r in range(len(rows)):  # never the row's own text or a text of its group
+    assert index.text_of_row[r] not in want[r]
+    assert rows.ids[r] not in index.candidate_ids[want[r]]
+  # Counterexample: ranking by similarity alone puts the own text first for most rows.
+  za = embed_fn(text_emb)(None, 'a', rows.a)
+  top1 = np.argmax(za @ embed_fn(text_emb)(None, 'b', index.tokens).T, axis=1)
+  assert np.mean(top1 == index.text_of_row) > 0.7
+
+
+def test_adore_embeds_the_candidates_once():
+  rows, _, text_emb = data()
+  mesh = parallel.make_mesh([('data', -1)])
+  calls = []
+
+  def counting(state, side, items):
+    calls.append(side)
+    return embed_fn(text_emb)(state, side, items)
+  cfg = config(num_hard=2, refresh_every=1)
+  cfg.lit.lock = 'text'
+  index = corpus_index.CorpusIndex(cfg, rows, mesh)
+  index.mine(counting, None, np.arange(5))
+  index.mine(counting, None, np.arange(5))
+  assert calls == ['a', 'b', 'a'] and 'ADORE' in index.describe()
+
+
+class Plan:
+  """The loader's batches: batch s is rows [2 s, 2 s + 1] (mod 22)."""
+
+  def rows(self, step, seed):
+    assert seed == 0
+    return np.array([2 * step, 2 * step + 1]) % 22
+
+
+def test_a_refresh_mines_the_rows_of_the_batches_before_the_next_one():
+  rows, text_of_row, text_emb = data()
+  mesh = parallel.make_mesh([('data', -1)])
+  index = corpus_index.CorpusIndex(config(num_hard=3, refresh_every=3), rows, mesh,
+                                   plan=Plan(), total_steps=4)
+  state = step_lib.TrainState(step=0, params={}, batch_stats={}, opt_state=(), skipped_steps=0,
+                              mined=jax.device_put(index.empty(), parallel.replicated(mesh)))
+  index.sync(state)
+  want, _ = brute_force(rows, text_of_row, text_emb, 3)
+  np.testing.assert_array_equal(index.rows_until_next_refresh(0), np.arange(6))  # batches 0-2
+  np.testing.assert_array_equal(index.rows_until_next_refresh(3), [6, 7])  # batch 3: the last
+  state = index.refresh(embed_fn(text_emb), state, 0)
+  np.testing.assert_array_equal(index.table[:6], want[:6])
+  assert (index.table[6:] == -1).all()  # not used before the next refresh: not mined
+  state = index.refresh(embed_fn(text_emb), state, 3)
+  np.testing.assert_array_equal(np.asarray(state.mined)[:8], want[:8])
+  assert (np.asarray(state.mined)[8:] == -1).all()
+
+
+def siglip_with_mined_numpy(za, zb, zhard, valid, hard_ids, ids, t, bias):
+  """-(1/B) sum_i sum_j log sigmoid(y_ij (s_ij / t + b)) over the columns zb_1..zb_B and the
+  B K mined texts; y = +1 only for (i, i). Dropped: in-batch j != i with ids_j = ids_i; a
+  mined text of group g for every row of group g; an invalid one (row k's own text) for every
+  row of row k's group."""
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  b, k, _ = zhard.shape
+  a, cols = unit(za), unit(np.concatenate([zb, zhard.reshape(b * k, -1)]))
+  col_id = np.concatenate([ids, np.where(valid, hard_ids, ids[:, None]).reshape(-1)])
+  total = 0.0
+  for i in range(b):
+    for j in range(len(cols)):
+      z = a[i] @ cols[j] / t + bias
+      if j == i:
+        total += np.log1p(np.exp(-z))
+      elif col_id[j] != ids[i]:
+        total += np.log1p(np.exp(z))
+  return total / b
+
+
+@pytest.mark.parametrize('block_size', [None, 4])
+def test_mined_negatives_in_sigmoid_loss_match_numpy(block_size):
+  rng = np.random.default_rng(2)
+  b, k, d = 6, 2, 5
+  za, zb = rng.standard_normal((2, b, d))
+  zhard = rng.standard_normal((b, k, d))
+  ids = np.array([0, 1, 1, 2, 3, 4])
+  hard_ids = np.array([[5, 1], [2, 6], [0, 0], [7, 8], [4, 9], [3, 3]])  # some rows' groups
+  valid = np.array([[1, 1], [1, 1], [0, 1], [1, 1], [1, 0], [1, 1]], bool)
+  batch = {'id': jnp.asarray(ids), 'b_hard_valid': jnp.asarray(valid),
+           'b_hard_id': jnp.asarray(hard_ids)}
+  z = (jnp.asarray(za), jnp.asarray(zb), {'b_hard': jnp.asarray(zhard)})
+  args = {} if block_size is None else dict(block_size=block_size)
+  loss, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_ids,
+                         **objectives.text_negatives(z, batch), **args)
+  want = siglip_with_mined_numpy(za, zb, zhard, valid, hard_ids, ids, 0.5, -1.0)
+  np.testing.assert_allclose(loss, want, rtol=1e-12)
+  # Counterexample: without their group ids the mined texts of a row's group stay negatives.
+  wrong = dict(batch)
+  del wrong['b_hard_id']
+  bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_ids,
+                        **objectives.text_negatives(z, wrong), **args)
+  assert abs(float(bad) - want) > 0.1
+
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(num_hard=2), r'refresh_every=0: mining 2 negatives needs a refresh interval >= 1'),
+    (dict(num_hard=-1), r'num_hard=-1 must be >= 0'),
+    (dict(num_hard=2, refresh_every=5, block_size=0), r'block_size=0 must be >= 1'),
+])
+def test_bad_fields_are_one_line_errors(fields, message):
+  with pytest.raises(ValueError, match=message) as e:
+    corpus_index.check(config(**fields))
+  assert '\n' not in str(e.value)
+
+
+def test_clip_loss_and_unknown_fields_are_refused():
+  cfg = config(num_hard=2, refresh_every=5)
+  cfg.loss.name = 'clip_loss'
+  with pytest.raises(ValueError, match=r"need sigmoid_loss \(got 'clip_loss'\)"):
+    corpus_index.check(cfg)
+  cfg = config()
+  cfg.hard_negatives.every = 3
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['every'\]"):
+    corpus_index.check(cfg)
+
+
+def test_more_negatives_than_the_corpus_is_an_error():
+  rows, _, _ = data()
+  mesh = parallel.make_mesh([('data', -1)])
+  with pytest.raises(ValueError, match=r'num_hard=12 is more than the corpus has besides a '
+                     r'row\'s own text \(12 distinct texts b\)'):
+    corpus_index.CorpusIndex(config(num_hard=12, refresh_every=1), rows, mesh)
+
+
+def test_refresh_interval_zero_through_the_recipe_is_a_config_error():
+  import os  # pylint: disable=g-import-not-at-top
+  from contrastive import config_lib  # pylint: disable=g-import-not-at-top
+  from contrastive import validate  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'siglip_emoji.py')
+  cfg = config_lib.load_config(path, 'runlocal')
+  cfg.hard_negatives.num_hard = 4
+  with pytest.raises(validate.ConfigError, match='refresh_every=0') as e:
+    validate.validate_config(cfg, num_devices=8, num_processes=1)
+  assert '\n' not in str(e.value)
