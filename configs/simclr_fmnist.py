@@ -45,14 +45,16 @@ SAMPLERS = {
     # Feature transformation: positive extrapolation, 256 interpolated negatives, histograms.
     'ft': dict(pos_alpha=2.0, neg_mix=256, neg_mix_alpha=1.6, histograms=True),
     'threshold': dict(threshold=0.8),  # drop candidates more similar than 0.8
-    'gist': dict(gist=True, gist_margin=0.0),  # guide: the momentum encoder (momentum 0.99)
+    'gist': dict(gist=True, gist_margin=0.0),  # guide: the momentum encoder (momentum 0.99),
+    # or a frozen checkpoint: --config.samplers.gist_guide=WORKDIR --config.momentum.base=0
 }
 VARIANTS = ('runlocal', 'resnet18', 'resnet50', 'vit', 'mcl')
 
 
 def default_samplers():
   """config.samplers with every sampler off."""
-  return dict(threshold=1.0, gist=False, gist_margin=0.0, mining_k=0, mining_skip_top=0,
+  return dict(threshold=1.0, gist=False, gist_margin=0.0, gist_guide='', mining_k=0,
+              mining_skip_top=0,
               mochi=dict(num_hard=0, num_mix=0, num_query_mix=0, start_epoch=0.0),
               pos_alpha=0.0, neg_mix=0, neg_mix_alpha=1.0, histograms=False)
 

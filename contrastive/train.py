@@ -27,6 +27,7 @@ from contrastive.losses import pair_loss_from_config
 from contrastive.models import build_model
 from contrastive.negatives import corpus_index
 from contrastive.samplers import feature_transform
+from contrastive.samplers import guide
 from contrastive.samplers import momentum as momentum_lib
 from contrastive.step import abstract_state
 from contrastive.step import create_train_state
@@ -56,6 +57,8 @@ def build_method(config, *, steps, steps_per_epoch, clusters=None):
   if validate.momentum_base(config):
     momentum = momentum_lib.momentum_schedule(validate.momentum_base(config), steps,
                                               config.momentum.schedule)
+  elif guide.guide_workdir(config):  # GIST's guide from a checkpoint: frozen
+    momentum = guide.frozen
   return Method(name=config.get('method', 'simclr'), samplers=config.samplers,
                 temperature=config.loss.temperature, symmetric=config.get('symmetric', True),
                 momentum=momentum, steps_per_epoch=steps_per_epoch,
@@ -139,7 +142,8 @@ def image_views_step(config, mesh, image_shape, steps, rng, *, steps_per_epoch=1
       ml_collections.ConfigDict(dict(config.optimizer, batch_size=config.batch_size)), steps)
   method = build_method(config, steps=steps, clusters=clusters, steps_per_epoch=steps_per_epoch)
   make_state = lambda: create_train_state(model, tx, image_shape, rng, mesh,
-                                          ema=bool(validate.momentum_base(config)),
+                                          ema=bool(validate.momentum_base(config) or
+                                                   guide.guide_workdir(config)),
                                           queue_size=config.get('queue_size', 0),
                                           batch_size=config.batch_size,
                                           dtype=precision.state_dtype(config))
@@ -158,6 +162,11 @@ def _image_views_parts(config, mesh, train_source, steps, rng, *, clusters):
   model, state, step_fn = image_views_step(
       config, mesh, train_source[0]['image'].shape, steps, rng, clusters=clusters,
       steps_per_epoch=len(train_source) / config.batch_size)
+  if guide.guide_workdir(config):
+    try:
+      state = guide.load_guide(state, guide.guide_workdir(config))
+    except ValueError as e:
+      raise validate.ConfigError(str(e)) from None
   return state, step_fn, evaluate.Evaluator(config.eval, config.dataset, model,
                                             parallel.batch_mesh(mesh))
 

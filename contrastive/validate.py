@@ -15,6 +15,7 @@ from contrastive.models import PRESETS
 from contrastive.models.compute import REMAT_POLICIES
 from contrastive.models import two_tower
 from contrastive.models.resnet import BLOCKS
+from contrastive.samplers import guide
 from contrastive.samplers.momentum import MOMENTUM_SCHEDULES
 from contrastive.samplers.queue import check_queue_size
 
@@ -222,9 +223,14 @@ def validate_method(config):
   samplers = config.get('samplers')
   if samplers is None:
     return
-  if samplers.gist and not base:
-    raise ConfigError('config.samplers.gist needs a guide: the momentum encoder; set '
-                      'config.momentum.base > 0 (e.g. 0.99).')
+  try:
+    guide.check(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if samplers.gist and not base and not guide.guide_workdir(config):
+    raise ConfigError('config.samplers.gist needs a guide: the momentum encoder (set '
+                      'config.momentum.base > 0, e.g. 0.99) or a checkpoint '
+                      '(config.samplers.gist_guide).')
   for field in ('mining_k', 'mining_skip_top', 'neg_mix'):
     if samplers[field] < 0:
       raise ConfigError(f'config.samplers.{field}={samplers[field]} must be >= 0.')
