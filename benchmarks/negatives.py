@@ -57,7 +57,7 @@ def read_metrics(path):
         final = row
       if 'steps_per_s' in row:
         rates.append(row['steps_per_s'])
-      refresh += row.get('hard_negatives/refresh_seconds', 0.0)
+      refresh += sum(v for k, v in row.items() if k.endswith('/refresh_seconds'))
   step_s = float(np.median(1 / np.array(rates[1:]))) if len(rates) > 1 else None
   return final, step_s, refresh
 

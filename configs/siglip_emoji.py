@@ -51,9 +51,13 @@ def base_config(loss_params='siglip'):
   config.loss = dict(name='sigmoid_loss' if loss_params == 'siglip' else 'clip_loss',
                      block_size=config_dict.placeholder(int),  # None: dense
                      collective=config_dict.placeholder(str))  # None: 'ring'
-  # Which rows share a batch (contrastive/batching/from_config.py): 'random' or 'tas_b' (each
-  # batch from one of num_topics k-means topics of side a); no_duplicates: one row per group id.
-  config.batching = dict(method='random', num_topics=0, no_duplicates=False)
+  # Which rows share a batch (contrastive/batching/from_config.py): 'random', 'tas_b' (each
+  # batch from one of num_topics k-means topics of side a), 'clusters' (NGAME: whole clusters
+  # of cluster_size rows) or 'neighbours' (Sample4Geo: rows next to num_neighbours nearest),
+  # the last two recomputed from the current towers every recluster_every epochs;
+  # no_duplicates: one row per group id.
+  config.batching = dict(method='random', num_topics=0, no_duplicates=False, cluster_size=0,
+                         num_neighbours=0, per_seed=1, recluster_every=1)
   # NegCLIP (contrastive/negatives/negclip.py): > 0 word-order perturbations of each text b as
   # extra negatives of the batch (sigmoid_loss), and order sensitivity in the evaluation.
   config.negclip = dict(num_negatives=0)

@@ -40,6 +40,8 @@ class TrainState:
   queue: queue_lib.Queue | None = None  # MoCo's memory of past keys, or None
   mined: Any = None  # [N, K] int32 corpus-mined hard negatives of each training row, or None
   # (contrastive/negatives/corpus_index.py: refreshed by the loop, saved with the state)
+  composition: Any = None  # the batch plan's clusters [N] or neighbours [N, k] of the current
+  # period (contrastive/batching/periodic.py), or None
 
 
 class Method(NamedTuple):
@@ -116,12 +118,13 @@ def abstract_state(make_state, mesh):
 
 def state_shardings(mesh, state):
   """The FSDP rule (`parallel.fsdp_shardings`: replicated without an fsdp axis) for every
-  array, except the queue's keys and ids: split along the batch axes, and the mined table:
-  replicated (every process reads its rows' hard negatives from it)."""
+  array, except the queue's keys and ids: split along the batch axes, and the loop's tables
+  (mined negatives, batch composition): replicated (every process reads them whole)."""
   repl = parallel.replicated(mesh)
   shardings = parallel.fsdp_shardings(mesh, state)
-  if state.mined is not None:
-    shardings = shardings.replace(mined=repl)
+  for field in ('mined', 'composition'):
+    if getattr(state, field) is not None:
+      shardings = shardings.replace(**{field: repl})
   if state.queue is not None:
     data = parallel.data_sharding(mesh)
     shardings = shardings.replace(queue=queue_lib.Queue(keys=data, ids=data, ptr=repl))

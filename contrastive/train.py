@@ -216,11 +216,15 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
   if data_state is not None:
     batch_iter.set_state(data_state)
   start = int(state.step)
-  index = None  # corpus-mined negatives (config.hard_negatives): the table is in the state
+  # Tables the loop refreshes from the towers and the state keeps: the batch plan's clusters
+  # or neighbours (config.batching), the corpus-mined negatives (config.hard_negatives).
+  tables = [t for t in (getattr(plan, 'periodic', None),) if t is not None]
   if two_tower and corpus_index.num_hard(config):
-    index = corpus_index.CorpusIndex(config, train_source, mesh, plan=plan, total_steps=steps)
-    index.sync(state)
-    print(f'Hard negatives: {index.describe()}.', flush=True)
+    tables.append(corpus_index.CorpusIndex(config, train_source, mesh, plan=plan,
+                                           total_steps=steps))
+    print(f'Hard negatives: {tables[-1].describe()}.', flush=True)
+  for table in tables:
+    table.sync(state, start)
 
   data_sharding = parallel.data_sharding(mesh)
   histograms = []  # (step, pos/neg score counts) at each logged step (config.samplers.histograms)
@@ -258,11 +262,14 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
   skips_in_a_row = 0
   for step in range(start + 1, steps + 1):
     profiler.before_step(step)
-    if index is not None and index.due(step - 1):  # from the state before this update
-      with progress.paused():
-        state = _refresh(index, evaluator, state, step - 1, writer)
+    for table in tables:
+      if table.due(step - 1):  # from the state before this update
+        with progress.paused():
+          state = _refresh(table, evaluator, state, step - 1, writer)
     batch = next(batch_iter)
-    batch = pipeline.to_global(index.attach(batch) if index else batch, data_sharding)
+    for table in tables:
+      batch = table.attach(batch)
+    batch = pipeline.to_global(batch, data_sharding)
     state, metrics = step_fn(state, batch, jax.random.fold_in(step_rng, step))
     metrics = jax.device_get(metrics)
     profiler.after_step(step, state)
@@ -295,13 +302,13 @@ def _train_and_evaluate(config, workdir, *, clusters, preemption, profiler):
   return state, eval_metrics
 
 
-def _refresh(index, evaluator, state, step, writer):
-  """The state with its corpus-mined negatives re-mined by its towers; the time is logged."""
+def _refresh(table, evaluator, state, step, writer):
+  """The state with `table` (its field) recomputed by the state's towers; the time is logged."""
   start = time.perf_counter()
-  state = index.refresh(evaluator.embed, state, step)
+  state = table.refresh(evaluator.embed, state, step)
   seconds = time.perf_counter() - start
-  writer.write(step, {'hard_negatives/refresh_seconds': seconds})
-  print(f'Step {step}: re-mined {index.k} hard negatives per row in {seconds:.1f} s.', flush=True)
+  writer.write(step, {f'{table.metric}/refresh_seconds': seconds})
+  print(f'Step {step}: refreshed {table.field} ({table.metric}) in {seconds:.1f} s.', flush=True)
   return state
 
 

@@ -190,12 +190,12 @@ def train_source(config, workdir):
                                      with_row=bool(corpus_index.num_hard(config)))
 
 
-def step(config, mesh, inputs, steps, rng, *, abstract=False, mined_rows=0):
+def step(config, mesh, inputs, steps, rng, *, abstract=False, tables=None):
   """(model, state, jitted step) of a two-tower config; `inputs`: `example_inputs`.
 
   abstract: the state as ShapeDtypeStructs with their shardings, nothing allocated
-  (compiling for other devices: contrastive/aot.py). mined_rows: N > 0 gives the state an
-  [N, K] table of corpus-mined negatives (config.hard_negatives; -1: none yet).
+  (compiling for other devices: contrastive/aot.py). tables: {state field: shape} of the
+  loop's int32 tables (`state_tables`), created as -1 and replicated.
   """
   model = two_tower_lib.build_two_tower(model_config(config),
                                         dtype=precision.compute_dtype(config),
@@ -205,10 +205,10 @@ def step(config, mesh, inputs, steps, rng, *, abstract=False, mined_rows=0):
   make_state = lambda: step_lib.create_train_state(
       model, tx, None, rng, mesh, inputs=inputs, dtype=precision.state_dtype(config))
   state = step_lib.abstract_state(make_state, mesh) if abstract else make_state()
-  if mined_rows:
-    shape, repl = (mined_rows, corpus_index.num_hard(config)), parallel.replicated(mesh)
-    state = state.replace(mined=jax.ShapeDtypeStruct(shape, np.int32, sharding=repl) if abstract
-                          else jax.device_put(np.full(shape, -1, np.int32), repl))
+  repl = parallel.replicated(mesh)
+  for field, shape in (tables or {}).items():
+    state = state.replace(**{field: jax.ShapeDtypeStruct(shape, np.int32, sharding=repl)
+                             if abstract else jax.device_put(np.full(shape, -1, np.int32), repl)})
   block_size = config.loss.get('block_size')
   objective = objectives.two_tower(
       model=model, loss_name=config.loss.name, locked=LOCKS[config.get('lit', {}).get('lock', '')],
@@ -221,12 +221,27 @@ def step(config, mesh, inputs, steps, rng, *, abstract=False, mined_rows=0):
   return model, state, step_fn
 
 
+def state_tables(config, num_rows):
+  """{TrainState field: shape} of the tables the loop refreshes and the checkpoint keeps:
+  'mined' [N, K] (config.hard_negatives) and 'composition' [N] / [N, k] (config.batching
+  clusters / neighbours)."""
+  tables = {}
+  if corpus_index.num_hard(config):
+    tables['mined'] = (num_rows, corpus_index.num_hard(config))
+  cfg = batching.settings(config)
+  if cfg['method'] == 'clusters':
+    tables['composition'] = (num_rows,)
+  elif cfg['method'] == 'neighbours':
+    tables['composition'] = (num_rows, int(cfg['num_neighbours']))
+  return tables
+
+
 def parts(config, mesh, source, steps, rng, *, clusters=None):
   """(state, jitted step, evaluator) of a two-tower config; `source` from `train_source`."""
   if clusters is not None:
     raise ValueError('MCL cluster negatives are not implemented for two towers.')
   model, state, step_fn = step(config, mesh, example_inputs(config, source.spec), steps, rng,
-                               mined_rows=len(source) if corpus_index.num_hard(config) else 0)
+                               tables=state_tables(config, len(source)))
   init = config.get('model_init', {})
   if init.get('workdir'):
     params, batch_stats = init_from_checkpoint(jax.device_get(state.params),

@@ -120,19 +120,31 @@ NEGATIVES = ('--config.batching.method=tas_b', '--config.batching.num_topics=4',
              '--config.hard_negatives.num_hard=2', '--config.hard_negatives.refresh_every=2')
 
 
+NGAME = ('--config.batching.method=clusters', '--config.batching.cluster_size=8',
+         '--config.geodesic_mixup.alpha=0.5')
+
+
 @pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
-@pytest.mark.parametrize('batching', [(), NEGATIVES], ids=['plain', 'tas_b_negclip_mined'])
+@pytest.mark.parametrize('batching', [(), NEGATIVES, NGAME],
+                         ids=['plain', 'tas_b_negclip_mined', 'ngame_mixup'])
 def test_sigkill_then_rerun_is_bitwise_identical(siglip_run, data_dir, tmp_path, batching):
   """Killed after checkpoint 3 and rerun: step 6 equals the uninterrupted run's, with the plain
   recipe and with issue 15's options (config.batching: the topics recomputed on resume;
-  NegCLIP's perturbations drawn per row index; the mined negatives, re-mined at steps 0, 2,
-  4, 6, restored with checkpoint 3 rather than recomputed)."""
+  NegCLIP's perturbations drawn per row index; the mined negatives, re-mined before steps 3
+  and 5, restored with checkpoint 3 rather than recomputed; NGAME's clusters of step 0, also
+  restored; m^3-Mix's lambda drawn from the step's key)."""
   if batching:
     ref_workdir = str(tmp_path / 'ref')
     out = main('siglip_emoji.py', ref_workdir, data_dir, *batching)
-    assert 'Batches: tas_b: 4 topics' in out and 'Step 4: re-mined 2 hard negatives' in out
+    if batching == NGAME:  # the clusters of step 0, restored with checkpoint 3 on resume
+      assert 'Batches: clusters: clusters of 8 rows' in out
+      assert 'Step 0: refreshed composition (batching)' in out
+    else:
+      assert 'Batches: tas_b: 4 topics' in out
+      assert 'Step 4: refreshed mined (hard_negatives)' in out
     final = _rows(ref_workdir)[-1]
-    assert 0 <= final['order_sensitivity'] <= 1 and final['order_sensitivity/chance'] < 1
+    if batching == NEGATIVES:
+      assert 0 <= final['order_sensitivity'] <= 1 and final['order_sensitivity/chance'] < 1
   else:
     ref_workdir, _ = siglip_run
   workdir = str(tmp_path / 'run')

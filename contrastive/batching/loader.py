@@ -52,7 +52,8 @@ def composed_loader(source, plan, *, global_batch_size, seed, prefetch=2):
     plan: `batching.plan(...)`, an `EpochPlan`, or any object with rows(step, seed) -> [B] ints.
     global_batch_size: B, divisible by the process count.
     seed: int, passed to the plan: the batch of step s is a pure function of (seed, s).
-    prefetch: grain's prefetch buffer (batches read ahead).
+    prefetch: grain's prefetch buffer (batches read ahead); 0 reads each batch in the calling
+      thread when it is asked for (a plan recomputed from the training state: periodic.py).
 
   Returns:
     grain.IterDataset of stacked records with b = B / process_count rows; `iter(...)` has
@@ -64,7 +65,8 @@ def composed_loader(source, plan, *, global_batch_size, seed, prefetch=2):
   batches = (grain.MapDataset.range(sys.maxsize)
              .map(lambda step: process_slice(plan.rows(step, seed), index, num_processes))
              .map(lambda idx: stack(source.__getitems__(idx))))
-  return batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+  return batches.to_iter_dataset(grain.ReadOptions(num_threads=1 if prefetch else 0,
+                                                   prefetch_buffer_size=prefetch))
 
 
 def global_rows(plan, seed, steps):

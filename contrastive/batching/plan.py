@@ -57,7 +57,7 @@ def _check_method_args(method, num_rows, global_batch_size, seed, args):
     if not callable(args['assignments']):
       clusters_lib.check_assignments(args['assignments'], num_rows, args['cluster_size'])
     return (num_rows // args['cluster_size']) // (b // args['cluster_size'])
-  if method == 'neighbours':
+  if method == 'neighbours' and not callable(args['neighbours']):
     neighbours_lib.check_table(args['neighbours'], num_rows, args.get('per_seed', 1))
   return num_rows // b
 
@@ -153,34 +153,44 @@ class EpochPlan:
     return self(epoch, seed)[index]
 
 
+# The argument of each method that may be a function of the period (recomputed embeddings).
+PERIODIC = {'clusters': 'assignments', 'neighbours': 'neighbours'}
+
+
 def plan(method, *, num_rows, global_batch_size, keys=None, recluster_every=1, **method_args):
   """The plan of `method` for `composed_loader`, its arguments checked now (see epoch_order).
 
   'random' without keys is a `shuffle.RandomStream` (train_loader's batches exactly); every
-  other plan is an `EpochPlan` over `epoch_order`. For 'clusters', `assignments` may be a
-  function period -> [N] assignment, called once for each period = epoch // recluster_every
-  (the caller's reclustering of the current embeddings, `clusters.balanced_clusters`). It must
-  give the same assignment when asked again (store it with the checkpoint) for a run to resume
-  exactly; grain reads ahead, so it is called up to `prefetch` steps before the period starts.
+  other plan is an `EpochPlan` over `epoch_order`. For 'clusters' the `assignments`, and for
+  'neighbours' the `neighbours` table, may be a function period -> array, called once for
+  each period = epoch // recluster_every (the caller's reclustering or neighbour search of the
+  current embeddings, `clusters.balanced_clusters` / `neighbours.neighbour_table`). It must
+  give the same array when asked again (store it with the checkpoint) for a run to resume
+  exactly; grain reads ahead, so it is called up to `prefetch` steps before the period
+  starts (`composed_loader(prefetch=0)` reads each batch when the loop asks for it).
   """
   steps = _check_method_args(method, num_rows, global_batch_size, None, method_args)
-  if recluster_every < 1 or (recluster_every != 1 and method != 'clusters'):
-    raise ValueError(f"recluster_every applies to 'clusters' only and must be >= 1; got "
+  if recluster_every < 1 or (recluster_every != 1 and method not in PERIODIC):
+    raise ValueError(f"recluster_every applies to {tuple(PERIODIC)} only and must be >= 1; got "
                      f'{recluster_every} for {method!r}.')
   if method == 'random' and keys is None:
     return shuffle.RandomStream(num_rows=num_rows, global_batch_size=global_batch_size)
   ids = None if keys is None else _dedup_steps(keys, num_rows, global_batch_size, steps)
-  assignments, periods = method_args.get('assignments'), {}
+  name = PERIODIC.get(method)
+  structure, periods = method_args.get(name), {}
 
   def fn(epoch, seed):
     args = method_args
-    if callable(assignments):
+    if callable(structure):
       period = epoch // recluster_every
       if period not in periods:
         periods.clear()  # one period at a time
-        periods[period] = np.asarray(assignments(period))
-        clusters_lib.check_assignments(periods[period], num_rows, args['cluster_size'])
-      args = dict(method_args, assignments=periods[period])
+        periods[period] = np.asarray(structure(period))
+        if method == 'clusters':
+          clusters_lib.check_assignments(periods[period], num_rows, args['cluster_size'])
+        else:
+          neighbours_lib.check_table(periods[period], num_rows, args.get('per_seed', 1))
+      args = dict(method_args, **{name: periods[period]})
     return _compose(method, epoch, seed, num_rows, global_batch_size, args, ids)
 
   return EpochPlan(fn, steps_per_epoch=steps if ids is None else ids[1],

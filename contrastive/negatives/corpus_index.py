@@ -169,8 +169,12 @@ class CorpusIndex:
     self.table = table
     return state.replace(mined=jax.device_put(table, state.mined.sharding))
 
-  def sync(self, state):
+  metric = 'hard_negatives'
+  field = 'mined'
+
+  def sync(self, state, step=None):
     """Reads the table of `state` (after a restore) for `attach`."""
+    del step
     self.table = np.asarray(state.mined.addressable_data(0))
 
   def attach(self, batch):
