@@ -17,8 +17,9 @@ the time spent re-mining hard negatives and the wall time:
       --plot benchmarks/results/negatives.png    # the README table (mean ± std) and plot
 
 Techniques (flags in TECHNIQUES): TAS-B topic batches, no duplicate groups in a batch, NegCLIP
-word-order negatives, ANCE corpus-mined negatives refreshed during training, and m^3-Mix
-geodesic negatives. Every technique keeps the recipe's model, batch, optimizer and steps.
+word-order negatives, ANCE corpus-mined negatives refreshed during training, m^3-Mix
+geodesic negatives, and batches of NGAME clusters or Sample4Geo neighbours recomputed from the
+current towers every epoch. Every technique keeps the recipe's model, batch, optimizer and steps.
 """
 
 import argparse
@@ -41,6 +42,8 @@ TECHNIQUES = {
     'negclip': ('--config.negclip.num_negatives=2',),
     'ance': ('--config.hard_negatives.num_hard=2', '--config.hard_negatives.refresh_every=100'),
     'geodesic': ('--config.geodesic_mixup.alpha=0.5',),
+    'ngame': ('--config.batching.method=clusters', '--config.batching.cluster_size=16'),
+    'neighbours': ('--config.batching.method=neighbours', '--config.batching.num_neighbours=4'),
 }
 METRICS = ('a2b/r@1', 'a2b/r@10', 'b2a/r@1', 'b2a/r@10', 'zero_shot/balanced_top1',
            'order_sensitivity')

@@ -232,10 +232,11 @@ def test_mixup_loss_matches_numpy(block_size):
   plain, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, mask_ids=(ids, ids),
                           negative_mask=blockwise.distinct_ids)
   assert abs(float(plain) - want) > 0.5
-  f = lambda x, y: objectives.geodesic_mixup_loss(
-      sigmoid_loss, x, y, jnp.asarray(ids), 0.3, temperature=0.5, bias=-1.0,
-      negative_mask=blockwise.distinct_ids, **args)[0]
-  test_util.check_grads(f, (jnp.asarray(za), jnp.asarray(zb)), order=1, modes=['rev'])
+  if block_size is None:  # the blockwise path's gradients equal the dense one's (test_losses)
+    f = lambda x, y: objectives.geodesic_mixup_loss(
+        sigmoid_loss, x, y, jnp.asarray(ids), 0.3, temperature=0.5, bias=-1.0,
+        negative_mask=blockwise.distinct_ids)[0]
+    test_util.check_grads(f, (jnp.asarray(za), jnp.asarray(zb)), order=1, modes=['rev'])
 
 
 def test_mixup_config_errors():
