@@ -26,7 +26,8 @@ from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse
 # ---- Independent NumPy reference --------------------------------------------------------------
 
 
-def np_mine(queries, candidates, num_hard, positive, query_ids=None, candidate_ids=None):
+def np_mine(queries, candidates, num_hard, positive, query_ids=None, candidate_ids=None,
+            query_modality=None, candidate_modality=None):
   """Full [N, M] scores; per query the kept columns, stable argsort on -score, -1/-inf padded."""
   scores = queries @ candidates.T
   n, m = scores.shape
@@ -35,6 +36,8 @@ def np_mine(queries, candidates, num_hard, positive, query_ids=None, candidate_i
     keep = np.arange(m) != positive[i]
     if query_ids is not None:
       keep &= candidate_ids != query_ids[i]
+    if query_modality is not None:
+      keep &= candidate_modality == query_modality[i]
     cols = np.flatnonzero(keep)
     order = cols[np.argsort(-scores[i, cols], kind='stable')][:num_hard]
     idx[i, :len(order)], top[i, :len(order)] = order, scores[i, order]
@@ -165,6 +168,35 @@ def test_meshes_equal_one_device(axes):
   got = mine_hard_negatives(q, c, mesh=mesh, **kwargs)
   assert_matches(got, mine_hard_negatives(q, c, **kwargs))
   assert_matches(got, np_mine(q, c, 6, positive, query_ids, candidate_ids))
+
+
+@pytest.mark.parametrize('devices', [1, 8])
+def test_modality_aware_mining_never_returns_another_modality(devices):
+  """MM-Embed: each query keeps only candidates of its target modality (0: text, 1: image, 2:
+  a third kind here), on one device and on 8."""
+  mesh = parallel.make_mesh([('data', devices)], devices=jax.devices()[:devices])
+  rng = np.random.default_rng(8)
+  q, c, positive, query_ids, candidate_ids = tied_problem(rng)
+  candidate_modality = rng.integers(0, 3, size=len(c))
+  query_modality = rng.integers(0, 3, size=len(q))
+  kwargs = dict(num_hard=8, positive=positive, query_ids=query_ids, candidate_ids=candidate_ids,
+                block_size=11)
+  got = mine_hard_negatives(q, c, query_modality=query_modality,
+                            candidate_modality=candidate_modality, mesh=mesh, **kwargs)
+  assert_matches(got, np_mine(q, c, 8, positive, query_ids, candidate_ids, query_modality,
+                              candidate_modality))
+  idx = np.asarray(got[0])
+  found = idx >= 0
+  assert found.sum() > len(q) * 4  # most queries get negatives
+  np.testing.assert_array_equal(candidate_modality[idx[found]],
+                                np.broadcast_to(query_modality[:, None], idx.shape)[found])
+  # Counterexample: without the modalities, many mined negatives are of another modality.
+  plain = np.asarray(mine_hard_negatives(q, c, mesh=mesh, **kwargs)[0])
+  wrong = candidate_modality[plain] != query_modality[:, None]
+  assert wrong.mean() > 0.4
+  with pytest.raises(ValueError, match='query_modality and candidate_modality must be given '
+                     'together'):
+    mine_hard_negatives(q, c, query_modality=query_modality, **kwargs)
 
 
 # ---- Bad arguments -----------------------------------------------------------------------------

@@ -24,7 +24,11 @@ With `mesh`, the queries are split along its batch axes (`parallel.batch_mesh`: 
 `data` x `fsdp` as one axis) under `jax.shard_map`, the candidates replicated: each device
 ranks its rows against the whole corpus, so results equal one device's.
 
+With query_modality / candidate_modality, K(i) also requires candidate_modality_j ==
+query_modality_i (MM-Embed, Lin et al. 2024: modality-aware hard negatives).
+
 References:
+  Lin et al. 2024, "MM-Embed: Universal Multimodal Retrieval with Multimodal LLMs".
   Xiong et al. 2021, "Approximate Nearest Neighbor Negative Contrastive Learning for Dense
   Text Retrieval" (ANCE), ICLR.
   Zhan et al. 2021, "Optimizing Dense Retrieval Model Training with Hard Negatives"
@@ -56,7 +60,8 @@ def _check_int_vector(name, x, length, what):
     raise ValueError(f'{name} must be int [{what}] = {(length,)}; got {dtype} {np.shape(x)}.')
 
 
-def _check(queries, candidates, num_hard, positive, query_ids, candidate_ids, block_size, mesh):
+def _check(queries, candidates, num_hard, positive, query_ids, candidate_ids, block_size, mesh,
+           query_modality=None, candidate_modality=None):
   """One-line ValueErrors for bad arguments, before anything is traced or compiled."""
   # pylint: disable-next=protected-access
   retrieval._check_embeddings(queries, candidates, ('queries', 'candidates'))
@@ -74,6 +79,11 @@ def _check(queries, candidates, num_hard, positive, query_ids, candidate_ids, bl
                      f'{np.shape(candidate_ids) if candidate_ids is not None else None}.')
   _check_int_vector('query_ids', query_ids, n, 'N')
   _check_int_vector('candidate_ids', candidate_ids, m, 'M')
+  if (query_modality is None) != (candidate_modality is None):
+    raise ValueError('query_modality and candidate_modality must be given together (or both '
+                     'None).')
+  _check_int_vector('query_modality', query_modality, n, 'N')
+  _check_int_vector('candidate_modality', candidate_modality, m, 'M')
   if not isinstance(positive, jax.core.Tracer):  # values are checked where they are known
     pos = np.asarray(positive)
     if n and (pos.min() < -1 or pos.max() >= m):
@@ -88,15 +98,18 @@ def _check(queries, candidates, num_hard, positive, query_ids, candidate_ids, bl
                        'batch devices.')
 
 
-def _mine_rows(q, candidates, positive, query_ids, candidate_ids, *, num_hard, block_size):
+def _mine_rows(q, candidates, positive, query_ids, candidate_ids, query_modality,
+               candidate_modality, *, num_hard, block_size):
   """Hard negatives of q [n, D] (one device's rows) against all candidates [M, D]."""
   m = candidates.shape[0]
 
   def drop(col):  # (block,) global candidate indices -> (n, block), True: excluded
     out = col[None, :] == positive[:, None]  # the positive's column (-1: none)
+    safe = jnp.minimum(col, m - 1)  # padding (col >= M) is -inf already
     if query_ids is not None:
-      cid = candidate_ids[jnp.minimum(col, m - 1)]  # padding (col >= M) is -inf already
-      out |= cid[None, :] == query_ids[:, None]  # false negatives: equal ids
+      out |= candidate_ids[safe][None, :] == query_ids[:, None]  # false negatives: equal ids
+    if query_modality is not None:  # MM-Embed: only the query's target modality
+      out |= candidate_modality[safe][None, :] != query_modality[:, None]
     return out
 
   scores, idx = retrieval.blockwise_topk(q, candidates, num_hard, block_size, drop=drop)
@@ -104,24 +117,28 @@ def _mine_rows(q, candidates, positive, query_ids, candidate_ids, *, num_hard, b
 
 
 @functools.partial(jax.jit, static_argnames=('num_hard', 'block_size', 'mesh'))
-def _mine(queries, candidates, positive, query_ids, candidate_ids, num_hard, block_size, mesh):
+def _mine(queries, candidates, positive, query_ids, candidate_ids, query_modality,
+          candidate_modality, num_hard, block_size, mesh):
   dtype = jnp.promote_types(jnp.result_type(queries, candidates), jnp.float32)
   q, c = queries.astype(dtype), candidates.astype(dtype)
   fn = functools.partial(_mine_rows, num_hard=num_hard, block_size=block_size)
   if mesh is None:
-    return fn(q, c, positive, query_ids, candidate_ids)
+    return fn(q, c, positive, query_ids, candidate_ids, query_modality, candidate_modality)
   ids_spec = None if query_ids is None else P(DATA)
   cids_spec = None if candidate_ids is None else P()
+  mod_spec = None if query_modality is None else P(DATA)
+  cmod_spec = None if candidate_modality is None else P()
   # No collectives: each device ranks its rows against the replicated candidates (the fresh
   # constants of the scan's carry need no varying-axis typing then).
   fn = jax.shard_map(fn, mesh=parallel.batch_mesh(mesh),
-                     in_specs=(P(DATA), P(), P(DATA), ids_spec, cids_spec),
+                     in_specs=(P(DATA), P(), P(DATA), ids_spec, cids_spec, mod_spec, cmod_spec),
                      out_specs=(P(DATA), P(DATA)), check_vma=False)
-  return fn(q, c, positive, query_ids, candidate_ids)
+  return fn(q, c, positive, query_ids, candidate_ids, query_modality, candidate_modality)
 
 
 def mine_hard_negatives(queries, candidates, *, num_hard, positive, query_ids=None,
-                        candidate_ids=None, block_size, mesh=None):
+                        candidate_ids=None, query_modality=None, candidate_modality=None,
+                        block_size, mesh=None):
   """The num_hard hardest negatives of every query: the highest cosine s_ij = q_i . c_j over
   the candidates j that are not its positive and do not share its id (module docstring).
 
@@ -132,6 +149,10 @@ def mine_hard_negatives(queries, candidates, *, num_hard, positive, query_ids=No
     positive: [N] int, the index into candidates of each query's positive, -1 for none.
     query_ids: optional [N] int; with candidate_ids [M] int, every candidate whose id equals
       the query's is excluded (a false negative). Both or neither.
+    query_modality, candidate_modality: optional [N] and [M] ints (both or neither): only the
+      candidates of the query's *target* modality are kept, candidate_modality_j ==
+      query_modality_i (MM-Embed's modality-aware mining: a text->image query gets image
+      negatives only, when tasks of several modalities share one corpus).
     block_size: candidates per `lax.scan` step (M is padded to a multiple with -inf scores).
     mesh: optional Mesh with a `data` axis; N must divide over its batch devices.
 
@@ -146,8 +167,10 @@ def mine_hard_negatives(queries, candidates, *, num_hard, positive, query_ids=No
     >>> mine_hard_negatives(q, c, num_hard=2, positive=jnp.array([0]), block_size=2)[0]
     Array([[2, 1]], dtype=int32)
   """
-  _check(queries, candidates, num_hard, positive, query_ids, candidate_ids, block_size, mesh)
+  _check(queries, candidates, num_hard, positive, query_ids, candidate_ids, block_size, mesh,
+         query_modality, candidate_modality)
   as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
   block_size = min(block_size, np.shape(candidates)[0])  # a larger block is all padding
   return _mine(jnp.asarray(queries), jnp.asarray(candidates), as_int(positive),
-               as_int(query_ids), as_int(candidate_ids), num_hard, block_size, mesh)
+               as_int(query_ids), as_int(candidate_ids), as_int(query_modality),
+               as_int(candidate_modality), num_hard, block_size, mesh)
