@@ -38,23 +38,34 @@ def _config(loss_params='siglip', lock=''):
                      weight_decay=1e-4, momentum=0.9, grad_clip_norm=0.0, logit_lr_mult=10.0)))
 
 
-def _batches(steps, seed=0):
-  """Images [B, S, S, 3] uint8, tokens [B, L] (pieces, EOS = 2, then padding), ids with
-  duplicates (rows 2i and 2i + 1 share an id: false negatives the loss must mask)."""
+def _tokens(rng, *shape):
+  """Random texts [*shape, L]: pieces, EOS = 2, then padding."""
+  lengths = rng.integers(1, L, shape)
+  tokens = rng.integers(3, VOCAB, (*shape, L)).astype(np.int32)
+  tokens[np.arange(L) == lengths[..., None]] = 2
+  tokens[np.arange(L) > lengths[..., None]] = 0
+  return tokens
+
+
+def _batches(steps, seed=0, extras=False):
+  """Images [B, S, S, 3] uint8, tokens [B, L], ids with duplicates (rows 2i and 2i + 1 share
+  an id: false negatives the loss must mask); with `extras` also 2 NegCLIP texts and 2 mined
+  texts per row (some invalid, the mined ones with other rows' ids)."""
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(steps):
-    lengths = rng.integers(1, L, B)
-    tokens = rng.integers(3, VOCAB, (B, L)).astype(np.int32)
-    tokens[np.arange(L)[None] == lengths[:, None]] = 2
-    tokens[np.arange(L)[None] > lengths[:, None]] = 0
-    out.append({'a': rng.integers(0, 256, (B, S, S, 3), dtype=np.uint8), 'b': tokens,
-                'id': (np.arange(B) // 2).astype(np.int32), 'truncated': np.zeros(B, np.int32)})
+    batch = {'a': rng.integers(0, 256, (B, S, S, 3), dtype=np.uint8), 'b': _tokens(rng, B),
+             'id': (np.arange(B) // 2).astype(np.int32), 'truncated': np.zeros(B, np.int32)}
+    if extras:
+      batch.update(b_neg=_tokens(rng, B, 2), b_neg_valid=rng.random((B, 2)) < 0.8,
+                   b_hard=_tokens(rng, B, 2), b_hard_valid=rng.random((B, 2)) < 0.8,
+                   b_hard_id=rng.integers(0, B // 2, (B, 2)).astype(np.int32))
+    out.append(batch)
   return out
 
 
 def _run(n, *, loss_params='siglip', block_size=None, lock='', steps=3, dtype=jnp.float64,
-         micro_batch_size=0):
+         micro_batch_size=0, extras=False, mixup_alpha=0.0):
   """`steps` updates on n devices (GradCache with micro_batch_size > 0) -> (losses, metrics,
   final state), all on the host."""
   config = _config(loss_params, lock)
@@ -68,12 +79,12 @@ def _run(n, *, loss_params='siglip', block_size=None, lock='', steps=3, dtype=jn
   objective = objectives.two_tower(
       model=model, loss_name=two_tower_recipe.LOSS_OF_PARAMS[loss_params],
       locked=two_tower_recipe.LOCKS[lock], block_size=block_size,
-      mesh=mesh if block_size else None)
+      mesh=mesh if block_size else None, mixup_alpha=mixup_alpha)
   step = step_lib.jit_train_step(mesh, state, step_fn=step_lib.update, objective=objective,
                                  tx=tx, schedule=schedule, micro_batch_size=micro_batch_size)
   initial = jax.device_get(state)
   losses, metrics = [], []
-  for i, batch in enumerate(_batches(steps)):
+  for i, batch in enumerate(_batches(steps, extras=extras)):
     batch = jax.device_put(batch, parallel.data_sharding(mesh))
     state, m = step(state, batch, jax.random.key(i))
     m = jax.device_get(m)
@@ -118,6 +129,24 @@ def test_step_equal_on_1_2_8_devices(one_device, loss_params, n, block_size):
   # what a per-device loss or statistic changes (test_distributed's counterexamples).
   float64.assert_close(state.params, ref_state.params, atol=1e-9)
   float64.assert_close(state.opt_state, ref_state.opt_state, atol=1e-9)
+
+
+@SLOW
+@pytest.mark.parametrize('options', [dict(extras=True), dict(mixup_alpha=0.5)],
+                         ids=['negclip_and_mined_texts', 'geodesic_mixup'])
+def test_negatives_options_equal_on_1_and_8_devices(options):
+  """Issue 15's extra negatives in the step: NegCLIP's and the mined texts (through tower b,
+  masked by id), and m^3-Mix's mixes (lambda from the step key): the blockwise ring loss on 8
+  devices equals one dense device (losses, metrics, parameters after 3 steps)."""
+  _, ref_losses, ref_metrics, ref_state = _run(1, **options)
+  _, losses, metrics, state = _run(8, block_size=2, **options)
+  float64.assert_close(np.array(losses), np.array(ref_losses))
+  for m, r in zip(metrics, ref_metrics):
+    for k in ('temperature', 'l2_grads', 'pos_sim'):
+      float64.assert_close(m[k], r[k], err_msg=k)
+  float64.assert_close(state.params, ref_state.params, atol=1e-9)  # as above
+  _, plain, _, _ = _run(1)  # counterexample: the options change the loss
+  assert np.min(np.abs(np.array(plain) - np.array(ref_losses))) > 1e-3
 
 
 @pytest.mark.slow  # make test-all; CI keeps the suite under 10 min (their gradients are checked in CI)
