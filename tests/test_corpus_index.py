@@ -171,6 +171,8 @@ def test_a_refresh_mines_the_rows_of_the_batches_before_the_next_one():
   state = index.refresh(embed_fn(text_emb), state, 3)
   np.testing.assert_array_equal(np.asarray(state.mined)[:8], want[:8])
   assert (np.asarray(state.mined)[8:] == -1).all()
+  index.plan.periodic = object()  # a plan recomputed every period (NGAME): every row
+  np.testing.assert_array_equal(index.rows_until_next_refresh(0), np.arange(len(rows)))
 
 
 def siglip_with_mined_numpy(za, zb, zhard, valid, hard_ids, ids, t, bias):

@@ -136,8 +136,9 @@ class CorpusIndex:
     return step % self.every == 0 and (step > 0 or self.from_start)
 
   def rows_until_next_refresh(self, step):
-    """The distinct rows of the loader's batches step ... step + R - 1 (all without a plan)."""
-    if self.plan is None:
+    """The distinct rows of the loader's batches step ... step + R - 1 (all rows without a
+    plan, or with a plan recomputed every period, whose next period is not known yet)."""
+    if self.plan is None or getattr(self.plan, 'periodic', None) is not None:
       return np.arange(len(self.row_ids))
     end = step + self.every if self.total is None else min(step + self.every, self.total)
     return np.unique(np.concatenate([self.plan.rows(s, self.seed)
