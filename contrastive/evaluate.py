@@ -37,6 +37,32 @@ def extract_features(embed_fn, images, mesh, batch_size):
   return np.concatenate(out)
 
 
+def extract_token_features(embed_fn, tokens, mesh, batch_size, *, min_length=8):
+  """extract_features over texts tokens [N, L] int (0 = padding), each row embedded at the
+  shortest length L' in (min_length, 2 min_length, 4 min_length, ..., L) that holds its
+  tokens: the padding after a text's first 0 does not change its features (the text tower's
+  contract, contrastive/models/text.py), so short texts (words, names) cost a fraction of
+  the context. Rows keep their order; one compile per length used.
+  """
+  tokens = np.asarray(tokens)
+  n, context = tokens.shape
+  lengths = np.cumprod(tokens != 0, axis=1).sum(axis=1)
+  sizes, size = [], min(min_length, context)
+  while size < context:
+    sizes.append(size)
+    size *= 2
+  sizes.append(context)
+  bucket = np.searchsorted(np.array(sizes), lengths)  # the first size >= the length
+  out = None
+  for b in np.unique(bucket):
+    rows = np.flatnonzero(bucket == b)
+    feats = extract_features(embed_fn, tokens[rows, :sizes[b]], mesh, batch_size)
+    if out is None:
+      out = np.empty((n, feats.shape[1]), feats.dtype)
+    out[rows] = feats
+  return out
+
+
 @functools.partial(jax.jit, static_argnames=('k', 'num_classes', 'chunk'))
 def knn_predict(train_feats, train_labels, test_feats, *, k=200, temperature=0.1,
                 num_classes=10, chunk=500):

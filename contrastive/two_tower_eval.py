@@ -96,13 +96,16 @@ class TwoTowerEvaluator:
     self._ks = tuple(config.eval.get('ks', (1, 5, 10)))
 
   def embed(self, state, side, items):
-    """items [N, ...] through tower `side` ('a' | 'b') -> L2-normalised [N, D] (numpy)."""
+    """items [N, ...] through tower `side` ('a' | 'b') -> L2-normalised [N, D] (numpy); texts
+    in buckets of trimmed length (`evaluate.extract_token_features`)."""
     variables = {'params': state.params}
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
     batch = self.cfg.batch_size
-    return evaluate.extract_features(functools.partial(self._encode[side], variables), items,
-                                     self.mesh, batch)
+    fn = functools.partial(self._encode[side], variables)
+    if np.issubdtype(np.asarray(items).dtype, np.integer) and np.ndim(items) == 2:  # texts
+      return evaluate.extract_token_features(fn, items, self.mesh, batch)
+    return evaluate.extract_features(fn, items, self.mesh, batch)
 
   def _recall(self, queries, keys, links):
     """{'r@k'}: share of queries with a linked key among their top k."""

@@ -47,3 +47,29 @@ def test_linear_probe_learns_a_linear_rule():
   y_rand = rng.integers(0, 5, 2000)
   preds, _ = evaluate.linear_probe(x[:1500], y_rand[:1500], x[1500:], num_classes=5, steps=300)
   assert np.mean(np.asarray(preds) == y_rand[1500:]) < 0.3
+
+
+def test_token_features_by_length_equal_the_full_context():
+  """Texts embedded at their bucket's trimmed length give the full-context features (the
+  text tower ignores everything after a text's first 0), in float64; rows keep their order."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from contrastive import models, parallel  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(True):
+    model = models.TextTransformer(vocab_size=40, context=32, width=16, depth=1, heads=2,
+                                   mlp_dim=32, pool='mean', dtype=jnp.float64)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 33, 50)  # every bucket: 8, 16, 32
+    tokens = rng.integers(1, 40, (50, 32)).astype(np.int32)
+    tokens[np.arange(32)[None] >= lengths[:, None]] = 0
+    params = jax.tree.map(lambda x: x.astype(jnp.float64),
+                          model.init(jax.random.key(0), tokens[:2])['params'])
+    fn = jax.jit(functools.partial(model.apply, {'params': params}))
+    mesh = parallel.make_mesh([('data', 1)], devices=jax.devices()[:1])
+    full = evaluate.extract_features(fn, tokens, mesh, 16)
+    by_length = evaluate.extract_token_features(fn, tokens, mesh, 16)
+    np.testing.assert_allclose(by_length, full, rtol=1e-12, atol=1e-12)
+    # Counterexample: cutting inside a text (not only its padding) changes its features.
+    cut = evaluate.extract_features(fn, tokens[:, :8], mesh, 16)
+    assert np.abs(cut[lengths > 8] - full[lengths > 8]).max() > 1e-3
