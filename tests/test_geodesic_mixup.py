@@ -214,8 +214,8 @@ def siglip_with_mixes_numpy(za, zb, ids, lam, t, bias):
   return total / b
 
 
-@pytest.mark.parametrize('block_size', [None, 4])
-def test_mixup_loss_matches_numpy(block_size):
+@pytest.mark.parametrize('block_size', [None, pytest.param(4, marks=pytest.mark.slow)])
+def test_mixup_loss_matches_numpy(block_size):  # blockwise: make test-all (CI under 10 min)
   from contrastive import objectives  # pylint: disable=g-import-not-at-top
   from contrastive.losses import blockwise, sigmoid_loss  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
