@@ -15,6 +15,7 @@ the time spent re-mining hard negatives and the wall time:
       >> benchmarks/results/negatives.jsonl
   python benchmarks/negatives.py --report benchmarks/results/negatives.jsonl \\
       --plot benchmarks/results/negatives.png    # the README table (mean ± std) and plot
+  python benchmarks/negatives.py --step_rounds=10  # each technique's jitted step, interleaved
 
 Techniques (flags in TECHNIQUES): TAS-B topic batches, no duplicate groups in a batch, NegCLIP
 word-order negatives, ANCE corpus-mined negatives refreshed during training, m^3-Mix
@@ -129,6 +130,57 @@ def report(path, plot=None):
     fig.savefig(plot, dpi=100)
 
 
+STEP_VARIANTS = {  # what each technique changes in the jitted step (the others change batches)
+    'baseline': {},
+    'negclip': {'negclip.num_negatives': 2},
+    'ance': {'hard_negatives.num_hard': 2, 'hard_negatives.refresh_every': 100},
+    'geodesic': {'geodesic_mixup.alpha': 0.5},
+}
+
+
+def step_times(rounds):
+  """The emoji recipe's jitted step with each technique's extra negatives (2 NegCLIP or 2
+  mined texts per row through tower b; m^3-Mix's second loss pass), interleaved round by
+  round in one process on 2 CPU devices: one JSON line per technique with the median seconds
+  and the ratio to the baseline measured in the same rounds."""
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=2')
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  sys.path.insert(0, ROOT)
+  import jax  # pylint: disable=g-import-not-at-top
+  import emoji_step  # pylint: disable=g-import-not-at-top
+  from contrastive import parallel  # pylint: disable=g-import-not-at-top
+  built = {}
+  for name, overrides in STEP_VARIANTS.items():
+    state, step, batch, _ = emoji_step.build(**overrides)
+    b, length = batch['b'].shape
+    rng = np.random.default_rng(1)
+    extra = {}
+    if name in ('negclip', 'ance'):
+      key = 'b_neg' if name == 'negclip' else 'b_hard'
+      extra = {key: rng.integers(3, 1000, (b, 2, length), dtype=np.int32),
+               key + '_valid': np.ones((b, 2), bool)}
+      if name == 'ance':
+        extra['b_hard_id'] = rng.integers(b, 2 * b, (b, 2), dtype=np.int32)
+    mesh = batch['b'].sharding.mesh
+    batch = dict(batch, **jax.device_put(extra, parallel.data_sharding(mesh)))
+    state, _ = step(state, batch, jax.random.key(0))  # compile
+    built[name] = [state, step, batch]
+  times = {name: [] for name in built}
+  for r in range(rounds):
+    for name, (state, step, batch) in built.items():
+      start = time.perf_counter()
+      state, metrics = step(state, batch, jax.random.key(r))
+      jax.block_until_ready(metrics['loss'])
+      times[name].append(time.perf_counter() - start)
+      built[name][0] = state
+  base = float(np.median(times['baseline']))
+  for name, ts in times.items():
+    print(json.dumps(dict(benchmark='negatives_step', technique=name, rounds=rounds,
+                          step_s=round(float(np.median(ts)), 4),
+                          ratio=round(float(np.median(ts)) / base, 3))), flush=True)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--recipes', default=','.join(RECIPES))
@@ -140,7 +192,12 @@ def main(argv=None):
                  help='extra flag for every run, e.g. --flag=--config.batch_size=128')
   p.add_argument('--report', help='a JSON-lines file of this script: print the table')
   p.add_argument('--plot', help='with --report: write the recall@1 bar plot here')
+  p.add_argument('--step_rounds', type=int, default=0,
+                 help='> 0: only time the jitted step of each technique (STEP_VARIANTS)')
   args = p.parse_args(argv)
+  if args.step_rounds:
+    step_times(args.step_rounds)
+    return
   if args.report:
     report(args.report, args.plot)
     return
