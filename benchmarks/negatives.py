@@ -105,7 +105,8 @@ def report(path, plot=None):
     cells = []
     for c in cols:
       v = np.array([r[c] for r in rows if r.get(c) is not None], float)
-      cells.append(f'{v.mean():.3f} ± {v.std():.3f}' if len(v) else '')
+      cells.append('' if not len(v) else f'{v.mean():.3f}' if len(v) == 1 else
+                   f'{v.mean():.3f} ± {v.std():.3f}')
     step = np.median([r['step_s'] for r in rows if r.get('step_s')])
     refresh = np.mean([r.get('refresh_s', 0) for r in rows])
     wall = np.mean([r['wall_s'] for r in rows])
