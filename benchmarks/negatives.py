@@ -125,7 +125,7 @@ def report(path, plot=None):
         ax.bar(np.arange(len(names)) + offset, [np.mean(v) for v in values], 0.4,
                yerr=[np.std(v) for v in values], label=metric, capsize=3)
       ax.set_xticks(range(len(names)), names, rotation=30, ha='right')
-      ax.set_title(f'SigLIP {recipe}: held-out recall@1 (mean ± std over seeds)')
+      ax.set_title(f'SigLIP {recipe}: held-out recall@1, mean ± std', fontsize=10)
       ax.legend()
     fig.tight_layout()
     fig.savefig(plot, dpi=100)
