@@ -9,8 +9,8 @@ A checkpoint only makes sense with the config that made it. The first start of a
   live.
 - FIXED fields can never change on resume: they shape the state or the data order (the model,
   batch size — the data position is stored in batches —, queue, dtype, optimizer, seed,
-  dataset, tokenizer, LiT lock, batch composition, NegCLIP and mined negatives). Use a new workdir. FREE wins where both
-  match (the dataset's folders).
+  dataset, tokenizer, LiT lock, batch composition, NegCLIP and mined negatives). Use a new
+  workdir. FREE wins where both match (the dataset's folders).
 - Every other field (schedule length, learning rate, loss temperature, augmentations, ...)
   may change only when named in `config.allow_config_changes` (comma-separated fields or
   prefixes, e.g. `--config.allow_config_changes=total_steps,optimizer.lr`): the resumed run
