@@ -94,6 +94,9 @@ class CorpusIndex:
     total_steps: the run's length (no batch after it is mined for).
   """
 
+  metric = 'hard_negatives'  # the loop's refresh-time metric prefix
+  field = 'mined'  # the TrainState field holding the table
+
   def __init__(self, config, source, mesh, *, plan=None, total_steps=None):
     cfg = settings(config)
     self.k, self.every, self.block = (int(cfg[f]) for f in
@@ -169,9 +172,6 @@ class CorpusIndex:
     table[rows] = self.mine(embed, state, rows)
     self.table = table
     return state.replace(mined=jax.device_put(table, state.mined.sharding))
-
-  metric = 'hard_negatives'
-  field = 'mined'
 
   def sync(self, state, step=None):
     """Reads the table of `state` (after a restore) for `attach`."""
