@@ -20,3 +20,14 @@ def sibling(config_file, name):
 def load_config(path, arg=None):
   """get_config(arg) of the config file at `path`."""
   return load_module(path).get_config(arg)
+
+
+def section(config, name, defaults):
+  """config.<name> as a dict with `defaults` filled in (a config without the field: defaults);
+  raises ValueError naming any field `defaults` does not know."""
+  cfg = dict(defaults, **dict(config.get(name) or {}))
+  unknown = set(cfg) - set(defaults)
+  if unknown:
+    raise ValueError(f'config.{name}: unknown field(s) {sorted(unknown)}; known: '
+                     f'{sorted(defaults)}.')
+  return cfg

@@ -26,6 +26,7 @@ id mask of the loss removes no negative.
 
 import numpy as np
 
+from contrastive import config_lib
 from contrastive.batching import clusters as clusters_lib
 from contrastive.batching import periodic
 from contrastive.batching.loader import composed_loader
@@ -41,16 +42,12 @@ DEFAULTS = dict(method='random', num_topics=0, no_duplicates=False, cluster_size
 
 def settings(config):
   """config.batching with its defaults filled in (configs without the field: random)."""
-  return dict(DEFAULTS, **dict(config.get('batching') or {}))
+  return config_lib.section(config, 'batching', DEFAULTS)
 
 
 def check(config):
   """Raises ValueError naming the field, before any data is read or anything compiled."""
-  cfg = settings(config)
-  unknown = set(cfg) - set(DEFAULTS)
-  if unknown:
-    raise ValueError(f'config.batching: unknown field(s) {sorted(unknown)}; known: '
-                     f'{sorted(DEFAULTS)}.')
+  cfg = settings(config)  # unknown fields raise there
   if cfg['method'] not in METHODS:
     raise ValueError(f'config.batching.method={cfg["method"]!r} is unknown; choose one of '
                      f'{METHODS}.')

@@ -42,6 +42,7 @@ References:
 import jax
 import numpy as np
 
+from contrastive import config_lib
 from contrastive import parallel
 from contrastive.negatives import corpus_mining
 
@@ -51,7 +52,7 @@ LOCKED_B = ('b', 'text')
 
 def settings(config):
   """config.hard_negatives with its defaults filled in (configs without the field: off)."""
-  return dict(DEFAULTS, **dict(config.get('hard_negatives') or {}))
+  return config_lib.section(config, 'hard_negatives', DEFAULTS)
 
 
 def num_hard(config):
@@ -61,11 +62,7 @@ def num_hard(config):
 
 def check(config):
   """Raises ValueError naming the field, before any data is read or anything compiled."""
-  cfg = settings(config)
-  unknown = set(cfg) - set(DEFAULTS)
-  if unknown:
-    raise ValueError(f'config.hard_negatives: unknown field(s) {sorted(unknown)}; known: '
-                     f'{sorted(DEFAULTS)}.')
+  cfg = settings(config)  # unknown fields raise there
   k, every, block = (int(cfg[f]) for f in ('num_hard', 'refresh_every', 'block_size'))
   if k < 0:
     raise ValueError(f'config.hard_negatives.num_hard={k} must be >= 0 (0: off).')
