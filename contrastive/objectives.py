@@ -181,6 +181,9 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
   NegCLIP (config.negclip) 'b_neg': [B, P, L] int32 perturbed texts, 'b_neg_valid': [B, P]
   bool, and with corpus-mined negatives (config.hard_negatives) 'b_hard': [B, K, L],
   'b_hard_valid': [B, K], 'b_hard_id': [B, K]: extra negatives of the loss (`text_negatives`).
+  A mixture of image and text queries (contrastive/data/mixture.py) adds 'a_text': [B, L]
+  int32 and 'a_is_text': [B] bool: za_i = tower b's embedding of a_text_i where a_is_text_i,
+  else tower a's of image a_i (both computed for every row: static shapes, any sharding).
 
   Args:
     loss_name: 'clip_loss' or 'sigmoid_loss'.
@@ -204,16 +207,22 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
     (za, zb, _), updates = model.apply(variables, rows['a'], rows['b'], train=True,
                                        mutable=['batch_stats'])
     stats = updates.get('batch_stats', state.batch_stats)
-    names = [n for n in EXTRA_TEXTS if n in rows]
-    if not names:
+    # Texts through tower b besides b: a mixture's text queries ([B, 1, L]; mixture.py),
+    # NegCLIP's perturbed texts [B, P, L], mined texts [B, K, L]; one call for all.
+    texts = {n: rows[n] for n in EXTRA_TEXTS if n in rows}
+    if 'a_text' in rows:
+      texts['a_text'] = rows['a_text'][:, None]
+    if not texts:
       return (za, zb), None, stats
-    shapes = [rows[n].shape for n in names]  # [B, P, L] perturbed / [B, K, L] mined texts b
-    tokens = jnp.concatenate([rows[n].reshape(-1, s[-1]) for n, s in zip(names, shapes)])
+    shapes = [t.shape for t in texts.values()]
+    tokens = jnp.concatenate([t.reshape(-1, s[-1]) for t, s in zip(texts.values(), shapes)])
     zext = model.apply({'params': lock(params)}, tokens, train=True, method='encode_b')
     sizes = [s[0] * s[1] for s in shapes]
     parts = jnp.split(zext, np.cumsum(sizes)[:-1])
-    extra = {n: p.reshape(*s[:2], -1) for n, p, s in zip(names, parts, shapes)}
-    return (za, zb, extra), None, stats
+    extra = {n: p.reshape(*s[:2], -1) for n, p, s in zip(texts, parts, shapes)}
+    if 'a_text' in extra:  # each row's query: its text's embedding, or its image's
+      za = jnp.where(rows['a_is_text'][:, None], extra.pop('a_text')[:, 0].astype(za.dtype), za)
+    return ((za, zb, extra) if extra else (za, zb)), None, stats
 
   def loss(params, state, embeddings, batch, rng):
     del state

@@ -71,9 +71,13 @@ def _order_probe(ev, config, encode):
 
 
 class TwoTowerEvaluator:
-  """Loads the held-out split once; `evaluator(state)` returns the metrics of the module doc."""
+  """Loads the held-out split once; `evaluator(state)` returns the metrics of the module doc.
 
-  def __init__(self, config, model, mesh, source, pair_spec, tokenizer):
+  a_tower: the tower that embeds side a, 'a' (the model's tower a) or 'b' (text queries of a
+  mixture with image parts go through the text tower: contrastive/data/mixture.py).
+  """
+
+  def __init__(self, config, model, mesh, source, pair_spec, tokenizer, a_tower='a'):
     self.cfg, self.mesh, self.spec = config.eval, mesh, pair_spec
     self.ev = pair_batches.eval_pairs(source, pair_spec)
     context = config.tokenizer.context
@@ -92,7 +96,8 @@ class TwoTowerEvaluator:
         lambda variables, x: evaluate.widen(model.apply(variables, x, method=method,
                                                         normalize=True)),
         out_shardings=repl)
-    self._encode = {'a': apply('encode_a'), 'b': apply('encode_b')}
+    self.a_tower = a_tower
+    self._encode = {'a': apply(f'encode_{a_tower}'), 'b': apply('encode_b')}
     self._ks = tuple(config.eval.get('ks', (1, 5, 10)))
 
   def embed(self, state, side, items):
@@ -146,3 +151,21 @@ class TwoTowerEvaluator:
     metrics['uniformity_a'] = float(retrieval.uniformity(za))
     metrics['uniformity_b'] = float(retrieval.uniformity(zb))
     return metrics
+
+
+class MixtureEvaluator:
+  """A mixture's evaluation (contrastive/data/mixture.py): each part's `TwoTowerEvaluator`
+  on its own held-out split, metrics prefixed by the part's name ('emoji_cldr/a2b/r@1')."""
+
+  def __init__(self, evaluators):
+    self.evaluators = dict(evaluators)
+    # embed(state, 'a', images) for the loop's tables: a part whose side a is tower a's
+    self._towers = next(e for e in self.evaluators.values() if e.a_tower == 'a')
+
+  def embed(self, state, side, items):
+    """items through the model's tower `side` ('a' | 'b') -> L2-normalised [N, D] (numpy)."""
+    return self._towers.embed(state, side, items)
+
+  def __call__(self, state):
+    return {f'{name}/{k}': v for name, evaluator in self.evaluators.items()
+            for k, v in evaluator(state).items()}

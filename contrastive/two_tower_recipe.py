@@ -3,7 +3,9 @@
 `train.train_and_evaluate` runs it when `config.family == 'two_tower'`; the step is the shared
 `step.update` with `objectives.two_tower`. Config fields (configs/siglip_emoji.py):
 
-  dataset    name ('emoji_cldr' | 'wordnet_gloss' | 'jsonl_pairs'), data_dir, image_size, ...
+  dataset    name ('emoji_cldr' | 'wordnet_gloss' | 'jsonl_pairs'), data_dir, image_size, ...;
+             or name 'mixture' with parts, fractions and each part's fields
+             (contrastive/data/mixture.py: several datasets in one run)
   tokenizer  vocab_size, context (L, tokens per text incl. EOS), model_type
   model      image/text (or a/b) tower configs, embed_dim, loss_params ('clip' | 'siglip'),
              logit_scale_init, logit_bias_init (contrastive/models/two_tower.py)
@@ -35,6 +37,7 @@ from contrastive import precision
 from contrastive import step as step_lib
 from contrastive import two_tower_eval
 from contrastive.batching import from_config as batching
+from contrastive.data import mixture
 from contrastive.data import pair_batches
 from contrastive.negatives import corpus_index
 from contrastive.negatives import negclip
@@ -81,11 +84,17 @@ def validate(config):
     raise TwoTowerConfigError(
         f'config.tokenizer: context={config.tokenizer.context} must be >= 2 and vocab_size='
         f'{config.tokenizer.vocab_size} >= 300 (256 byte pieces, specials and some words).')
+  if mixture.is_mixture(config.dataset):
+    try:
+      mixture.check(config)
+    except ValueError as e:
+      raise TwoTowerConfigError(str(e)) from None
   image = config.model.get('image')
   if image is not None and image.get('name') == 'vit':
     patch = image.get('patch') or two_tower_lib.vit.VIT_PRESETS[image.preset]['patch']
-    if config.dataset.image_size % patch:
-      raise TwoTowerConfigError(f'config.dataset.image_size={config.dataset.image_size} is not a '
+    size = mixture.image_size(config.dataset)
+    if size % patch:
+      raise TwoTowerConfigError(f'config.dataset.image_size={size} is not a '
                                 f'multiple of the ViT patch size {patch}.')
   try:
     batching.check(config)
@@ -106,7 +115,9 @@ def validate(config):
     raise TwoTowerConfigError(
         f'config.geodesic_mixup.alpha={alpha}: must be >= 0 (0: off), and m^3-Mix negatives '
         'need sigmoid_loss without negclip or hard_negatives.')
-  pair_batches.check_files(config.dataset)
+  for _, dataset in (mixture.part_configs(config.dataset) if mixture.is_mixture(config.dataset)
+                     else [(None, config.dataset)]):
+    pair_batches.check_files(dataset)
   init = config.get('model_init', {})
   if init.get('workdir') and not os.path.isdir(os.path.join(init.workdir, 'checkpoints')):
     raise TwoTowerConfigError(f'config.model_init.workdir={init.workdir!r} has no checkpoints/.')
@@ -171,23 +182,38 @@ def example_inputs(config, pair_spec):
   """Tiny example inputs for model.init: (a, b) of batch 2."""
   tokens = np.zeros((2, config.tokenizer.context), np.int32)
   if pair_spec.a_is_image:
-    s = config.dataset.image_size
+    s = mixture.image_size(config.dataset)
     return np.zeros((2, s, s, 3), np.uint8), tokens
   return tokens, tokens
 
 
 def train_source(config, workdir):
-  """The training split as the step's rows (`pair_batches.TokenizedPairs`), with the
-  tokenizer trained on it on the first start (saved in the workdir)."""
-  raw = pair_batches.get_source(config.dataset, 'train')
-  spec = pair_batches.spec(config.dataset, raw)
-  tok = pair_batches.load_or_train_tokenizer(
-      workdir, raw, spec, config.tokenizer,
-      dataset_dir=pair_batches.builder(config.dataset).data_dir)
-  return pair_batches.TokenizedPairs(raw, spec, tok, config.tokenizer.context,
-                                     negclip=negclip.num_negatives(config),
-                                     negclip_seed=config.seed,
-                                     with_row=bool(corpus_index.num_hard(config)))
+  """The training split as the step's rows (`pair_batches.TokenizedPairs`; a
+  `mixture.MixturePairs` of them for a mixture), with the tokenizer trained on it on the
+  first start (saved in the workdir)."""
+  datasets = (mixture.part_configs(config.dataset) if mixture.is_mixture(config.dataset) else
+              [(config.dataset.name, config.dataset)])
+  raws = [pair_batches.get_source(cfg, 'train') for _, cfg in datasets]
+  specs = [pair_batches.spec(cfg, raw) for (_, cfg), raw in zip(datasets, raws)]
+  if len(raws) == 1:
+    tok = pair_batches.load_or_train_tokenizer(
+        workdir, raws[0], specs[0], config.tokenizer,
+        dataset_dir=pair_batches.builder(config.dataset).data_dir)
+  else:  # a mixture's tokenizer: trained on all its parts' texts, kept in the workdir
+    tok = pair_batches.load_or_train_tokenizer(workdir, raws, specs, config.tokenizer)
+  rows = [pair_batches.TokenizedPairs(raw, spec, tok, config.tokenizer.context,
+                                      negclip=negclip.num_negatives(config),
+                                      negclip_seed=config.seed,
+                                      with_row=bool(corpus_index.num_hard(config)))
+          for raw, spec in zip(raws, specs)]
+  if len(rows) == 1:
+    return rows[0]
+  shapes = {tuple(raw[0][spec.a].shape) for raw, spec in zip(raws, specs) if spec.a_is_image}
+  if len(shapes) > 1:
+    raise TwoTowerConfigError(f'config.dataset: the image parts\' images differ in shape '
+                              f'{sorted(shapes)}; give them one image_size.')
+  return mixture.MixturePairs([name for name, _ in datasets], rows,
+                              shapes.pop() if shapes else None)
 
 
 def step(config, mesh, inputs, steps, rng, *, abstract=False, tables=None):
@@ -249,7 +275,16 @@ def parts(config, mesh, source, steps, rng, *, clusters=None):
     shardings = step_lib.state_shardings(mesh, state)
     state = state.replace(params=jax.device_put(params, shardings.params),
                           batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
-  test = pair_batches.get_source(config.dataset, config.eval.get('split', 'test'))
-  evaluator = two_tower_eval.TwoTowerEvaluator(config, model, parallel.batch_mesh(mesh), test,
-                                               source.spec, source.tokenizer)
-  return state, step_fn, evaluator
+  eval_mesh, split = parallel.batch_mesh(mesh), config.eval.get('split', 'test')
+  if not mixture.is_mixture(config.dataset):
+    test = pair_batches.get_source(config.dataset, split)
+    return state, step_fn, two_tower_eval.TwoTowerEvaluator(config, model, eval_mesh, test,
+                                                             source.spec, source.tokenizer)
+  evaluators = {}
+  for (name, dataset), part in zip(mixture.part_configs(config.dataset), source.parts):
+    part_config = ml_collections.ConfigDict(dict(config.to_dict(), dataset=dataset.to_dict()))
+    a_tower = 'b' if source.mixed and not part.spec.a_is_image else 'a'  # text queries: tower b
+    evaluators[name] = two_tower_eval.TwoTowerEvaluator(
+        part_config, model, eval_mesh, pair_batches.get_source(dataset, split), part.spec,
+        source.tokenizer, a_tower=a_tower)
+  return state, step_fn, two_tower_eval.MixtureEvaluator(evaluators)

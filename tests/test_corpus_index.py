@@ -100,7 +100,7 @@ def test_mined_table_equals_a_brute_force_and_the_batch_carries_its_texts():
   rows, text_of_row, text_emb = data()
   mesh = parallel.make_mesh([('data', -1)])
   index = corpus_index.CorpusIndex(config(num_hard=4, refresh_every=3, block_size=5), rows, mesh)
-  assert len(index.a_items) == 12 and len(index.tokens) == 12
+  assert len(index.a_parts[0][1]) == 12 and len(index.tokens) == 12
   state = step_lib.TrainState(step=0, params={}, batch_stats={}, opt_state=(), skipped_steps=0,
                               mined=jax.device_put(index.empty(), parallel.replicated(mesh)))
   index.sync(state)

@@ -33,6 +33,7 @@ from contrastive.batching.loader import composed_loader
 from contrastive.batching.plan import plan as make_plan
 from contrastive.batching.shuffle import RandomStream
 from contrastive.batching.topics import topic_clusters
+from contrastive.data import mixture
 from contrastive.data import pipeline
 
 METHODS = ('random', 'tas_b') + periodic.METHODS
@@ -98,6 +99,14 @@ def train_loader(config, source, embed_a, *, with_plan=False):
     no_duplicates moves or drops per epoch); with `with_plan` also the plan, whose
     `rows(s, seed)` are the global rows of the loader's batch s (of training step s + 1).
   """
+  if mixture.is_mixture(config.dataset):  # fixed rows per part in every batch
+    plan = mixture.MixturePlan(source.sizes, mixture.part_batch_sizes(config.dataset,
+                                                                     config.batch_size))
+    loader = composed_loader(source, plan, global_batch_size=config.batch_size,
+                             seed=config.seed)
+    line = ', '.join(f'{b} rows of {name}' for name, b in zip(
+        source.names, mixture.part_batch_sizes(config.dataset, config.batch_size)))
+    return (loader, f'mixture: {line} per batch') + ((plan,) if with_plan else ())
   if not composed(config):
     loader = pipeline.train_loader(source, global_batch_size=config.batch_size,
                                    seed=config.seed)

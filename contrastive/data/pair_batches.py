@@ -118,7 +118,8 @@ def load_or_train_tokenizer(workdir, train_source, pair_spec, cfg, dataset_dir=N
 
   cfg: config.tokenizer (vocab_size, model_type, character_coverage). Training is
   deterministic, so every process of a multi-process job trains (or reads) the same one;
-  process 0 writes it.
+  process 0 writes it. A mixture (contrastive/data/mixture.py) passes lists of sources and
+  specs: one tokenizer for all their texts.
   """
   path = os.path.join(workdir, TOKENIZER_NAME)
   if os.path.exists(path):
@@ -127,10 +128,15 @@ def load_or_train_tokenizer(workdir, train_source, pair_spec, cfg, dataset_dir=N
   if cached and os.path.exists(cached):
     tok = tokenizer_lib.Tokenizer.load(cached)
   else:
-    fields = [pair_spec.b] + ([] if pair_spec.a_is_image else [pair_spec.a])
+    sources, specs = ((train_source, pair_spec) if isinstance(train_source, list) else
+                      ([train_source], [pair_spec]))
+    corpus = set()
+    for source, part_spec in zip(sources, specs):
+      corpus.update(texts(source, [part_spec.b] + ([] if part_spec.a_is_image else
+                                                   [part_spec.a])))
     # hard_vocab_limit=False: a small dataset may fill fewer pieces than vocab_size (ids stay
     # below it, the embedding table keeps vocab_size rows).
-    tok = tokenizer_lib.train(sorted(set(texts(train_source, fields))), cfg.vocab_size,
+    tok = tokenizer_lib.train(sorted(corpus), cfg.vocab_size,
                               model_type=cfg.get('model_type', 'unigram'),
                               hard_vocab_limit=False,
                               character_coverage=cfg.get('character_coverage', 0.9995))

@@ -102,14 +102,24 @@ class CorpusIndex:
     self.plan, self.seed, self.total = plan, int(config.get('seed', 0)), total_steps
     self.from_start = bool(cfg['from_start'])
     n = len(source)
-    rows = source.side_a(range(n), texts_b=True)
-    flat = rows['a'].reshape(n, -1)
-    items, self.a_of_row = np.unique(flat, axis=0, return_inverse=True)
-    self.a_items = items.reshape(-1, *rows['a'].shape[1:])
-    self.row_ids = rows['id']
-    texts, self.text_of_row = np.unique(np.array(rows['text_b'], dtype=object),
-                                        return_inverse=True)
-    self.a_of_row, self.text_of_row = self.a_of_row.reshape(-1), self.text_of_row.reshape(-1)
+    parts = (source.query_parts() if hasattr(source, 'query_parts') else
+             [('a', np.arange(n), source.side_a(range(n), texts_b=True))])
+    self.a_parts = []  # (tower, distinct side-a items, first item index) per part
+    self.a_of_row, self.row_ids = np.empty(n, np.int64), np.empty(n, np.int32)
+    self.task, keys = np.empty(n, np.int32), np.empty(n, object)
+    for k, (side, rows, part) in enumerate(parts):  # a few parts (a mixture's datasets)
+      items, item_of_row = np.unique(part['a'].reshape(len(rows), -1), axis=0,
+                                     return_inverse=True)
+      start = sum(len(p[1]) for p in self.a_parts)
+      self.a_parts.append((side, items.reshape(-1, *part['a'].shape[1:]), start))
+      self.a_of_row[rows] = start + item_of_row.reshape(-1)
+      self.row_ids[rows], self.task[rows] = part['id'], k
+      keys[rows] = part['text_b'] if len(parts) == 1 else [f'{k}:{t}' for t in part['text_b']]
+    keys, self.text_of_row = np.unique(keys, return_inverse=True)  # one candidate per text
+    self.text_of_row = self.text_of_row.reshape(-1)  # (per part: MM-Embed's modalities)
+    texts = keys if len(parts) == 1 else [key.split(':', 1)[1] for key in keys]
+    self.candidate_task = (None if len(parts) == 1 else
+                           np.array([int(key.split(':', 1)[0]) for key in keys], np.int32))
     if self.k > len(texts) - 1:
       raise ValueError(f'config.hard_negatives.num_hard={self.k} is more than the corpus has '
                        f'besides a row\'s own text ({len(texts)} distinct texts b).')
@@ -123,8 +133,10 @@ class CorpusIndex:
   def describe(self):
     """A line for the log."""
     what = 'queries only (tower b locked: ADORE)' if self.fixed_b else 'both towers'
-    return (f'{self.k} mined negatives per row from {len(self.tokens)} distinct texts b, '
-            f'{len(self.a_items)} side-a items; refreshed every {self.every} steps ({what})')
+    per_part = '' if self.candidate_task is None else ', each from its own part\'s (MM-Embed)'
+    return (f'{self.k} mined negatives per row from {len(self.tokens)} distinct texts b'
+            f'{per_part}, {sum(len(p[1]) for p in self.a_parts)} side-a items; refreshed '
+            f'every {self.every} steps ({what})')
 
   def empty(self):
     """The table before the first refresh: [N, K] int32 of -1 (no negative)."""
@@ -144,21 +156,32 @@ class CorpusIndex:
     return np.unique(np.concatenate([self.plan.rows(s, self.seed)
                                      for s in range(step, max(end, step + 1))]))
 
+  def _embed_items(self, embed, state, items):
+    """[n, D]: the side-a items `items` (sorted indices) through their parts' towers."""
+    out = []
+    for side, part_items, start in self.a_parts:  # a few parts (a mixture's datasets)
+      mine = items[(items >= start) & (items < start + len(part_items))] - start
+      if len(mine):
+        out.append(embed(state, side, part_items[mine]))
+    return np.concatenate(out)
+
   def mine(self, embed, state, rows):
     """[n, K] int32: the hard negatives (indices into the candidates) of training rows `rows`
     [n], from the towers of `state`. embed: fn(state, side, items) -> L2-normalised [m, D]."""
     items, item_of_row = np.unique(self.a_of_row[rows], return_inverse=True)
-    za = embed(state, 'a', self.a_items[items])[item_of_row.reshape(-1)]
+    za = self._embed_items(embed, state, items)[item_of_row.reshape(-1)]
     if self._zb is None or not self.fixed_b:
       self._zb = embed(state, 'b', self.tokens)
     n = len(rows)
     pad = -n % self.mesh.size
-    positive = np.concatenate([self.text_of_row[rows], np.full(pad, -1)])
-    ids = np.concatenate([self.row_ids[rows], np.full(pad, -1)])
+    padded = lambda x: np.concatenate([x, np.full(pad, -1, x.dtype)])
+    modality = {} if self.candidate_task is None else dict(  # each row's own part's texts
+        query_modality=padded(self.task[rows]), candidate_modality=self.candidate_task)
     queries = np.concatenate([za, np.zeros((pad, za.shape[1]), za.dtype)])
     table, _ = corpus_mining.mine_hard_negatives(
-        queries, self._zb, num_hard=self.k, positive=positive, query_ids=ids,
-        candidate_ids=self.candidate_ids, block_size=self.block, mesh=self.mesh)
+        queries, self._zb, num_hard=self.k, positive=padded(self.text_of_row[rows]),
+        query_ids=padded(self.row_ids[rows]), candidate_ids=self.candidate_ids,
+        block_size=self.block, mesh=self.mesh, **modality)
     return np.asarray(jax.device_get(table))[:n]
 
   def refresh(self, embed, state, step):
