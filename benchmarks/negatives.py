@@ -35,7 +35,10 @@ import time
 import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
-RECIPES = {'emoji': ('siglip_emoji.py', 300), 'wordnet': ('siglip_wordnet.py', 300)}
+RECIPES = {'emoji': ('siglip_emoji.py', 300), 'wordnet': ('siglip_wordnet.py', 300),
+           # both in one run: 128 rows of each per batch, 600 steps = each dataset's rows of
+           # the single-dataset recipes' 300 steps of 256
+           'emoji_wordnet': ('siglip_emoji_wordnet.py', 600)}
 TECHNIQUES = {
     'baseline': (),
     'no_duplicates': ('--config.batching.no_duplicates=True',),
@@ -45,6 +48,11 @@ TECHNIQUES = {
     'geodesic': ('--config.geodesic_mixup.alpha=0.5',),
     'ngame': ('--config.batching.method=clusters', '--config.batching.cluster_size=16'),
     'neighbours': ('--config.batching.method=neighbours', '--config.batching.num_neighbours=4'),
+}
+MIXTURE_TECHNIQUES = {  # the mixture recipe mines (MM-Embed) by default
+    'baseline': ('--config.hard_negatives.num_hard=0', '--config.hard_negatives.refresh_every=0'),
+    'mm_embed': (),  # 2 mined negatives per row from its own dataset's texts, every 200 steps
+    'ance_any_part': ('--config.hard_negatives.same_part=False',),  # from both datasets' texts
 }
 METRICS = ('a2b/r@1', 'a2b/r@10', 'b2a/r@1', 'b2a/r@10', 'zero_shot/balanced_top1',
            'order_sensitivity')
@@ -57,7 +65,7 @@ def read_metrics(path):
   with open(path, encoding='utf-8') as f:
     for line in f:
       row = json.loads(line)
-      if 'a2b/r@1' in row:
+      if any(k.endswith('a2b/r@1') for k in row):  # ('emoji_cldr/a2b/r@1': a mixture's)
         final = row
       if 'steps_per_s' in row:
         rates.append(row['steps_per_s'])
@@ -70,10 +78,10 @@ def run(recipe, technique, seed, steps, workdir, extra):
   """Trains one (recipe, technique, seed) in a fresh process; returns its JSON record."""
   config, _ = RECIPES[recipe]
   shutil.rmtree(workdir, ignore_errors=True)
+  flags = MIXTURE_TECHNIQUES[technique] if recipe == 'emoji_wordnet' else TECHNIQUES[technique]
   cmd = [sys.executable, '-m', 'contrastive.main', f'--config=configs/{config}',
          f'--workdir={workdir}', f'--config.total_steps={steps}', f'--config.seed={seed}',
-         '--config.eval.every=0', '--config.eval.random_init_baseline=False',
-         *TECHNIQUES[technique], *extra]
+         '--config.eval.every=0', '--config.eval.random_init_baseline=False', *flags, *extra]
   start = time.perf_counter()
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
   record = dict(recipe=recipe, technique=technique, seed=seed, steps=steps,
@@ -82,7 +90,8 @@ def run(recipe, technique, seed, steps, workdir, extra):
     record['error'] = (proc.stdout + proc.stderr)[-2000:]
     return record
   final, step_s, refresh = read_metrics(os.path.join(workdir, 'metrics.jsonl'))
-  record.update({k: final.get(k) for k in METRICS if k in final},
+  record.update({k: v for k, v in final.items()  # a mixture's with its parts' prefixes
+                 if any(k == m or k.endswith('/' + m) for m in METRICS)},
                 step_s=step_s, refresh_s=round(refresh, 1))
   return record
 
@@ -93,12 +102,18 @@ def report(path, plot=None):
   with open(path, encoding='utf-8') as f:
     for line in f:
       r = json.loads(line)
-      if not r.get('returncode'):
+      if r.get('returncode'):
+        continue
+      parts = sorted({k.split('/')[0] for k in r if k.endswith('/a2b/r@1')})
+      for part in parts:  # a mixture: a row per dataset, e.g. 'emoji_wordnet:emoji_cldr'
+        groups[(f'{r["recipe"]}:{part}', r['technique'])].append(
+            dict(r, **{k[len(part) + 1:]: v for k, v in r.items() if k.startswith(part + '/')}))
+      if not parts:
         groups[(r['recipe'], r['technique'])].append(r)
   cols = ('a2b/r@1', 'a2b/r@10', 'b2a/r@1', 'b2a/r@10', 'zero_shot/balanced_top1')
   print('| recipe | technique | seeds | ' + ' | '.join(cols) + ' | s / step | refresh s | wall |')
   print('|' + '---|' * (len(cols) + 6))
-  order = list(TECHNIQUES)
+  order = list(TECHNIQUES) + list(MIXTURE_TECHNIQUES)
   keys = sorted(groups, key=lambda k: (k[0], order.index(k[1]) if k[1] in order else 99))
   for recipe, technique in keys:
     rows = groups[(recipe, technique)]
@@ -185,7 +200,8 @@ def step_times(rounds):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--recipes', default=','.join(RECIPES))
-  p.add_argument('--techniques', default=','.join(TECHNIQUES))
+  p.add_argument('--techniques', default=','.join(list(TECHNIQUES) + list(MIXTURE_TECHNIQUES)[1:]),
+                 help='each recipe runs those of its list (emoji_wordnet: MIXTURE_TECHNIQUES)')
   p.add_argument('--seeds', default='0,1,2')
   p.add_argument('--steps', type=int, default=0, help='0: each recipe\'s budget in RECIPES')
   p.add_argument('--workdir', default='/tmp/negatives')
@@ -204,7 +220,8 @@ def main(argv=None):
     return
   for seed in [int(s) for s in args.seeds.split(',')]:
     for recipe in args.recipes.split(','):
-      for technique in args.techniques.split(','):
+      names = MIXTURE_TECHNIQUES if recipe == 'emoji_wordnet' else TECHNIQUES
+      for technique in [t for t in args.techniques.split(',') if t in names]:
         steps = args.steps or RECIPES[recipe][1]
         workdir = os.path.join(args.workdir, f'{recipe}_{technique}_{seed}')
         print(json.dumps(run(recipe, technique, seed, steps, workdir, args.flag)), flush=True)

@@ -5,7 +5,8 @@ ADORE) on the two-tower recipes.
       num_hard=0,         # K mined text-b negatives per training row (0: off)
       refresh_every=0,    # R: re-embed the corpus and re-mine before steps R, 2R, ...
       from_start=False,   # also before step 1, with the starting towers (a previous stage's)
-      block_size=1024)    # candidates per tile of the exact top-k
+      block_size=1024,    # candidates per tile of the exact top-k
+      same_part=True)     # a mixture (data/mixture.py): only the row's own part's texts
 
 e.g. `--config.hard_negatives.num_hard=4 --config.hard_negatives.refresh_every=300`.
 
@@ -27,6 +28,10 @@ adds all B K of them to SigLIP's global loss as extra negatives of every row, be
 random in-batch ones (STAR's mix; DPR shares mined negatives across the batch the same way),
 each masked from the rows of its own group (`objectives.text_negatives`).
 
+A mixture of datasets (contrastive/data/mixture.py): with `same_part` (default) a row's
+candidates are its own dataset's texts only (an emoji's names, a word's glosses: MM-Embed's
+modality-aware hard negatives, Lin et al. 2024); False mines from every part's texts.
+
 ADORE (Zhan et al. 2021): lock the document tower (`--config.lit.lock=text`, or `b`) and
 the candidate embeddings are computed once; each refresh re-embeds only the queries, so the
 query tower is trained against hard negatives of a fixed index. (ADORE re-retrieves at every
@@ -46,7 +51,7 @@ from contrastive import config_lib
 from contrastive import parallel
 from contrastive.negatives import corpus_mining
 
-DEFAULTS = dict(num_hard=0, refresh_every=0, from_start=False, block_size=1024)
+DEFAULTS = dict(num_hard=0, refresh_every=0, from_start=False, block_size=1024, same_part=True)
 LOCKED_B = ('b', 'text')
 
 
@@ -118,7 +123,7 @@ class CorpusIndex:
     keys, self.text_of_row = np.unique(keys, return_inverse=True)  # one candidate per text
     self.text_of_row = self.text_of_row.reshape(-1)  # (per part: MM-Embed's modalities)
     texts = keys if len(parts) == 1 else [key.split(':', 1)[1] for key in keys]
-    self.candidate_task = (None if len(parts) == 1 else
+    self.candidate_task = (None if len(parts) == 1 or not cfg['same_part'] else
                            np.array([int(key.split(':', 1)[0]) for key in keys], np.int32))
     if self.k > len(texts) - 1:
       raise ValueError(f'config.hard_negatives.num_hard={self.k} is more than the corpus has '
