@@ -34,6 +34,7 @@ import numpy as np
 
 from contrastive.batching.shuffle import RandomStream
 
+PARTS = ('emoji_cldr', 'wordnet_gloss', 'jsonl_pairs')  # pair_batches.builder's datasets
 ID_BITS = 24  # part k's group ids become id + k 2^24
 
 
@@ -80,6 +81,10 @@ def check(config):
   """Raises ValueError naming the field (before any data is read) for a mixture config."""
   from contrastive.batching import from_config  # pylint: disable=g-import-not-at-top (a cycle)
   part_batch_sizes(config.dataset, config.batch_size)
+  unknown = [p for p in config.dataset.parts if p not in PARTS]
+  if unknown:
+    raise ValueError(f'config.dataset.parts: {unknown} are not pair datasets; choose from '
+                     f'{PARTS}.')
   if from_config.composed(config):
     raise ValueError(f'config.batching.method={from_config.settings(config)["method"]!r}: a '
                      'mixture composes its batches by config.dataset.fractions; use random.')
