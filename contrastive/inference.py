@@ -21,6 +21,7 @@ import numpy as np
 from contrastive import checkpoint
 from contrastive import run_config
 from contrastive import two_tower_recipe
+from contrastive.data import mixture
 from contrastive.data import pair_batches
 from contrastive.data import tokenizer as tokenizer_lib
 from contrastive.models import two_tower as two_tower_lib
@@ -53,7 +54,8 @@ class TwoTowerModel:
   def __init__(self, config, variables, tokenizer, step):
     self.config, self.variables, self.tokenizer, self.step = config, variables, tokenizer, step
     self.module = two_tower_lib.build_two_tower(two_tower_recipe.model_config(config))
-    self.image_size = config.dataset.get('image_size')
+    self.image_size = (mixture.image_size(config.dataset) if mixture.is_mixture(config.dataset)
+                       and config.model.get('image') else config.dataset.get('image_size'))
     self._encode = {m: jax.jit(lambda v, x, m=m: self.module.apply(v, x, method=m,
                                                                    normalize=True))
                     for m in ('encode_a', 'encode_b')}
