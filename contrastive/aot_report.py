@@ -22,9 +22,12 @@ from contrastive import parallel
 from contrastive import train
 from contrastive import two_tower_recipe
 from contrastive import validate
+from contrastive.data import mixture
 from contrastive.data import pair_batches
 from contrastive.data import pipeline
 from contrastive.models import conv
+from contrastive.negatives import corpus_index
+from contrastive.negatives import negclip
 
 GIB = 2 ** 30
 # HBM per chip (GiB) and peak bf16 dense FLOP/s per chip, from Cloud TPU's system
@@ -74,6 +77,26 @@ def _spec(shape, dtype, sharding):
   return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
 
 
+def two_tower_batch(config, inputs, specs):
+  """{field: (per-row shape, dtype)} of the two-tower step's batch (pair_batches,
+  objectives.two_tower): side a, b, ids, and the extra texts of the config (NegCLIP's P,
+  the K mined; a mixture's part index and text queries). specs: the datasets' PairSpecs."""
+  length = inputs[1].shape[1]
+  fields = {'a': (inputs[0].shape[1:], inputs[0].dtype), 'b': ((length,), np.int32),
+            'id': ((), np.int32), 'truncated': ((), np.int32)}
+  for name, num in (('b_neg', negclip.num_negatives(config)),
+                    ('b_hard', corpus_index.num_hard(config))):
+    if num:
+      fields.update({name: ((num, length), np.int32), name + '_valid': ((num,), np.bool_)})
+  if corpus_index.num_hard(config):
+    fields['b_hard_id'] = ((corpus_index.num_hard(config),), np.int32)
+  if len(specs) > 1:  # a mixture (contrastive/data/mixture.py)
+    fields['task'] = ((), np.int32)
+  if len({s.a_is_image for s in specs}) == 2:  # image and text queries
+    fields.update(a_text=((length,), np.int32), a_is_text=((), np.bool_))
+  return fields
+
+
 def abstract_parts(config, mesh):
   """(abstract state, jitted step, abstract batch) of `config` on `mesh`; reads only the
   shapes of the training data (image-views: one record; two towers: the config)."""
@@ -82,13 +105,15 @@ def abstract_parts(config, mesh):
   data = parallel.data_sharding(mesh)
   b = config.batch_size
   if config.get('family') == 'two_tower':
-    pair_spec = pair_batches.spec(config.dataset, pair_batches.get_source(config.dataset, 'train')
-                                  if config.dataset.name == 'jsonl_pairs' else None)
+    datasets = (mixture.part_configs(config.dataset) if mixture.is_mixture(config.dataset)
+                else [(None, config.dataset)])
+    specs = [pair_batches.spec(d, pair_batches.get_source(d, 'train')
+                               if d.name == 'jsonl_pairs' else None) for _, d in datasets]
+    pair_spec = next((s for s in specs if s.a_is_image), specs[0])
     inputs = two_tower_recipe.example_inputs(config, pair_spec)
     _, state, step_fn = two_tower_recipe.step(config, mesh, inputs, steps, rng, abstract=True)
-    batch = {'a': _spec((b, *inputs[0].shape[1:]), inputs[0].dtype, data),
-             'b': _spec((b, *inputs[1].shape[1:]), inputs[1].dtype, data),
-             'id': _spec((b,), np.int32, data), 'truncated': _spec((b,), np.int32, data)}
+    fields = two_tower_batch(config, inputs, specs)
+    batch = {k: _spec((b, *shape), dtype, data) for k, (shape, dtype) in fields.items()}
   else:
     record = pipeline.get_source(config.dataset, 'train')[0]
     _, state, step_fn = train.image_views_step(config, mesh, record['image'].shape, steps, rng,

@@ -237,3 +237,26 @@ def test_mixture_needs_steps_and_its_own_batches():
   config.batching.num_topics = 4
   with pytest.raises(two_tower_recipe.TwoTowerConfigError, match='composes its batches'):
     two_tower_recipe.validate(config)
+
+
+def test_aot_batch_has_the_loaders_fields():
+  """The batch the TPU compile (aot_report) lowers the step with has the fields, per-row shapes
+  and dtypes of a real batch of the mixture with NegCLIP and mined negatives (the loader's
+  rows stacked, the mined texts attached): the compiled memory counts every input."""
+  from contrastive import aot_report  # pylint: disable=g-import-not-at-top
+  from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
+  parts = [image_part(6, True), text_part(5, True)]
+  for part in parts:
+    part.negclip = 2
+  source = mixture.MixturePairs(['emoji_cldr', 'wordnet_gloss'], parts, (4, 4, 3))
+  config = ml_collections.ConfigDict(dict(
+      loss=dict(name='sigmoid_loss'), lit=dict(lock=''), negclip=dict(num_negatives=2),
+      hard_negatives=dict(corpus_index.DEFAULTS, num_hard=2, refresh_every=1)))
+  index = corpus_index.CorpusIndex(config, source, parallel.make_mesh([('data', -1)]))
+  index.table = index.empty()
+  batch = index.attach(pipeline._stack(source.__getitems__([0, 7, 3])))  # pylint: disable=protected-access
+  inputs = (np.zeros((2, 4, 4, 3), np.uint8), np.zeros((2, 4), np.int32))
+  fields = aot_report.two_tower_batch(config, inputs, [p.spec for p in parts])
+  assert set(fields) == set(batch)
+  for name, (shape, dtype) in fields.items():
+    assert batch[name].shape[1:] == tuple(shape) and batch[name].dtype == dtype, name
