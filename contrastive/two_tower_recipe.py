@@ -212,8 +212,12 @@ def train_source(config, workdir):
   if len(shapes) > 1:
     raise TwoTowerConfigError(f'config.dataset: the image parts\' images differ in shape '
                               f'{sorted(shapes)}; give them one image_size.')
-  return mixture.MixturePairs([name for name, _ in datasets], rows,
-                              shapes.pop() if shapes else None)
+  source = mixture.MixturePairs([name for name, _ in datasets], rows,
+                                shapes.pop() if shapes else None)
+  if source.mixed and (config.model.get('share') or
+                       config.get('lit', {}).get('lock', '') in ('b', 'text')):
+    raise TwoTowerConfigError(mixture.MIXED_TOWERS)
+  return source
 
 
 def step(config, mesh, inputs, steps, rng, *, abstract=False, tables=None):

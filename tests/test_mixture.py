@@ -221,10 +221,17 @@ def _config(**dataset):
     (dict(fractions=(0.3, 0.7)), r'must be a whole number'),
     (dict(parts=('emoji_cldr',), fractions=(1.0,)), r'needs >= 2 distinct datasets'),
     (dict(parts=('emoji_cldr', 'imagenet')), r"\['imagenet'\] are not pair datasets"),
+    ({'lit.lock': 'text'}, r'the text tower \(tower b\) also embeds the mixture'),
+    ({'model.share': True}, r'cannot be shared with the image tower'),
 ])
 def test_bad_mixtures_fail_before_reading_data(changes, match):
+  config = _config(**{k: v for k, v in changes.items() if '.' not in k})
+  for field, value in changes.items():
+    if '.' in field:
+      section, name = field.split('.')
+      config[section][name] = value
   with pytest.raises(two_tower_recipe.TwoTowerConfigError, match=match):
-    two_tower_recipe.validate(_config(**changes))
+    two_tower_recipe.validate(config)
 
 
 def test_mixture_needs_steps_and_its_own_batches():

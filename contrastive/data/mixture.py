@@ -35,6 +35,10 @@ import numpy as np
 from contrastive.batching.shuffle import RandomStream
 
 PARTS = ('emoji_cldr', 'wordnet_gloss', 'jsonl_pairs')  # pair_batches.builder's datasets
+IMAGE_QUERIES = {'emoji_cldr': True, 'wordnet_gloss': False}  # (a JSON-lines file's: read)
+MIXED_TOWERS = ('config.model.share / config.lit.lock: the text tower (tower b) also embeds '
+                'the mixture\'s text queries, so it cannot be shared with the image tower or '
+                'locked.')
 ID_BITS = 24  # part k's group ids become id + k 2^24
 
 
@@ -88,6 +92,10 @@ def check(config):
   if from_config.composed(config):
     raise ValueError(f'config.batching.method={from_config.settings(config)["method"]!r}: a '
                      'mixture composes its batches by config.dataset.fractions; use random.')
+  kinds = {IMAGE_QUERIES[p] for p in config.dataset.parts if p in IMAGE_QUERIES}
+  if len(kinds) == 2 and (config.model.get('share') or
+                          config.get('lit', {}).get('lock', '') in ('b', 'text')):
+    raise ValueError(MIXED_TOWERS)
   if not config.get('total_steps'):
     raise ValueError('config.total_steps: a mixture has no common epoch; give the run\'s '
                      'length in steps.')
