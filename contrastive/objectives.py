@@ -170,8 +170,19 @@ def geodesic_mixup_loss(loss_fn, za, zb, ids, lam, **kwargs):
   return 0.5 * (loss_a + loss_b), dict(metrics, mixup_lambda=lam)
 
 
+def _query_rows(runs, image, text):
+  """[B, D]: a mixture's query embeddings in batch order from `image` (the image runs' rows,
+  concatenated) and `text` (the text runs'); runs: ((start, stop, is_text), ...)."""
+  out, used = [], {False: 0, True: 0}
+  for start, stop, is_text in runs:  # the mixture's parts: a few static slices
+    source = text if is_text else image
+    out.append(source[used[is_text]:used[is_text] + stop - start])
+    used[is_text] += stop - start
+  return jnp.concatenate(out)
+
+
 def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collective=None,
-              mixup_alpha=0.0):
+              mixup_alpha=0.0, query_runs=None):
   """CLIP / SigLIP / LiT: za = model's tower a (+ projection), zb = tower b's; the loss takes
   the model's traced temperature (and bias), so they are learned.
 
@@ -183,7 +194,7 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
   'b_hard_valid': [B, K], 'b_hard_id': [B, K]: extra negatives of the loss (`text_negatives`).
   A mixture of image and text queries (contrastive/data/mixture.py) adds 'a_text': [B, L]
   int32 and 'a_is_text': [B] bool: za_i = tower b's embedding of a_text_i where a_is_text_i,
-  else tower a's of image a_i (both computed for every row: static shapes, any sharding).
+  else tower a's of image a_i (with `query_runs` each tower embeds only its rows).
 
   Args:
     loss_name: 'clip_loss' or 'sigmoid_loss'.
@@ -192,6 +203,10 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
     block_size, mesh, collective: the loss's blockwise path (`mesh`: the ring over devices).
     mixup_alpha: > 0 adds m^3-Mix geodesic negatives with lam ~ Beta(alpha, alpha) drawn per
       step (`geodesic_mixup_loss`; sigmoid_loss, without NegCLIP or mined negatives).
+    query_runs: a mixture's batch layout, ((start, stop, is_text), ...) covering [0, B)
+      (`mixture.query_runs`: each part's rows are contiguous): each tower then embeds only its
+      own rows (static slices), not every row. None: both towers on every row, `a_is_text`
+      choosing (any layout; GradCache's micro-batches).
   """
   loss_fn = TWO_TOWER_LOSSES[loss_name]
   blockwise_args = {} if block_size is None else dict(
@@ -204,14 +219,17 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
     variables = {'params': lock(params)}
     if state.batch_stats:
       variables['batch_stats'] = state.batch_stats
-    (za, zb, _), updates = model.apply(variables, rows['a'], rows['b'], train=True,
-                                       mutable=['batch_stats'])
+    split = 'a_text' in rows and query_runs is not None and query_runs[-1][1] == len(rows['b'])
+    pick = lambda x, is_text: jnp.concatenate([x[a:b] for a, b, t in query_runs if t == is_text])
+    (za, zb, _), updates = model.apply(variables, pick(rows['a'], False) if split else rows['a'],
+                                       rows['b'], train=True, mutable=['batch_stats'])
     stats = updates.get('batch_stats', state.batch_stats)
-    # Texts through tower b besides b: a mixture's text queries ([B, 1, L]; mixture.py),
-    # NegCLIP's perturbed texts [B, P, L], mined texts [B, K, L]; one call for all.
+    # Texts through tower b besides b: a mixture's text queries ([B, 1, L], or only the text
+    # rows' with query_runs; mixture.py), NegCLIP's perturbed texts [B, P, L], mined texts
+    # [B, K, L]; one call for all.
     texts = {n: rows[n] for n in EXTRA_TEXTS if n in rows}
     if 'a_text' in rows:
-      texts['a_text'] = rows['a_text'][:, None]
+      texts['a_text'] = (pick(rows['a_text'], True) if split else rows['a_text'])[:, None]
     if not texts:
       return (za, zb), None, stats
     shapes = [t.shape for t in texts.values()]
@@ -221,7 +239,9 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
     parts = jnp.split(zext, np.cumsum(sizes)[:-1])
     extra = {n: p.reshape(*s[:2], -1) for n, p, s in zip(texts, parts, shapes)}
     if 'a_text' in extra:  # each row's query: its text's embedding, or its image's
-      za = jnp.where(rows['a_is_text'][:, None], extra.pop('a_text')[:, 0].astype(za.dtype), za)
+      za_text = extra.pop('a_text')[:, 0].astype(za.dtype)
+      za = (_query_rows(query_runs, za, za_text) if split else
+            jnp.where(rows['a_is_text'][:, None], za_text, za))
     return ((za, zb, extra) if extra else (za, zb)), None, stats
 
   def loss(params, state, embeddings, batch, rng):

@@ -243,7 +243,8 @@ def step(config, mesh, inputs, steps, rng, *, abstract=False, tables=None):
   objective = objectives.two_tower(
       model=model, loss_name=config.loss.name, locked=LOCKS[config.get('lit', {}).get('lock', '')],
       block_size=block_size, mesh=parallel.batch_mesh(mesh) if block_size else None,
-      collective=config.loss.get('collective'), mixup_alpha=mixup_alpha(config))
+      collective=config.loss.get('collective'), mixup_alpha=mixup_alpha(config),
+      query_runs=mixture.query_runs(config))
   step_fn = step_lib.jit_train_step(mesh, state, step_fn=step_lib.update, objective=objective,
                                     tx=tx, schedule=schedule,
                                     nonfinite=config.get('nonfinite', 'error'),

@@ -114,6 +114,13 @@ def test_loader_resumes_exactly():
     for k in w:
       np.testing.assert_array_equal(got[k], w[k], err_msg=k)
   assert want[0]['a_is_text'].tolist() == [False] * 2 + [True] * 4
+  config = ml_collections.ConfigDict(dict(batch_size=6, dataset=dict(
+      name='mixture', parts=('emoji_cldr', 'wordnet_gloss'), fractions=(1 / 3, 2 / 3))))
+  runs = mixture.query_runs(config)  # the objective's static layout: the loader's
+  assert runs == ((0, 2, False), (2, 6, True))
+  for batch in want:
+    mask = np.concatenate([np.full(stop - start, text) for start, stop, text in runs])
+    np.testing.assert_array_equal(batch['a_is_text'], mask)
 
 
 def test_objective_embeds_text_queries_with_tower_b():
@@ -137,6 +144,18 @@ def test_objective_embeds_text_queries_with_tower_b():
   float64.assert_close(za[~is_text], from_image[~is_text])
   float64.assert_close(za[is_text], from_text[is_text])
   float64.assert_close(zb, model.apply({'params': params}, b, method='encode_b'))
+  # The plan's layout (parts contiguous): each tower on its own rows only, the same za.
+  runs = ((0, 8, False), (8, 20, True), (20, tt.B, False))
+  in_runs = dict(rows)
+  in_runs['a_is_text'] = (np.arange(tt.B) >= 8) & (np.arange(tt.B) < 20)
+  split = objectives.two_tower(model=model, loss_name='sigmoid_loss', query_runs=runs)
+  (za_split, zb_split), _, _ = split.embed(params, state, in_runs, jax.random.key(1))
+  (za_where, zb_where), _, _ = objective.embed(params, state, in_runs, jax.random.key(1))
+  float64.assert_close(za_split, za_where)
+  float64.assert_close(zb_split, zb_where)
+  (za_wrong, _), _, _ = split.embed(params, state, dict(in_runs, a_is_text=~in_runs['a_is_text']),
+                                    jax.random.key(1))  # (the runs decide, not a_is_text)
+  float64.assert_close(za_wrong, za_split)
   assert np.min(np.abs(from_image[is_text] - from_text[is_text]).max(1)) > 1e-3  # differ
   loss, _ = objective(params, state, rows, jax.random.key(1))
   plain, _ = objective(params, state, {k: v for k, v in rows.items()

@@ -24,6 +24,7 @@ from tests import float64
 from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
 B, S, L, VOCAB = 32, 8, 8, 50
+RUNS = tuple((i * B // 4, (i + 1) * B // 4, i % 2 == 1) for i in range(4))  # mixture's layout
 
 
 def _config(loss_params='siglip', lock=''):
@@ -50,8 +51,9 @@ def _tokens(rng, *shape):
 def _batches(steps, seed=0, extras=False, mixture=False):
   """Images [B, S, S, 3] uint8, tokens [B, L], ids with duplicates (rows 2i and 2i + 1 share
   an id: false negatives the loss must mask); with `extras` also 2 NegCLIP texts and 2 mined
-  texts per row (some invalid, the mined ones with other rows' ids); with `mixture` every
-  third row a text query (contrastive/data/mixture.py: 'a_text', 'a_is_text')."""
+  texts per row (some invalid, the mined ones with other rows' ids); with `mixture` rows
+  B/4 ... B/2 - 1 and 3B/4 ... B - 1 text queries (contrastive/data/mixture.py: 'a_text',
+  'a_is_text'; RUNS: a mixture of 4 parts in its plan's layout)."""
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(steps):
@@ -62,13 +64,13 @@ def _batches(steps, seed=0, extras=False, mixture=False):
                    b_hard=_tokens(rng, B, 2), b_hard_valid=rng.random((B, 2)) < 0.8,
                    b_hard_id=rng.integers(0, B // 2, (B, 2)).astype(np.int32))
     if mixture:
-      batch.update(a_text=_tokens(rng, B), a_is_text=np.arange(B) % 3 == 0)
+      batch.update(a_text=_tokens(rng, B), a_is_text=(np.arange(B) // (B // 4)) % 2 == 1)
     out.append(batch)
   return out
 
 
 def _run(n, *, loss_params='siglip', block_size=None, lock='', steps=3, dtype=jnp.float64,
-         micro_batch_size=0, extras=False, mixup_alpha=0.0, mixture=False):
+         micro_batch_size=0, extras=False, mixup_alpha=0.0, mixture=False, query_runs=None):
   """`steps` updates on n devices (GradCache with micro_batch_size > 0) -> (losses, metrics,
   final state), all on the host."""
   config = _config(loss_params, lock)
@@ -82,7 +84,7 @@ def _run(n, *, loss_params='siglip', block_size=None, lock='', steps=3, dtype=jn
   objective = objectives.two_tower(
       model=model, loss_name=two_tower_recipe.LOSS_OF_PARAMS[loss_params],
       locked=two_tower_recipe.LOCKS[lock], block_size=block_size,
-      mesh=mesh if block_size else None, mixup_alpha=mixup_alpha)
+      mesh=mesh if block_size else None, mixup_alpha=mixup_alpha, query_runs=query_runs)
   step = step_lib.jit_train_step(mesh, state, step_fn=step_lib.update, objective=objective,
                                  tx=tx, schedule=schedule, micro_batch_size=micro_batch_size)
   initial = jax.device_get(state)
@@ -155,10 +157,12 @@ def test_negatives_options_equal_on_1_and_8_devices(options):
 
 
 def test_mixture_rows_equal_on_1_and_8_devices():
-  """A mixture's text queries (tower b) beside image queries (tower a), with mined texts: the
-  blockwise ring loss on 8 devices equals one dense device after 3 steps."""
+  """A mixture's text queries (tower b) beside image queries (tower a), with mined texts: each
+  tower on its own rows (static slices of the plan's layout) with the blockwise ring loss on
+  8 devices equals both towers on every row (`a_is_text` choosing) on one dense device after
+  3 steps."""
   _, ref_losses, ref_metrics, ref_state = _run(1, mixture=True, extras=True)
-  _, losses, metrics, state = _run(8, block_size=2, mixture=True, extras=True)
+  _, losses, metrics, state = _run(8, block_size=2, mixture=True, extras=True, query_runs=RUNS)
   float64.assert_close(np.array(losses), np.array(ref_losses))
   for m, r in zip(metrics, ref_metrics):
     float64.assert_close(m['l2_grads'], r['l2_grads'])

@@ -16,7 +16,9 @@ and, when the parts mix image and text queries (side a), both kinds in every row
   'a': [S, S, 3] uint8, the image (zeros for a text query);
   'a_text': [L] int32, the text query's tokens (the empty text for an image query);
   'a_is_text': [] bool. The objective embeds a text query with the text tower (tower b, as the
-  WordNet recipe's shared tower) and an image with tower a (`objectives.two_tower`).
+  WordNet recipe's shared tower) and an image with tower a (`objectives.two_tower`): in the
+  plan's layout (`query_runs`: each part's rows contiguous) each tower embeds only its own
+  rows; under GradCache's micro-batches both towers embed every row and `a_is_text` chooses.
 
 Every global batch holds B f_k rows of part k, each part in its own seeded shuffle (its epochs
 independent of the others': the smaller part is seen more often), so the tasks' share of the
@@ -99,6 +101,20 @@ def check(config):
   if not config.get('total_steps'):
     raise ValueError('config.total_steps: a mixture has no common epoch; give the run\'s '
                      'length in steps.')
+
+
+def query_runs(config):
+  """((start, stop, is_text), ...): the global batch's rows of each part (`MixturePlan`'s
+  layout), for a mixture of image and text queries whose kinds the config names; else None
+  (the objective then runs both towers on every row: `objectives.two_tower`)."""
+  if not is_mixture(config.dataset) or any(p not in IMAGE_QUERIES for p in config.dataset.parts):
+    return None
+  is_text = [not IMAGE_QUERIES[p] for p in config.dataset.parts]
+  if len(set(is_text)) < 2:
+    return None
+  ends = np.cumsum(part_batch_sizes(config.dataset, config.batch_size))
+  return tuple((int(end - size), int(end), text) for end, size, text in
+               zip(ends, part_batch_sizes(config.dataset, config.batch_size), is_text))
 
 
 class MixturePlan:
