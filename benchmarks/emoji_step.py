@@ -7,9 +7,10 @@ import os
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 
 
-def build(**overrides):
-  """(state, jitted step, sharded batch, compiled memory analysis) of configs/siglip_emoji.py
-  with `overrides` (dotted field -> value, e.g. {'batch_size': 256, 'dtype': 'bfloat16'})."""
+def build(config_file='siglip_emoji.py', **overrides):
+  """(state, jitted step, sharded batch, compiled memory analysis) of configs/`config_file`
+  with `overrides` (dotted field -> value, e.g. {'batch_size': 256, 'dtype': 'bfloat16'}).
+  The batch has every field the config adds (`aot_report.two_tower_batch`), random tokens."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from contrastive import config_lib  # pylint: disable=g-import-not-at-top
@@ -17,7 +18,10 @@ def build(**overrides):
   from contrastive import two_tower_recipe  # pylint: disable=g-import-not-at-top
   from contrastive.data import pair_batches  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.load_config(os.path.join(ROOT, 'configs', 'siglip_emoji.py'))
+  from contrastive import aot_report  # pylint: disable=g-import-not-at-top
+  from contrastive.data import mixture  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.load_config(os.path.join(ROOT, 'configs', config_file))
   for field, value in overrides.items():
     *parents, name = field.split('.')
     node = config
@@ -25,14 +29,29 @@ def build(**overrides):
       node = node[p]
     node[name] = value
   mesh = parallel.make_mesh(config.mesh)
-  inputs = two_tower_recipe.example_inputs(config, pair_batches.SPECS['emoji_cldr'])
+  names = (config.dataset.parts if mixture.is_mixture(config.dataset) else
+           [config.dataset.name])
+  specs = [pair_batches.SPECS[n] for n in names]
+  inputs = two_tower_recipe.example_inputs(config, specs[0])
   _, state, step = two_tower_recipe.step(config, mesh, inputs, 1000, jax.random.key(0))
   rng = np.random.default_rng(0)
   b = config.batch_size
-  batch = {'a': rng.integers(0, 256, (b, *inputs[0].shape[1:]), dtype=np.uint8),
-           'b': rng.integers(3, config.tokenizer.vocab_size, (b, inputs[1].shape[1]),
-                             dtype=np.int32),
-           'id': np.arange(b, dtype=np.int32), 'truncated': np.zeros(b, np.int32)}
+  runs = mixture.query_runs(config) or ((0, b, not specs[0].a_is_image),)
+  special = {'a_is_text': np.concatenate([np.full(e - s, t) for s, e, t in runs]),
+             'task': np.concatenate([np.full(e - s, k) for k, (s, e, _) in enumerate(runs)]),
+             'id': np.arange(b), 'b_hard_id': np.arange(b, 2 * b),
+             'truncated': np.zeros(b)}
+  batch = {}
+  for name, (shape, dtype) in aot_report.two_tower_batch(config, inputs, specs).items():
+    if name in special:
+      value = np.broadcast_to(special[name].reshape(b, *[1] * len(shape)), (b, *shape))
+    elif dtype == np.uint8:
+      value = rng.integers(0, 256, (b, *shape))
+    elif dtype == np.bool_:
+      value = np.ones((b, *shape))
+    else:  # tokens
+      value = rng.integers(3, config.tokenizer.vocab_size, (b, *shape))
+    batch[name] = np.asarray(value, dtype)
   batch = jax.device_put(batch, parallel.data_sharding(mesh))
   memory = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
   return state, step, batch, memory

@@ -147,39 +147,38 @@ def report(path, plot=None):
 
 
 STEP_VARIANTS = {  # what each technique changes in the jitted step (the others change batches)
-    'baseline': {},
-    'negclip': {'negclip.num_negatives': 2},
-    'ance': {'hard_negatives.num_hard': 2, 'hard_negatives.refresh_every': 100},
-    'geodesic': {'geodesic_mixup.alpha': 0.5},
+    'baseline': ('siglip_emoji.py', {}),
+    'negclip': ('siglip_emoji.py', {'negclip.num_negatives': 2}),
+    'ance': ('siglip_emoji.py', {'hard_negatives.num_hard': 2,
+                                 'hard_negatives.refresh_every': 100}),
+    'geodesic': ('siglip_emoji.py', {'geodesic_mixup.alpha': 0.5}),
+    # the emoji + WordNet mixture (mined negatives off): each tower on its own rows (the
+    # default), and both towers on every row (what GradCache's micro-batches do)
+    'mixture': ('siglip_emoji_wordnet.py', {'hard_negatives.num_hard': 0}),
+    'mixture_every_row': ('siglip_emoji_wordnet.py', {'hard_negatives.num_hard': 0}),
 }
 
 
-def step_times(rounds):
-  """The emoji recipe's jitted step with each technique's extra negatives (2 NegCLIP or 2
-  mined texts per row through tower b; m^3-Mix's second loss pass), interleaved round by
-  round in one process on 2 CPU devices: one JSON line per technique with the median seconds
-  and the ratio to the baseline measured in the same rounds."""
+def step_times(rounds, names):
+  """The recipes' jitted steps with each technique's extra inputs (2 NegCLIP or 2 mined texts
+  per row through tower b; m^3-Mix's second loss pass; a mixture's text queries), random
+  tokens of the recipe's shapes, interleaved round by round in one process on 2 CPU devices:
+  one JSON line per variant with the median seconds and the ratio to the emoji baseline
+  measured in the same rounds."""
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=2')
   sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
   sys.path.insert(0, ROOT)
   import jax  # pylint: disable=g-import-not-at-top
   import emoji_step  # pylint: disable=g-import-not-at-top
-  from contrastive import parallel  # pylint: disable=g-import-not-at-top
-  built = {}
-  for name, overrides in STEP_VARIANTS.items():
-    state, step, batch, _ = emoji_step.build(**overrides)
-    b, length = batch['b'].shape
-    rng = np.random.default_rng(1)
-    extra = {}
-    if name in ('negclip', 'ance'):
-      key = 'b_neg' if name == 'negclip' else 'b_hard'
-      extra = {key: rng.integers(3, 1000, (b, 2, length), dtype=np.int32),
-               key + '_valid': np.ones((b, 2), bool)}
-      if name == 'ance':
-        extra['b_hard_id'] = rng.integers(b, 2 * b, (b, 2), dtype=np.int32)
-    mesh = batch['b'].sharding.mesh
-    batch = dict(batch, **jax.device_put(extra, parallel.data_sharding(mesh)))
+  from contrastive.data import mixture  # pylint: disable=g-import-not-at-top
+  built, query_runs = {}, mixture.query_runs
+  for name in ['baseline'] + [n for n in names if n != 'baseline']:
+    config_file, overrides = STEP_VARIANTS[name]
+    if name.endswith('every_row'):  # no layout: both towers on every row
+      mixture.query_runs = lambda config: None
+    state, step, batch, _ = emoji_step.build(config_file, **overrides)
+    mixture.query_runs = query_runs
     state, _ = step(state, batch, jax.random.key(0))  # compile
     built[name] = [state, step, batch]
   times = {name: [] for name in built}
@@ -193,7 +192,7 @@ def step_times(rounds):
   base = float(np.median(times['baseline']))
   for name, ts in times.items():
     print(json.dumps(dict(benchmark='negatives_step', technique=name, rounds=rounds,
-                          step_s=round(float(np.median(ts)), 4),
+                          config=STEP_VARIANTS[name][0], step_s=round(float(np.median(ts)), 4),
                           ratio=round(float(np.median(ts)) / base, 3))), flush=True)
 
 
@@ -211,9 +210,11 @@ def main(argv=None):
   p.add_argument('--plot', help='with --report: write the recall@1 bar plot here')
   p.add_argument('--step_rounds', type=int, default=0,
                  help='> 0: only time the jitted step of each technique (STEP_VARIANTS)')
+  p.add_argument('--step_variants', default=','.join(STEP_VARIANTS),
+                 help='with --step_rounds: which of STEP_VARIANTS (the baseline always)')
   args = p.parse_args(argv)
   if args.step_rounds:
-    step_times(args.step_rounds)
+    step_times(args.step_rounds, args.step_variants.split(','))
     return
   if args.report:
     report(args.report, args.plot)
