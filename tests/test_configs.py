@@ -68,7 +68,9 @@ def _two_tower_config_builds(config):
   from contrastive.data import pair_batches  # pylint: disable=g-import-not-at-top
   from contrastive.models import build_two_tower  # pylint: disable=g-import-not-at-top
   model = build_two_tower(two_tower_recipe.model_config(config))
-  inputs = two_tower_recipe.example_inputs(config, pair_batches.SPECS[config.dataset.name])
+  name = config.dataset.name if config.dataset.name != 'mixture' else config.dataset.parts[0]
+  inputs = two_tower_recipe.example_inputs(config, pair_batches.SPECS[name])  # (a mixture: its
+  # first part's kind; siglip_emoji_wordnet's is emoji's, images)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
   assert {'tower_a', 'proj_a', 'logit'} <= set(shapes['params'])
   validate.validate_config(config, num_devices=8, num_processes=1)

@@ -99,7 +99,7 @@ def train_loader(config, source, embed_a, *, with_plan=False):
     no_duplicates moves or drops per epoch); with `with_plan` also the plan, whose
     `rows(s, seed)` are the global rows of the loader's batch s (of training step s + 1).
   """
-  if mixture.is_mixture(config.dataset):  # fixed rows per part in every batch
+  if mixture.is_mixture(config.get('dataset')):  # fixed rows per part in every batch
     plan = mixture.MixturePlan(source.sizes, mixture.part_batch_sizes(config.dataset,
                                                                      config.batch_size))
     loader = composed_loader(source, plan, global_batch_size=config.batch_size,

@@ -45,8 +45,8 @@ ID_BITS = 24  # part k's group ids become id + k 2^24
 
 
 def is_mixture(dataset_cfg):
-  """True for config.dataset of a mixture."""
-  return dataset_cfg.get('name') == 'mixture'
+  """True for config.dataset of a mixture (None: a config without a dataset)."""
+  return dataset_cfg is not None and dataset_cfg.get('name') == 'mixture'
 
 
 def part_configs(dataset_cfg):
@@ -107,7 +107,8 @@ def query_runs(config):
   """((start, stop, is_text), ...): the global batch's rows of each part (`MixturePlan`'s
   layout), for a mixture of image and text queries whose kinds the config names; else None
   (the objective then runs both towers on every row: `objectives.two_tower`)."""
-  if not is_mixture(config.dataset) or any(p not in IMAGE_QUERIES for p in config.dataset.parts):
+  if (not is_mixture(config.get('dataset')) or
+      any(p not in IMAGE_QUERIES for p in config.dataset.parts)):
     return None
   is_text = [not IMAGE_QUERIES[p] for p in config.dataset.parts]
   if len(set(is_text)) < 2:
