@@ -93,7 +93,7 @@ def validate(config):
   if image is not None and image.get('name') == 'vit':
     patch = image.get('patch') or two_tower_lib.vit.VIT_PRESETS[image.preset]['patch']
     size = mixture.image_size(config.dataset)
-    if size % patch:
+    if size is not None and size % patch:
       raise TwoTowerConfigError(f'config.dataset.image_size={size} is not a '
                                 f'multiple of the ViT patch size {patch}.')
   try:

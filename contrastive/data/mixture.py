@@ -58,13 +58,13 @@ def part_configs(dataset_cfg):
 
 def image_size(dataset_cfg):
   """S of the image queries: config.dataset.image_size, or a mixture's image parts' (its
-  emoji_cldr part's, 32 by default; else the first part with an image_size)."""
+  emoji_cldr part's, 32 by default; else the first part with an image_size; else None)."""
   if not is_mixture(dataset_cfg):
-    return dataset_cfg.image_size
+    return dataset_cfg.get('image_size')
   parts = dict(part_configs(dataset_cfg))
   if 'emoji_cldr' in parts:
     return parts['emoji_cldr'].get('image_size', 32)
-  return next(cfg.image_size for cfg in parts.values() if cfg.get('image_size'))
+  return next((cfg.image_size for cfg in parts.values() if cfg.get('image_size')), None)
 
 
 def part_batch_sizes(dataset_cfg, batch_size):
