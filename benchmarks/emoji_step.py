@@ -29,9 +29,7 @@ def build(config_file='siglip_emoji.py', **overrides):
       node = node[p]
     node[name] = value
   mesh = parallel.make_mesh(config.mesh)
-  names = (config.dataset.parts if mixture.is_mixture(config.dataset) else
-           [config.dataset.name])
-  specs = [pair_batches.SPECS[n] for n in names]
+  specs = [pair_batches.SPECS[name] for name, _ in mixture.part_configs(config.dataset)]
   inputs = two_tower_recipe.example_inputs(config, specs[0])
   _, state, step = two_tower_recipe.step(config, mesh, inputs, 1000, jax.random.key(0))
   rng = np.random.default_rng(0)

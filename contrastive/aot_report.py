@@ -105,10 +105,9 @@ def abstract_parts(config, mesh):
   data = parallel.data_sharding(mesh)
   b = config.batch_size
   if config.get('family') == 'two_tower':
-    datasets = (mixture.part_configs(config.dataset) if mixture.is_mixture(config.dataset)
-                else [(None, config.dataset)])
     specs = [pair_batches.spec(d, pair_batches.get_source(d, 'train')
-                               if d.name == 'jsonl_pairs' else None) for _, d in datasets]
+                               if d.name == 'jsonl_pairs' else None)
+             for _, d in mixture.part_configs(config.dataset)]
     pair_spec = next((s for s in specs if s.a_is_image), specs[0])
     inputs = two_tower_recipe.example_inputs(config, pair_spec)
     _, state, step_fn = two_tower_recipe.step(config, mesh, inputs, steps, rng, abstract=True)

@@ -115,8 +115,7 @@ def validate(config):
     raise TwoTowerConfigError(
         f'config.geodesic_mixup.alpha={alpha}: must be >= 0 (0: off), and m^3-Mix negatives '
         'need sigmoid_loss without negclip or hard_negatives.')
-  for _, dataset in (mixture.part_configs(config.dataset) if mixture.is_mixture(config.dataset)
-                     else [(None, config.dataset)]):
+  for _, dataset in mixture.part_configs(config.dataset):
     pair_batches.check_files(dataset)
   init = config.get('model_init', {})
   if init.get('workdir') and not os.path.isdir(os.path.join(init.workdir, 'checkpoints')):
@@ -191,8 +190,7 @@ def train_source(config, workdir):
   """The training split as the step's rows (`pair_batches.TokenizedPairs`; a
   `mixture.MixturePairs` of them for a mixture), with the tokenizer trained on it on the
   first start (saved in the workdir)."""
-  datasets = (mixture.part_configs(config.dataset) if mixture.is_mixture(config.dataset) else
-              [(config.dataset.name, config.dataset)])
+  datasets = mixture.part_configs(config.dataset)
   raws = [pair_batches.get_source(cfg, 'train') for _, cfg in datasets]
   specs = [pair_batches.spec(cfg, raw) for (_, cfg), raw in zip(datasets, raws)]
   if len(raws) == 1:

@@ -100,12 +100,11 @@ def train_loader(config, source, embed_a, *, with_plan=False):
     `rows(s, seed)` are the global rows of the loader's batch s (of training step s + 1).
   """
   if mixture.is_mixture(config.get('dataset')):  # fixed rows per part in every batch
-    plan = mixture.MixturePlan(source.sizes, mixture.part_batch_sizes(config.dataset,
-                                                                     config.batch_size))
+    sizes = mixture.part_batch_sizes(config.dataset, config.batch_size)
+    plan = mixture.MixturePlan(source.sizes, sizes)
     loader = composed_loader(source, plan, global_batch_size=config.batch_size,
                              seed=config.seed)
-    line = ', '.join(f'{b} rows of {name}' for name, b in zip(
-        source.names, mixture.part_batch_sizes(config.dataset, config.batch_size)))
+    line = ', '.join(f'{b} rows of {name}' for name, b in zip(source.names, sizes))
     return (loader, f'mixture: {line} per batch') + ((plan,) if with_plan else ())
   if not composed(config):
     loader = pipeline.train_loader(source, global_batch_size=config.batch_size,

@@ -50,7 +50,10 @@ def is_mixture(dataset_cfg):
 
 
 def part_configs(dataset_cfg):
-  """[(name, config.dataset of part k)]: the part's fields with the mixture's data_dir."""
+  """[(name, config.dataset of part k)]: the part's fields with the mixture's data_dir; for
+  one dataset (not a mixture) [(its name, dataset_cfg)]."""
+  if not is_mixture(dataset_cfg):
+    return [(dataset_cfg.name, dataset_cfg)]
   return [(name, ml_collections.ConfigDict(dict(dataset_cfg.get(name, {}), name=name,
                                                 data_dir=dataset_cfg.get('data_dir', ''))))
           for name in dataset_cfg.parts]
@@ -113,9 +116,9 @@ def query_runs(config):
   is_text = [not IMAGE_QUERIES[p] for p in config.dataset.parts]
   if len(set(is_text)) < 2:
     return None
-  ends = np.cumsum(part_batch_sizes(config.dataset, config.batch_size))
+  sizes = part_batch_sizes(config.dataset, config.batch_size)
   return tuple((int(end - size), int(end), text) for end, size, text in
-               zip(ends, part_batch_sizes(config.dataset, config.batch_size), is_text))
+               zip(np.cumsum(sizes), sizes, is_text))
 
 
 class MixturePlan:
