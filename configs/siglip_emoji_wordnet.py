@@ -23,12 +23,20 @@ VARIANTS = ('runlocal', 'lit', 'unmined')
 
 
 def get_config(arg=None):
+  return mixture_config('siglip', arg)
+
+
+def mixture_config(loss_params, arg=None):
+  """The emoji + WordNet recipe with the loss of `loss_params` ('siglip' or 'clip': mined
+  negatives join sigmoid_loss only, so CLIP's is `unmined`)."""
   siglip = config_lib.sibling(__file__, 'siglip_emoji.py')
   variants = set(filter(None, (arg or '').split(',')))
   if variants - set(VARIANTS):
     raise ValueError(f'Unknown config variant(s) {sorted(variants - set(VARIANTS))}; choose '
                      f'from {VARIANTS}.')
-  config = siglip.base_config('siglip')
+  if loss_params != 'siglip':
+    variants.add('unmined')
+  config = siglip.base_config(loss_params)
   config.dataset = dict(name='mixture', data_dir='', parts=('emoji_cldr', 'wordnet_gloss'),
                         fractions=(0.5, 0.5),
                         emoji_cldr=dict(image_size=32, languages=('en',), max_examples=0),

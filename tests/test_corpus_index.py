@@ -257,6 +257,7 @@ def test_refresh_interval_zero_through_the_recipe_is_a_config_error():
   path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'siglip_emoji.py')
   cfg = config_lib.load_config(path, 'runlocal')
   cfg.hard_negatives.num_hard = 4
+  cfg.hard_negatives.refresh_every = 0
   with pytest.raises(validate.ConfigError, match='refresh_every=0') as e:
     validate.validate_config(cfg, num_devices=8, num_processes=1)
   assert '\n' not in str(e.value)
