@@ -61,6 +61,29 @@ def test_text_shapes(pool):
   assert out.shape == (3, 16) and np.all(np.isfinite(out))
 
 
+def test_text_bag_of_pieces():
+  """depth 0, no positions, mean pooling: mean over the non-pad tokens of LayerNorm(E[token])
+  (a NumPy re-derivation), the same for any order of a row's tokens."""
+  model = models.TextTransformer(**dict(TINY_TEXT, depth=0), pool='mean', positions=False)
+  variables = random_params(model, TOKENS)
+  assert 'pos_embedding' not in variables['params']
+  out = np.asarray(jax.jit(model.apply)(variables, TOKENS))
+  table = np.asarray(variables['params']['token_embedding']['embedding'], np.float64)
+  norm = variables['params']['encoder']['encoder_norm']
+  for row, tokens in zip(out, TOKENS):
+    x = table[tokens[:np.argmin(np.append(tokens, 0) != 0)]]  # the tokens before the first 0
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    expect = (x * np.asarray(norm['scale']) + np.asarray(norm['bias'])).mean(0)
+    np.testing.assert_allclose(row, expect, rtol=1e-4, atol=1e-5)
+  shuffled = TOKENS.copy()
+  shuffled[2, :6] = shuffled[2, [3, 5, 0, 1, 4, 2]]
+  np.testing.assert_allclose(jax.jit(model.apply)(variables, shuffled)[2], out[2], atol=1e-5)
+  with_positions = models.TextTransformer(**dict(TINY_TEXT, depth=0), pool='mean')
+  variables = random_params(with_positions, TOKENS)
+  a, b = (np.asarray(jax.jit(with_positions.apply)(variables, t))[2] for t in (TOKENS, shuffled))
+  assert np.abs(a - b).max() > 1e-2  # positions make the order count
+
+
 def test_vit_depends_on_the_image():
   """Rows are independent (permuting the batch permutes the features), different images
   give different features, and moving patches around changes them (position embeddings)."""

@@ -3,7 +3,7 @@ al. 2023), in Flax Linen.
 
 tokens [N, L] int (0 = padding) -> features [N, width]:
 
-    x        = E_tok[tokens] + E_pos[:L]                 [N, L, width]
+    x        = E_tok[tokens] + E_pos[:L]                 [N, L, width]   (E_pos: `positions`)
     x        = Encoder(x, mask)   (pre-LN blocks + final LN, `transformer.Encoder`)
     features = pool(x)            'eos' | 'mean' | 'map' [N, width]
 
@@ -55,6 +55,8 @@ class TextTransformer(nn.Module):
     width, depth, heads, mlp_dim: Transformer sizes, as `vit.ViT`.
     pool: 'eos' (last non-pad token), 'mean' (over non-pad tokens) or 'map'.
     causal: also mask attention to later positions (CLIP); default bidirectional.
+    positions: add the learned position table (False with depth 0 and 'mean' pooling: a bag
+      of pieces, StarSpace-style, Wu et al. 2018: a piece counts the same at any position).
     dropout: dropout rate in the blocks when `train=True` (0: deterministic).
     dtype: compute dtype (`compute.py`); parameters stay float32.
     remat: '' or a name in `compute.REMAT_POLICIES`, applied to each block.
@@ -67,6 +69,7 @@ class TextTransformer(nn.Module):
   mlp_dim: int = 3072
   pool: str = 'eos'
   causal: bool = False
+  positions: bool = True
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: str = ''
@@ -86,9 +89,10 @@ class TextTransformer(nn.Module):
     ids = jnp.where(valid, tokens, 0)  # ids after the first 0 are padding, whatever they are
     x = nn.Embed(self.vocab_size, self.width, dtype=compute.flax_dtype(self.dtype),
                  name='token_embedding')(ids)  # (N, L, width)
-    pos = self.param('pos_embedding', nn.initializers.normal(stddev=self.width**-0.5),
-                     (1, self.context, self.width))
-    x = x + pos[:, :length].astype(x.dtype)
+    if self.positions:
+      pos = self.param('pos_embedding', nn.initializers.normal(stddev=self.width**-0.5),
+                       (1, self.context, self.width))
+      x = x + pos[:, :length].astype(x.dtype)
     key_mask = valid[:, None, None, :]  # (N, 1, 1, L): keys every query may attend to
     mask = key_mask
     if self.causal:
