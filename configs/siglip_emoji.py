@@ -66,7 +66,8 @@ def base_config(loss_params='siglip'):
   # steps, from step 0 with from_start (sigmoid_loss; with lit.lock=text the index is fixed:
   # ADORE); same_part: a mixture's rows mine their own dataset's texts only (MM-Embed).
   # The interval is the recipe's: a refresh re-embeds the corpus (emoji: ~6 s, 3% of a run at
-  # 100 steps; siglip_wordnet's 110k glosses take ~70 s, so it refreshes every 250).
+  # 100 steps; siglip_wordnet's 110k glosses take ~70 s through its transformer, so that
+  # recipe refreshes every 250).
   config.hard_negatives = dict(num_hard=0, refresh_every=100, from_start=False,
                                block_size=1024, same_part=True)
   # m^3-Mix (objectives.geodesic_mixup_loss): alpha > 0 adds slerp(za_j, zb_j, lam), lam ~

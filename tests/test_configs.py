@@ -21,7 +21,7 @@ VARIANTS = {
     'moco_v3_fmnist.py': [None, 'runlocal'],
     'siglip_emoji.py': [None, 'runlocal', 'resnet', 'lit', 'pod', 'pod,dense', 'resnet,lit,runlocal'],
     'clip_emoji.py': [None, 'runlocal', 'lit', 'pod'],
-    'siglip_wordnet.py': [None, 'runlocal', 'lit', 'pod'],
+    'siglip_wordnet.py': [None, 'runlocal', 'lit', 'pod', 'transformer', 'runlocal,transformer'],
 }
 
 
