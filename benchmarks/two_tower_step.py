@@ -7,6 +7,9 @@ Implementations, each in its own worker process (own peak RSS, own thread pools)
                   lr x10), jitted over `--devices` CPU devices ('auto': one per core, as the
                   trainer chooses, `parallel.default_cpu_devices`; and 1);
   ours_blockwise  the same with the loss's blockwise path (`--block_size`, ring on the mesh);
+  ours_gradcache  ours_dense with GradCache (`--micro_batch` rows embedded at a time, the
+                  same gradient: contrastive/grad_cache.py), whose towers' activations are
+                  those of one micro-batch, not of the batch;
   open_clip       `open_clip.CLIP` built from a model config dict with the same sizes,
                   `ClipLoss` / `SigLipLoss`, torch.optim.AdamW (decay on ndim >= 2, logit lr
                   x10), clip_grad_norm_(1.0), the logit-scale clamp of open_clip's training
@@ -114,7 +117,8 @@ def ours_worker(point):
   objective = objectives.two_tower(model=model, loss_name=config.loss.name,
                                    block_size=block_size, mesh=mesh if block_size else None)
   step = step_lib.jit_train_step(mesh, state, step_fn=step_lib.update, objective=objective,
-                                 tx=tx, schedule=schedule)
+                                 tx=tx, schedule=schedule,
+                                 micro_batch_size=point.get('micro_batch') or 0)
   count = sum(x.size for x in jax.tree.leaves(state.params))
   b, sharding = point['batch'], parallel.data_sharding(mesh)
   ids, truncated = np.arange(b, dtype=np.int32), np.zeros(b, np.int32)
@@ -206,6 +210,7 @@ def main(argv=None):
   p.add_argument('--impls', default='ours_dense,ours_blockwise,open_clip')
   p.add_argument('--devices', default='auto,1', help="our CPU device counts; 'auto': the trainer's")
   p.add_argument('--block_size', type=int, default=256)
+  p.add_argument('--micro_batch', type=int, default=256, help='ours_gradcache: rows at a time')
   p.add_argument('--pool', default='map', choices=['map', 'gap'], help='image tower pooling')
   p.add_argument('--rounds', type=int, default=5, help='timed steps after 2 warm-up steps')
   p.add_argument('--torch_threads', default='cores',
@@ -228,7 +233,8 @@ def main(argv=None):
                   if impl != 'open_clip' else [1])
         for devices in dict.fromkeys(counts):  # 'auto,1' on one core: once
           points.append(dict(impl=impl, loss=loss, batch=batch, devices=devices, pool=args.pool,
-                             block_size=args.block_size if impl == 'ours_blockwise' else None))
+                             block_size=args.block_size if impl == 'ours_blockwise' else None,
+                             micro_batch=args.micro_batch if impl == 'ours_gradcache' else None))
         if impl == 'open_clip':  # one worker per thread count, the first is the ratios' base
           points[-1:] = [dict(points[-1],
                               threads=int(t) if t != 'cores' else interleaved.cores())
@@ -252,6 +258,7 @@ def main(argv=None):
             impl=pt['impl'], loss=loss, batch=batch, devices=pt['devices'],
             cores=interleaved.cores(),
             block_size=pt['block_size'], collective='ring' if pt['block_size'] else None,
+            micro_batch=pt['micro_batch'],
             threads=pt.get('threads'), pool=args.pool, params=w.params, time_s=round(m, 4),
             times_s=[round(x['time_s'], 4) for x in s], first_call_s=round(s[0]['time_s'], 2),
             ratio_vs_open_clip=None if base is None else round(m / base, 3),
