@@ -42,7 +42,8 @@ The recorded results (2 shared cores, fewer points and rounds to fit the time):
       --batch_sizes=256 --devices=auto,1 --torch_threads=cores,1 --rounds=3
   ... --batch_sizes=1024 --devices=auto --torch_threads=cores,1 --rounds=2
 
-Batch 4096 was not measured: peak RSS grows ~4.5 GiB (ours) / ~2.5 GiB (open_clip) per 1000
+Batch 4096 was measured only with ours_gradcache (peak RSS 1.6 GiB; open_clip 11.0 GiB):
+dense, peak RSS grows ~4.5 GiB (ours) / ~2.5 GiB (open_clip) per 1000
 rows (2.1 / 1.6 GiB at 256, 5.5 / 3.4 at 1024: the towers' saved activations, not the [B, B]
 loss), so one 4096 run's workers (alive together) need ~20 + ~11 GiB, beyond the ~12 GiB
 that this shared 23 GiB machine had free, and a step would take ~1.5-2 min under its load.
