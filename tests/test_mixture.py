@@ -158,6 +158,11 @@ def test_objective_embeds_text_queries_with_tower_b():
   float64.assert_close(zb_split, zb_where)
   za_wrong, _ = split(dict(in_runs, a_is_text=~in_runs['a_is_text']))  # the runs decide
   float64.assert_close(za_wrong, za_split)
+  # The loss reads those embeddings: without the text queries it differs.
+  loss = jax.jit(lambda rows: objectives.two_tower(model=model, loss_name='sigmoid_loss')(
+      params, state, rows, jax.random.key(1))[0])
+  plain = {k: v for k, v in rows.items() if k not in ('a_text', 'a_is_text')}
+  assert np.isfinite(loss(rows)) and abs(float(loss(rows)) - float(loss(plain))) > 1e-3
 
 
 class MixedRows:
