@@ -36,17 +36,14 @@ environment holds PyPI's torch 2.14.1, which runs on the CPU as the +cpu build d
   python benchmarks/two_tower_step.py --torch_python=/tmp/openclipenv/bin/python \\
       >> benchmarks/results/two_tower_step.jsonl
 
-The recorded results (2 shared cores, fewer points and rounds to fit the time):
-
-  python benchmarks/two_tower_step.py --torch_python=/tmp/openclipenv/bin/python \\
-      --batch_sizes=256 --devices=auto,1 --torch_threads=cores,1 --rounds=3
-  ... --batch_sizes=1024 --devices=auto --torch_threads=cores,1 --rounds=2
-
-Batch 4096 was measured only with ours_gradcache (peak RSS 1.6 GiB; open_clip 11.0 GiB):
-dense, peak RSS grows ~4.5 GiB (ours) / ~2.5 GiB (open_clip) per 1000
-rows (2.1 / 1.6 GiB at 256, 5.5 / 3.4 at 1024: the towers' saved activations, not the [B, B]
-loss), so one 4096 run's workers (alive together) need ~20 + ~11 GiB, beyond the ~12 GiB
-that this shared 23 GiB machine had free, and a step would take ~1.5-2 min under its load.
+The recorded results (the README's table; the idle 2 cores, fewer points and rounds to fit
+the time, ~45 min): `--batch_sizes=256,1024 --impls=ours_dense,ours_blockwise,ours_gradcache,
+open_clip --devices=auto --torch_threads=cores,1 --micro_batch=128 --rounds=3`; batch 256 again
+with `--devices=auto,1 --rounds=10`; batch 4096 with `--impls=ours_gradcache,open_clip`; the
+dense step at 4096 alone (`--losses=clip --impls=ours_dense --rounds=2`). The workers of one
+(batch, loss) are alive together, and the dense step's peak RSS grows ~4.5 GiB per 1000 rows
+(the towers' saved activations, not the [B, B] loss; open_clip's ~2.5): at 4096 it needs
+~20 GiB (open_clip ~11), so it runs alone on a 23 GiB machine.
 
 Architecture differences (counts printed and recorded: ours 1,565,569 (CLIP) / 1,565,570
 (SigLIP), open_clip 1,434,497 / 1,434,498; ours has 131,072 more, the MAP head's MLP):
