@@ -14,12 +14,12 @@ Evaluated per dataset as the single-dataset recipes are (metrics 'emoji_cldr/...
 'wordnet_gloss/...': retrieval both ways, zero-shot groups and lexicographer categories).
 
 Variants: `runlocal` (tiny, seconds), `lit` (the image tower locked), `unmined` (no mined
-negatives: the mixture alone).
+negatives: the mixture alone), `bag` (the text tower a bag of pieces, as siglip_wordnet's).
 """
 
 from contrastive import config_lib
 
-VARIANTS = ('runlocal', 'lit', 'unmined')
+VARIANTS = ('runlocal', 'lit', 'unmined', 'bag')
 
 
 def get_config(arg=None):
@@ -46,7 +46,10 @@ def mixture_config(loss_params, arg=None):
   config.total_steps = 600  # a mixture has no common epoch
   config.hard_negatives.update(num_hard=2, refresh_every=200)
   config.eval.batch_size = 1024
-  config = siglip.apply_variants(config, variants - {'unmined'})
+  if 'bag' in variants:  # siglip_wordnet's text tower: no blocks, no position table
+    config.model.text = dict(name='text', preset='small', pool='mean', depth=0,
+                             positions=False, width=256)
+  config = siglip.apply_variants(config, variants - {'unmined', 'bag'})
   if 'unmined' in variants:
     config.hard_negatives.update(num_hard=0, refresh_every=0)
   if 'runlocal' in variants:

@@ -22,7 +22,8 @@ VARIANTS = {
     'siglip_emoji.py': [None, 'runlocal', 'resnet', 'lit', 'pod', 'pod,dense', 'resnet,lit,runlocal'],
     'clip_emoji.py': [None, 'runlocal', 'lit', 'pod'],
     'siglip_wordnet.py': [None, 'runlocal', 'lit', 'pod', 'transformer', 'runlocal,transformer'],
-    'clip_emoji_wordnet.py': [None, 'runlocal,lit'],
+    'clip_emoji_wordnet.py': [None, 'runlocal,lit', 'transformer'],
+    'siglip_emoji_wordnet.py': [None, 'bag', 'runlocal,bag'],
 }
 
 
