@@ -137,6 +137,17 @@ def test_invalid_config_message(changes, num_devices, message):
 def test_unknown_variant():
   with pytest.raises(ValueError, match=r"Unknown config variant\(s\) \['mochii'\]"):
     load_config(os.path.join(CONFIG_DIR, 'moco_v2_fmnist.py'), 'runlocal,mochii')
+  mixture = os.path.join(CONFIG_DIR, 'clip_emoji_wordnet.py')
+  with pytest.raises(ValueError, match=r"\['bagg'\]; choose from .*'transformer'"):
+    load_config(mixture, 'bagg')
+
+
+def test_clip_mixture_text_tower():
+  """clip_emoji_wordnet's text tower: the bag of pieces unless `transformer` is asked for."""
+  path = os.path.join(CONFIG_DIR, 'clip_emoji_wordnet.py')
+  bag, transformer = load_config(path).model.text, load_config(path, 'transformer').model.text
+  assert (bag.depth, bag.positions, bag.width) == (0, False, 256)
+  assert 'depth' not in transformer and transformer.pool == 'mean'
 
 
 def test_batch_not_divisible_by_processes():
