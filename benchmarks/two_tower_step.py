@@ -40,7 +40,8 @@ The recorded results (the README's table; the idle 2 cores, fewer points and rou
 the time, ~45 min): `--batch_sizes=256,1024 --impls=ours_dense,ours_blockwise,ours_gradcache,
 open_clip --devices=auto --torch_threads=cores,1 --micro_batch=128 --rounds=3`; batch 256 again
 with `--devices=auto,1 --rounds=10`; batch 4096 with `--impls=ours_gradcache,open_clip`; the
-dense step at 4096 alone (`--losses=clip --impls=ours_dense --rounds=2`). The workers of one
+dense and blockwise steps at 4096 alone (one loss and `--impls=ours_dense` or
+`--impls=ours_blockwise` a run, `--rounds=2`). The workers of one
 (batch, loss) are alive together, and the dense step's peak RSS grows ~4.5 GiB per 1000 rows
 (the towers' saved activations, not the [B, B] loss; open_clip's ~2.5): at 4096 it needs
 ~20 GiB (open_clip ~11), so it runs alone on a 23 GiB machine.
