@@ -17,13 +17,4 @@ from contrastive import config_lib
 
 def get_config(arg=None):
   mixture = config_lib.sibling(__file__, 'siglip_emoji_wordnet.py')
-  variants = set(filter(None, (arg or '').split(',')))
-  known = set(mixture.VARIANTS) | {'transformer'}
-  if variants - known:
-    raise ValueError(f'Unknown config variant(s) {sorted(variants - known)}; choose from '
-                     f'{sorted(known)}.')
-  if 'transformer' in variants:
-    variants.remove('transformer')
-  else:
-    variants.add('bag')
-  return mixture.mixture_config('clip', ','.join(sorted(variants)))
+  return mixture.mixture_config('clip', arg, bag=True)

@@ -14,21 +14,23 @@ Evaluated per dataset as the single-dataset recipes are (metrics 'emoji_cldr/...
 'wordnet_gloss/...': retrieval both ways, zero-shot groups and lexicographer categories).
 
 Variants: `runlocal` (tiny, seconds), `lit` (the image tower locked), `unmined` (no mined
-negatives: the mixture alone), `bag` (the text tower a bag of pieces, as siglip_wordnet's).
+negatives: the mixture alone), `bag` / `transformer` (the text tower: siglip_wordnet's bag of
+pieces, or the 2-block transformer, this recipe's default).
 """
 
 from contrastive import config_lib
 
-VARIANTS = ('runlocal', 'lit', 'unmined', 'bag')
+VARIANTS = ('runlocal', 'lit', 'unmined', 'bag', 'transformer')
 
 
 def get_config(arg=None):
   return mixture_config('siglip', arg)
 
 
-def mixture_config(loss_params, arg=None):
+def mixture_config(loss_params, arg=None, *, bag=False):
   """The emoji + WordNet recipe with the loss of `loss_params` ('siglip' or 'clip': mined
-  negatives join sigmoid_loss only, so CLIP's is `unmined`)."""
+  negatives join sigmoid_loss only, so CLIP's is `unmined`); `bag`: the text tower without a
+  `bag` or `transformer` variant is the bag of pieces, else the transformer."""
   siglip = config_lib.sibling(__file__, 'siglip_emoji.py')
   variants = set(filter(None, (arg or '').split(',')))
   if variants - set(VARIANTS):
@@ -46,10 +48,9 @@ def mixture_config(loss_params, arg=None):
   config.total_steps = 600  # a mixture has no common epoch
   config.hard_negatives.update(num_hard=2, refresh_every=200)
   config.eval.batch_size = 1024
-  if 'bag' in variants:  # siglip_wordnet's text tower: no blocks, no position table
-    config.model.text = dict(name='text', preset='small', pool='mean', depth=0,
-                             positions=False, width=256)
-  config = siglip.apply_variants(config, variants - {'unmined', 'bag'})
+  if 'bag' in variants or (bag and 'transformer' not in variants):
+    config.model.text = config_lib.sibling(__file__, 'siglip_wordnet.py').bag_tower()
+  config = siglip.apply_variants(config, variants - {'unmined', 'bag', 'transformer'})
   if 'unmined' in variants:
     config.hard_negatives.update(num_hard=0, refresh_every=0)
   if 'runlocal' in variants:

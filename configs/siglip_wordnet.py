@@ -19,6 +19,12 @@ Variants: those of siglip_emoji.py (`runlocal`, `lit` locks tower a, `pod`) and 
 from contrastive import config_lib
 
 
+def bag_tower():
+  """The recipe's text tower: a bag of pieces (each piece's learned 256-d embedding, averaged;
+  no blocks, no position table)."""
+  return dict(name='text', preset='small', pool='mean', depth=0, positions=False, width=256)
+
+
 def get_config(arg=None):
   siglip = config_lib.sibling(__file__, 'siglip_emoji.py')
   variants = set(filter(None, (arg or '').split(',')))
@@ -32,8 +38,7 @@ def get_config(arg=None):
   # pooling reached recall@1 0.003 in the same 15 minutes (README); `model.text` is tower b
   # where share is False (the `lit` variant). The bag of pieces (depth 0) beats the 2-block
   # transformer at the same 15 minutes (README: 4 epochs against 1).
-  config.model.a = dict(name='text', preset='small', pool='mean', depth=0, positions=False,
-                        width=256)
+  config.model.a = bag_tower()
   config.num_epochs = 4.0  # 2,910 steps
   if transformer:
     config.model.a = dict(name='text', preset='small', pool='mean')
