@@ -121,7 +121,7 @@ def get_config(arg=None):
   # `encoder`, where set (the `vit` variant), is a tower config (models/two_tower.build_tower)
   # that replaces the ResNet of the fields before it.
   config.model = dict(preset='', stage_sizes=(1, 1, 1), width=32, block='basic',
-                      stem_strides=2, encoder=config_dict.placeholder(dict),
+                      stem_strides=2, pool='avg', encoder=config_dict.placeholder(dict),
                       head_hidden_dims=(256,), head_out_dim=128,
                       remat='')  # e.g. 'nothing_saveable': models/compute.py REMAT_POLICIES
   loss = options.get('loss', 'nt_xent')

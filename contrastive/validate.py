@@ -15,6 +15,7 @@ from contrastive.models import PRESETS
 from contrastive.models.compute import REMAT_POLICIES
 from contrastive.models import two_tower
 from contrastive.models.resnet import BLOCKS
+from contrastive.models.resnet import POOLS
 from contrastive.samplers import guide
 from contrastive.samplers.momentum import MOMENTUM_SCHEDULES
 from contrastive.samplers.queue import check_queue_size
@@ -98,6 +99,9 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
   if config.model.get('block') and config.model.block not in BLOCKS:
     raise ConfigError(f'config.model.block={config.model.block!r} is unknown; choose one of '
                       f'{sorted(BLOCKS)}.')
+  if config.model.get('pool', 'avg') not in POOLS:
+    raise ConfigError(f'config.model.pool={config.model.pool!r} is unknown; choose one of '
+                      f'{list(POOLS)}.')
   validate_method(config)
   validate_precision(config)
   pipeline.check_dataset(config.dataset)

@@ -117,6 +117,7 @@ def _base(**changes):
     ({'loss.temperature': 0.0}, 1, 'config.loss.temperature=0.0 must be > 0'),
     ({'mesh': [('data', 3)]}, 8, 'has 3 devices but there are 8'),
     ({'model.preset': 'resnet7'}, 1, "config.model.preset='resnet7' is unknown"),
+    ({'model.pool': 'max'}, 1, "config.model.pool='max' is unknown; choose one of ['avg', 'flatten']"),
     ({'model.encoder': {'name': 'vitt'}}, 1, "config.model.encoder: unknown tower name 'vitt'"),
     ({'model.encoder': {'name': 'vit', 'depht': 2}}, 1, "unknown vit tower fields ['depht']"),
     ({'eval.batch_size': 999}, 8, 'config.eval.batch_size=999 is not divisible'),

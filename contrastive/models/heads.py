@@ -89,7 +89,7 @@ def build_encoder(cfg, dtype=None, remat=None):
   dtype = compute.as_dtype(cfg.get('dtype', jnp.float32) if dtype is None else dtype)
   remat = cfg.get('remat', '') if remat is None else remat
   return resnet.ResNet(**enc, stem_strides=cfg.get('stem_strides', 1), dtype=dtype,
-                       remat=remat)
+                       remat=remat, pool=cfg.get('pool', 'avg'))
 
 
 def build_model(cfg, dtype=None, remat=None):

@@ -76,6 +76,7 @@ class BottleneckBlock(nn.Module):
 
 
 BLOCKS = {'basic': BasicBlock, 'bottleneck': BottleneckBlock}
+POOLS = ('avg', 'flatten')  # ResNet.pool: how the last feature map becomes the features
 
 
 class ResNet(nn.Module):
@@ -89,6 +90,8 @@ class ResNet(nn.Module):
       (4x less compute, for CPU budgets).
     dtype: compute dtype (`compute.py`); parameters and batch statistics stay float32.
     remat: '' or a name in `compute.REMAT_POLICIES`, applied to each residual block.
+    pool: 'avg' (global average pool: F = the last stage's width) or 'flatten' (the last
+      feature map flattened, F = H' W' x width: keeps where in the image a feature is).
   """
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
@@ -96,6 +99,7 @@ class ResNet(nn.Module):
   stem_strides: int = 1
   dtype: Any = jnp.float32
   remat: str = ''
+  pool: str = 'avg'
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -108,6 +112,10 @@ class ResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         x = block_cls(self.width * 2**i, strides, self.dtype,
                       name=f'stage{i + 1}_block{j + 1}')(x, train)
+    if self.pool not in POOLS:
+      raise ValueError(f'pool={self.pool!r} is unknown; choose one of {list(POOLS)}.')
+    if self.pool == 'flatten':
+      return x.reshape(x.shape[0], -1)  # [N, H' W' C], in the compute dtype
     return jnp.mean(x, axis=(1, 2))  # global average pool: [N, F], in the compute dtype
 
 
