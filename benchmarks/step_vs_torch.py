@@ -100,14 +100,20 @@ def torch_worker(point):
     for j in range(n):
       layers.append(Block(cin, width * 2**i, 2 if i > 0 and j == 0 else 1))
       cin = width * 2**i
-  head, dim = [], cin
+  trunk = nn.Sequential(
+      nn.Conv2d(1, width, 3, model_cfg['stem_strides'], 1, bias=False), bn(width), nn.ReLU(),
+      *layers)
+  with torch.no_grad():  # the last feature map's H = W on the 28 x 28 images (_images)
+    side = trunk.eval()(torch.zeros(1, 1, 28, 28)).shape[-1]
+  # resnet.ResNet.pool: 'flatten' keeps the [C, H, W] map (the order of the features does not
+  # change the cost), 'avg' pools it.
+  flatten = model_cfg.get('pool', 'avg') == 'flatten'
+  head, dim = [], cin * side * side if flatten else cin
   for hidden in model_cfg['head_hidden_dims']:  # heads.ProjectionHead
     head += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden, momentum=0.1), nn.ReLU()]
     dim = hidden
-  model = nn.Sequential(
-      nn.Conv2d(1, width, 3, model_cfg['stem_strides'], 1, bias=False), bn(width), nn.ReLU(),
-      *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), *head,
-      nn.Linear(dim, model_cfg['head_out_dim']))
+  pool = [nn.Flatten()] if flatten else [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+  model = nn.Sequential(*trunk, *pool, *head, nn.Linear(dim, model_cfg['head_out_dim']))
   count = sum(p.numel() for p in model.parameters())
   decay = [p for p in model.parameters() if p.ndim > 1]  # optim.decay_mask: kernels only
   rest = [p for p in model.parameters() if p.ndim <= 1]

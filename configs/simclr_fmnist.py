@@ -112,16 +112,18 @@ def get_config(arg=None):
   # Sized for a 2-core CPU to finish in under 15 minutes (see README, Results); the accelerator
   # variants below restore SimCLR's ResNet, batch and LARS.
   config.batch_size = 256
-  config.num_epochs = 4.5
+  config.num_epochs = 3.5
   config.total_steps = 0  # > 0 overrides num_epochs
 
   config.augment = dict(crop_scale=(0.3, 1.0), flip=True, jitter_prob=0.8, brightness=0.4,
                         contrast=0.4, saturation=0.4, hue=0.1, gray_prob=0.2, blur_prob=0.0)
 
   # `encoder`, where set (the `vit` variant), is a tower config (models/two_tower.build_tower)
-  # that replaces the ResNet of the fields before it.
+  # that replaces the ResNet of the fields before it. pool='flatten': the features are the
+  # last 4 x 4 x 128 map flattened (2,048-d), which keeps where a feature is on these
+  # centred, aligned images (kNN +4 points over 'avg' at 2 epochs; README, Results).
   config.model = dict(preset='', stage_sizes=(1, 1, 1), width=32, block='basic',
-                      stem_strides=2, pool='avg', encoder=config_dict.placeholder(dict),
+                      stem_strides=2, pool='flatten', encoder=config_dict.placeholder(dict),
                       head_hidden_dims=(256,), head_out_dim=128,
                       remat='')  # e.g. 'nothing_saveable': models/compute.py REMAT_POLICIES
   loss = options.get('loss', 'nt_xent')
@@ -136,7 +138,7 @@ def get_config(arg=None):
   config.symmetric = True  # both directions q1-k2 and q2-k1 (False: MoCo v2's q1-k2 only)
   config.samplers = default_samplers()
   config.mcl = dict(stages=1, num_clusters=10, kmeans_iters=20)
-  config.optimizer = dict(name='adamw', lr=2e-3, scale_lr_by_batch=False, warmup_steps=50,
+  config.optimizer = dict(name='adamw', lr=4e-3, scale_lr_by_batch=False, warmup_steps=50,
                           weight_decay=1e-4, momentum=0.9, grad_clip_norm=0.0)
 
   config.eval = dict(every=0, split='test', batch_size=1000, knn_k=200, knn_temperature=0.1,
@@ -158,7 +160,7 @@ def get_config(arg=None):
 
   if 'resnet18' in variants or 'resnet50' in variants:
     name = 'resnet50' if 'resnet50' in variants else 'resnet18'
-    config.model.update(preset=name, stage_sizes=(), width=0, block='',
+    config.model.update(preset=name, stage_sizes=(), width=0, block='', pool='avg',
                         head_hidden_dims=(2048,))
     config.batch_size = 4096
     config.num_epochs = 200
