@@ -2,7 +2,8 @@
 
 The evaluator embeds clean test images with the BatchNorm population statistics that training
 estimated on augmented views (crops, colour jitter). This script restores a trained
-`configs/simclr_fmnist.py` workdir and scores its features three ways, one JSON line each:
+`configs/simclr_fmnist.py` workdir with the config it was run with (its config.json) and
+scores its features four ways, one JSON line each:
 
   running      the checkpoint's statistics (what `contrastive.main` reports);
   precise_bn   statistics recomputed on the clean training images ("precise BN", Wu & Johnson
@@ -13,7 +14,7 @@ estimated on augmented views (crops, colour jitter). This script restores a trai
 
   python -m contrastive.main --config configs/simclr_fmnist.py --workdir /tmp/ep2 \
       --config.num_epochs=2 --config.eval.random_init_baseline=False
-  python benchmarks/eval_bn_statistics.py --workdir /tmp/ep2 --num_epochs=2
+  python benchmarks/eval_bn_statistics.py --workdir /tmp/ep2
 """
 
 import argparse
@@ -26,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import simclr_fmnist  # pylint: disable=g-import-not-at-top,wrong-import-position
-from contrastive import checkpoint, evaluate, parallel, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from contrastive import checkpoint, evaluate, inference, parallel, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from contrastive.data import augment, pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -52,10 +52,8 @@ def clean_batch_stats(model, state, images, batch=1000):
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('--workdir', required=True)
-  p.add_argument('--num_epochs', type=float, default=4.5, help="the run's config.num_epochs")
   args = p.parse_args()
-  cfg = simclr_fmnist.get_config()
-  cfg.num_epochs = args.num_epochs
+  cfg = inference.load_config(args.workdir)  # the run's own: encoder, pool, schedule length
   mesh = parallel.make_mesh(cfg.mesh)
   source = pipeline.get_source(cfg.dataset, 'train')
   model, state, _ = train.image_views_step(cfg, mesh, source[0]['image'].shape,
