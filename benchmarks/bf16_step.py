@@ -12,21 +12,17 @@ step (training moves the two runs apart, so the drift grows with the step).
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
 import interleaved  # benchmarks/interleaved.py
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
-
 
 def run_worker(point):
   """Builds the step of `point` ({'dtype', 'batch'}) and serves timed steps."""
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_num_cpu_devices', interleaved.cores())  # before the backend starts
-  sys.path.insert(0, ROOT)
   import emoji_step  # pylint: disable=g-import-not-at-top (benchmarks/emoji_step.py)
   state, step, batch, memory = emoji_step.build(
       batch_size=point['batch'], dtype=point['dtype'])

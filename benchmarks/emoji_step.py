@@ -1,6 +1,6 @@
 """The SigLIP emoji recipe's jitted step on fixed random inputs of its shapes: what the worker
 processes of `grad_cache.py` and `bf16_step.py` time. Import it after the worker has set its
-CPU device count and put the repository on sys.path."""
+CPU device count."""
 
 import os
 
@@ -10,16 +10,14 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 def build(config_file='siglip_emoji.py', **overrides):
   """(state, jitted step, sharded batch, compiled memory analysis) of configs/`config_file`
   with `overrides` (dotted field -> value, e.g. {'batch_size': 256, 'dtype': 'bfloat16'}).
-  The batch has every field the config adds (`aot_report.two_tower_batch`), random tokens."""
+  The batch has every field the config adds (`recipes.two_tower.batch_fields`), random tokens."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from contrastive import config_lib  # pylint: disable=g-import-not-at-top
   from contrastive import parallel  # pylint: disable=g-import-not-at-top
-  from contrastive import two_tower_recipe  # pylint: disable=g-import-not-at-top
-  from contrastive.data import pair_batches  # pylint: disable=g-import-not-at-top
-
-  from contrastive import aot_report  # pylint: disable=g-import-not-at-top
   from contrastive.data import mixture  # pylint: disable=g-import-not-at-top
+  from contrastive.data import pair_batches  # pylint: disable=g-import-not-at-top
+  from contrastive.recipes import two_tower  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config(os.path.join(ROOT, 'configs', config_file))
   for field, value in overrides.items():
@@ -30,8 +28,9 @@ def build(config_file='siglip_emoji.py', **overrides):
     node[name] = value
   mesh = parallel.make_mesh(config.mesh)
   specs = [pair_batches.SPECS[name] for name, _ in mixture.part_configs(config.dataset)]
-  inputs = two_tower_recipe.example_inputs(config, specs[0])
-  _, state, step = two_tower_recipe.step(config, mesh, inputs, 1000, jax.random.key(0))
+  settings = two_tower.settings(config)
+  inputs = two_tower.example_inputs(config, specs[0])
+  _, state, step = two_tower.step(settings, mesh, inputs, 1000, jax.random.key(0))
   rng = np.random.default_rng(0)
   b = config.batch_size
   runs = mixture.query_runs(config) or ((0, b, not specs[0].a_is_image),)
@@ -40,7 +39,7 @@ def build(config_file='siglip_emoji.py', **overrides):
              'id': np.arange(b), 'b_hard_id': np.arange(b, 2 * b),
              'truncated': np.zeros(b)}
   batch = {}
-  for name, (shape, dtype) in aot_report.two_tower_batch(config, inputs, specs).items():
+  for name, (shape, dtype) in two_tower.batch_fields(settings, inputs, specs).items():
     if name in special:
       value = np.broadcast_to(special[name].reshape(b, *[1] * len(shape)), (b, *shape))
     elif dtype == np.uint8:

@@ -1,4 +1,4 @@
-"""Does the evaluation's BatchNorm cost the SimCLR recipe kNN accuracy? (issue 17)
+"""Does the evaluation's BatchNorm cost the SimCLR recipe kNN accuracy?
 
 The evaluator embeds clean test images with the BatchNorm population statistics that training
 estimated on augmented views (crops, colour jitter). This script restores a trained
@@ -20,15 +20,13 @@ scores its features four ways, one JSON line each:
 import argparse
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from contrastive import checkpoint, evaluate, inference, parallel, train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from contrastive.data import augment, pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from contrastive import checkpoint, evaluate, inference, parallel, train
+from contrastive.data import augment, pipeline
+from contrastive.recipes import image_views
 
 
 def clean_batch_stats(model, state, images, batch=1000):
@@ -56,9 +54,8 @@ def main():
   cfg = inference.load_config(args.workdir)  # the run's own: encoder, pool, schedule length
   mesh = parallel.make_mesh(cfg.mesh)
   source = pipeline.get_source(cfg.dataset, 'train')
-  model, state, _ = train.image_views_step(cfg, mesh, source[0]['image'].shape,
-                                           train.total_steps(cfg, len(source)),
-                                           jax.random.key(cfg.seed))
+  model, state, _ = image_views.step(image_views.settings(cfg), mesh, source[0]['image'].shape,
+                                     train.total_steps(cfg, len(source)), jax.random.key(cfg.seed))
   ckpt = checkpoint.Checkpointer(os.path.join(args.workdir, 'checkpoints'), save_every=10**9,
                                  keep=cfg.checkpoint_keep)
   state, _ = ckpt.restore_latest(state)

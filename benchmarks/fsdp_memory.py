@@ -18,8 +18,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-import sys  # pylint: disable=g-import-not-at-top,wrong-import-position
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..')))
+from contrastive import objectives
 from contrastive import optim  # pylint: disable=g-import-not-at-top,wrong-import-position
 from contrastive import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from contrastive import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -41,9 +40,9 @@ def main():
     mesh = parallel.make_mesh([('data', 8 // fsdp), ('fsdp', fsdp)])
     state = step_lib.abstract_state(lambda m=mesh: step_lib.create_train_state(
         model, tx, (16, 16, 3), jax.random.key(0), m), mesh)
-    step = step_lib.jit_train_step(mesh, state, model=model, tx=tx,
-                                   loss_fn=lambda a, b: nt_xent(a, b, temperature=0.2),
-                                   aug_cfg=aug, schedule=schedule)
+    objective = objectives.image_views(model=model, aug_cfg=aug,
+                                       loss_fn=lambda a, b: nt_xent(a, b, temperature=0.2))
+    step = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule)
     batch = {'image': jax.ShapeDtypeStruct((64, 16, 16, 3), jnp.uint8,
                                            sharding=parallel.data_sharding(mesh))}
     mem = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()

@@ -222,5 +222,4 @@ def run_point(point):
 
 
 if __name__ == '__main__':
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   main()

@@ -1,4 +1,4 @@
-"""The dual-encoder negatives ablation: each technique of issue 15 against the baseline on the
+"""The dual-encoder negatives ablation: each dual-encoder negatives technique against the baseline on the
 SigLIP emoji and WordNet recipes, at the same step budget, over several seeds.
 
 Each run goes through the public entry point, in its own process:
@@ -172,8 +172,6 @@ def step_times(rounds, names):
   measured in the same rounds."""
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_force_host_platform_device_count=2')
-  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
-  sys.path.insert(0, ROOT)
   import jax  # pylint: disable=g-import-not-at-top
   import emoji_step  # pylint: disable=g-import-not-at-top
   from contrastive.data import mixture  # pylint: disable=g-import-not-at-top

@@ -17,23 +17,21 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax
 import ml_collections
 import numpy as np
 
-# The repository root, so `python benchmarks/step_overhead.py` finds the package.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from contrastive import config_lib
+from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
 from contrastive import step as step_lib
-from contrastive import train
 from contrastive import validate
 from contrastive.losses import pair_loss_from_config
 from contrastive.models import build_model
+from contrastive.recipes import image_views
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs')
 # (name, config file, variants, baseline name)
@@ -63,13 +61,16 @@ def build_variant(config_file, variants, batch_size):
   model = build_model(config.model)
   tx, schedule = optim.build_optimizer(
       ml_collections.ConfigDict(dict(config.optimizer, batch_size=batch_size)), 1000)
-  method = train.build_method(config, steps=1000, steps_per_epoch=60000 / batch_size)
+  method = image_views.method(image_views.settings(config), steps=1000,
+                              steps_per_epoch=60000 / batch_size)
   state = step_lib.create_train_state(model, tx, (28, 28, 1), jax.random.key(0), mesh,
-                                      ema=bool(validate.momentum_base(config)),
+                                      ema=bool(image_views.settings(config).momentum_base),
                                       queue_size=config.queue_size, batch_size=batch_size)
-  step = step_lib.jit_train_step(mesh, state, model=model, tx=tx,
-                                 loss_fn=pair_loss_from_config(config.loss, mesh=mesh),
-                                 aug_cfg=config.augment, schedule=schedule, method=method)
+  objective = objectives.image_views(
+      model=model, aug_cfg=config.augment, method=method,
+      loss_fn=pair_loss_from_config(config.loss, mesh=mesh))
+  step = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule,
+                                 momentum=method.momentum if method else None)
   rng = np.random.default_rng(0)
   holder = [state]
 

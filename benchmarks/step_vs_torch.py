@@ -54,7 +54,6 @@ def jax_worker(point):
   """fn(i) -> seconds of train step i, and the parameter count."""
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_num_cpu_devices', point['devices'])  # before the backend starts
-  sys.path[:0] = [ROOT, os.path.join(ROOT, 'benchmarks')]
   import step_overhead  # pylint: disable=g-import-not-at-top
   from contrastive import config_lib  # pylint: disable=g-import-not-at-top
   from contrastive.models import build_model  # pylint: disable=g-import-not-at-top
@@ -199,7 +198,6 @@ def main(argv=None):
   if args.worker is not None:
     worker(json.loads(args.worker))
     return
-  sys.path.insert(0, ROOT)
   from contrastive import config_lib  # pylint: disable=g-import-not-at-top
   from contrastive import parallel  # pylint: disable=g-import-not-at-top
   config = config_lib.load_config(os.path.join(ROOT, 'configs', 'simclr_fmnist.py'))

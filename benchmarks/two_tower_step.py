@@ -1,7 +1,7 @@
 """The two-tower train step (CLIP / SigLIP) of this codebase against open_clip's on the CPU.
 
 Implementations, each in its own worker process (own peak RSS, own thread pools):
-  ours_dense      `step.update` with `objectives.two_tower` as `two_tower_recipe.parts` builds it
+  ours_dense      `step.update` with `objectives.two_tower` as `recipes.two_tower.step` builds it
                   from configs/clip_emoji.py or siglip_emoji.py (ViT `small` + text `small`,
                   embed 128, learned logit scale (and bias), AdamW with clipping at 1.0, logit
                   lr x10), jitted over `--devices` CPU devices ('auto': one per core, as the
@@ -93,10 +93,10 @@ def ours_worker(point):
   """fn(i) -> (seconds, loss) of train step i, and the parameter count."""
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_num_cpu_devices', point['devices'])  # before the backend starts
-  sys.path.insert(0, ROOT)
   from contrastive import config_lib, objectives, parallel  # pylint: disable=g-import-not-at-top
   from contrastive import step as step_lib  # pylint: disable=g-import-not-at-top
-  from contrastive import two_tower_recipe  # pylint: disable=g-import-not-at-top
+  from contrastive.recipes import two_tower_init  # pylint: disable=g-import-not-at-top
+  from contrastive.recipes import two_tower_model  # pylint: disable=g-import-not-at-top
   from contrastive.models import two_tower as two_tower_lib  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config(os.path.join(ROOT, 'configs', CONFIGS[point['loss']]))
@@ -104,13 +104,14 @@ def ours_worker(point):
   config.model.image.pool = point['pool']
   config.model.image.patch = PATCH
   config.tokenizer.update(vocab_size=VOCAB, context=CONTEXT)
-  model = two_tower_lib.build_two_tower(two_tower_recipe.model_config(config))
+  model = two_tower_lib.build_two_tower(two_tower_model.model_config(config))
   assert jax.device_count() == point['devices'], jax.devices()
   mesh = parallel.make_mesh([('data', -1)])
   inputs = (np.zeros((2, IMAGE, IMAGE, 3), np.uint8), np.zeros((2, CONTEXT), np.int32))
   rng = jax.random.key(0)
   abstract = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), rng)
-  tx, schedule = two_tower_recipe.optimizer(config, abstract['params'], 1000)
+  tx, schedule = two_tower_init.optimizer(config.optimizer, abstract['params'], 1000,
+                                          batch_size=config.batch_size)
   state = step_lib.create_train_state(model, tx, None, rng, mesh, inputs=inputs)
   block_size = point['block_size']
   objective = objectives.two_tower(model=model, loss_name=config.loss.name,
@@ -221,7 +222,6 @@ def main(argv=None):
   if args.worker is not None:
     worker(json.loads(args.worker))
     return
-  sys.path.insert(0, ROOT)
   from contrastive import parallel  # pylint: disable=g-import-not-at-top
   for batch in map(int, args.batch_sizes.split(',')):
     auto = parallel.default_cpu_devices([batch], env={}) or 1

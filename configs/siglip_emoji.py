@@ -46,7 +46,7 @@ def base_config(loss_params='siglip'):
       embed_dim=128, loss_params=loss_params,
       remat='',  # every tower's blocks, e.g. 'nothing_saveable' (models/compute.py)
       # SigLIP's published init (t' = log 10, b = -10) spends a short run escaping it
-      # (../shared/DESIGN.md, calibration): a larger logit learning rate (below) moves it.
+      # (docs/two_towers.md, temperature and bias): a larger logit learning rate (below) moves it.
       logit_scale_init=10.0 if loss_params == 'siglip' else 1 / 0.07, logit_bias_init=-10.0)
   config.loss = dict(name='sigmoid_loss' if loss_params == 'siglip' else 'clip_loss',
                      block_size=config_dict.placeholder(int),  # None: dense

@@ -169,7 +169,7 @@ def get_config(arg=None):
                             warmup_steps=500)
     config.eval.update(every=5000, batch_size=4096)  # divisible by a pod slice's devices
     config.checkpoint_every = 1000
-  if 'vit' in variants:  # a ViT on 4 x 4 patches of 7 x 7 px (the two-tower issue's item 10)
+  if 'vit' in variants:  # a ViT on 4 x 4 patches of 7 x 7 px
     config.model.encoder = dict(name='vit', patch=7, width=128, depth=4, heads=4, mlp_dim=256,
                                 pool='gap')
   apply_sampler_variants(config, variants)

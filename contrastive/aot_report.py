@@ -16,18 +16,12 @@ import re
 import time
 
 import jax
-import numpy as np
 
 from contrastive import parallel
-from contrastive import train
-from contrastive import two_tower_recipe
+from contrastive import recipes
 from contrastive import validate
-from contrastive.data import mixture
-from contrastive.data import pair_batches
-from contrastive.data import pipeline
+from contrastive.config_lib import ConfigError
 from contrastive.models import conv
-from contrastive.negatives import corpus_index
-from contrastive.negatives import negclip
 
 GIB = 2 ** 30
 # HBM per chip (GiB) and peak bf16 dense FLOP/s per chip, from Cloud TPU's system
@@ -73,51 +67,13 @@ def jax_plugins():
     return ()
 
 
-def _spec(shape, dtype, sharding):
-  return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
-
-
-def two_tower_batch(config, inputs, specs):
-  """{field: (per-row shape, dtype)} of the two-tower step's batch (pair_batches,
-  objectives.two_tower): side a, b, ids, and the extra texts of the config (NegCLIP's P,
-  the K mined; a mixture's part index and text queries). specs: the datasets' PairSpecs."""
-  length = inputs[1].shape[1]
-  fields = {'a': (inputs[0].shape[1:], inputs[0].dtype), 'b': ((length,), np.int32),
-            'id': ((), np.int32), 'truncated': ((), np.int32)}
-  for name, num in (('b_neg', negclip.num_negatives(config)),
-                    ('b_hard', corpus_index.num_hard(config))):
-    if num:
-      fields.update({name: ((num, length), np.int32), name + '_valid': ((num,), np.bool_)})
-  if corpus_index.num_hard(config):
-    fields['b_hard_id'] = ((corpus_index.num_hard(config),), np.int32)
-  if len(specs) > 1:  # a mixture (contrastive/data/mixture.py)
-    fields['task'] = ((), np.int32)
-  if len({s.a_is_image for s in specs}) == 2:  # image and text queries
-    fields.update(a_text=((length,), np.int32), a_is_text=((), np.bool_))
-  return fields
-
-
 def abstract_parts(config, mesh):
-  """(abstract state, jitted step, abstract batch) of `config` on `mesh`; reads only the
-  shapes of the training data (image-views: one record; two towers: the config)."""
+  """(abstract state, jitted step, abstract batch, abstract key) of `config` on `mesh`; reads
+  only the shapes of the training data (the recipe's `abstract_parts`)."""
   rng = jax.random.key(config.seed)
   steps = int(config.get('total_steps') or 1000)  # the schedule's length: no effect on memory
-  data = parallel.data_sharding(mesh)
-  b = config.batch_size
-  if config.get('family') == 'two_tower':
-    specs = [pair_batches.spec(d, pair_batches.get_source(d, 'train')
-                               if d.name == 'jsonl_pairs' else None)
-             for _, d in mixture.part_configs(config.dataset)]
-    pair_spec = next((s for s in specs if s.a_is_image), specs[0])
-    inputs = two_tower_recipe.example_inputs(config, pair_spec)
-    _, state, step_fn = two_tower_recipe.step(config, mesh, inputs, steps, rng, abstract=True)
-    fields = two_tower_batch(config, inputs, specs)
-    batch = {k: _spec((b, *shape), dtype, data) for k, (shape, dtype) in fields.items()}
-  else:
-    record = pipeline.get_source(config.dataset, 'train')[0]
-    _, state, step_fn = train.image_views_step(config, mesh, record['image'].shape, steps, rng,
-                                               abstract=True)
-    batch = {k: _spec((b, *np.shape(v)), np.asarray(v).dtype, data) for k, v in record.items()}
+  recipe = recipes.get(config)
+  state, step_fn, batch = recipe.abstract_parts(recipe.settings(config), mesh, steps, rng)
   key = jax.eval_shape(lambda: rng)
   return state, step_fn, batch, jax.ShapeDtypeStruct(key.shape, key.dtype,
                                                      sharding=parallel.replicated(mesh))
@@ -132,7 +88,7 @@ def compile_for_topology(config, topology):
   cores = len({getattr(d, 'core_on_chip', 0) for d in devices})
   try:
     validate.validate_config(config, num_devices=len(devices), num_processes=hosts)
-  except validate.ConfigError as e:
+  except ConfigError as e:
     raise AotInputError(f'config: {e}') from None
   mesh = parallel.make_mesh(config.mesh, devices=devices)
   start = time.perf_counter()

@@ -46,6 +46,17 @@ def saved_steps(directory):
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
+def latest_step_dir(workdir, *, step=None):
+  """`<workdir>/checkpoints/<step>` of the newest committed checkpoint (or of `step`);
+  raises CheckpointError naming the folder when there is none."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  steps = saved_steps(directory)
+  if not steps or (step is not None and step not in steps):
+    raise CheckpointError(f'No checkpoint {"" if step is None else f"{step} "}in {directory} '
+                          f'(it has {steps or "none"}).')
+  return os.path.join(directory, str(steps[-1] if step is None else step))
+
+
 def _is_transient(error):
   return isinstance(error, OSError) or any(t in str(error) for t in _TRANSIENT)
 

@@ -1,7 +1,14 @@
-"""Loading config files (`configs/*.py` with `get_config(arg)`) by path, as config_flags does."""
+"""Config files (`configs/*.py` with `get_config(arg)`) loaded by path as config_flags does,
+and `ConfigError`, the one error of an invalid config field."""
 
 import importlib.util
 import os
+
+
+class ConfigError(ValueError):
+  """A config field is invalid; the message names the field and the fix. `contrastive.main`
+  reports it in one line, wherever it is raised (checks before compiling, or later ones that
+  need the data or another workdir)."""
 
 
 def load_module(path):

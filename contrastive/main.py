@@ -22,8 +22,8 @@ from contrastive import distributed
 from contrastive import mcl
 from contrastive import parallel
 from contrastive import train
-from contrastive import validate
 from contrastive import workdir
+from contrastive.config_lib import ConfigError
 from contrastive.data import fashion_mnist
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -36,8 +36,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process\'s rank.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-# Mistakes with a one-line fix: reported without a traceback.
-USER_ERRORS = (validate.ConfigError, workdir.WorkdirError, workdir.WorkdirLockedError,
+# Mistakes with a one-line fix: reported without a traceback, wherever they are raised (the
+# checks before compiling, or later ones that need the data or another workdir).
+USER_ERRORS = (ConfigError, workdir.WorkdirError, workdir.WorkdirLockedError,
                fashion_mnist.MissingDatasetError, checkpoint.CheckpointError,
                train.NonFiniteLossError)
 

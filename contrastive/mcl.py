@@ -8,7 +8,7 @@ representation concatenates the features of all stages ("cross-stage representat
 integration"), evaluated with the same kNN and linear probe.
 
 Reference: "Multistage Contrastive Learning" (MCL; feature-aware negative sampling against
-feature suppression), see ../shared/papers. Run with the `mcl` variant of any recipe:
+feature suppression). Run with the `mcl` variant of any recipe:
 
   python -m contrastive.main --config configs/simclr_fmnist.py:mcl --workdir /tmp/mcl
 """

@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from contrastive.validate import ConfigError
+from contrastive.config_lib import ConfigError
 
 
 class MetricWriter:

@@ -11,13 +11,13 @@ Each family's objective is an `Objective`: `embed` (per-example rows -> embeddin
 batch micro-batch by micro-batch and still take the loss over the global batch.
 
 - `image_views`: two augmented views of each image through one encoder: SimCLR (a pair loss
-  over the global batch) or, with a `step.Method`, a momentum encoder, queue and negative
+  over the global batch) or, with a `Method`, a momentum encoder, queue and negative
   samplers (MoCo v2/v3, contrastive/samplers).
 - `two_tower`: side a (images or texts) and side b (texts) through two towers, CLIP's softmax
   or SigLIP's sigmoid loss with the model's learned temperature (and bias).
 """
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,34 @@ class Objective(NamedTuple):
     loss, (metrics, keys) = self.loss(params, state, (emb, const), batch, rng)
     return loss, (metrics, batch_stats, keys)
 
+class Method(NamedTuple):
+  """What the image-views objective does beyond plain SimCLR (`image_views(method=None)`);
+  static. Built from a config by `recipes.image_views.method`.
+
+  Attributes:
+    name: 'simclr' (keys: the other view's online embeddings) or 'moco' (keys: the momentum
+      encoder's, without gradient).
+    samplers: config.samplers (see contrastive/samplers/objective.py).
+    temperature: InfoNCE's tau.
+    symmetric: both directions (q1 vs k2 and q2 vs k1) or q1 vs k2 only (MoCo v2).
+    momentum: None, or the EMA momentum schedule fn(step) (needed by 'moco' and GIST's guide).
+    steps_per_epoch: for MoCHi's start epoch.
+    block_size: the loss's blockwise path (None: dense). It runs as one tiled scan on the
+      global arrays, partitioned by XLA; the samplers' masks close over global per-row data
+      (ids, guide embeddings), which the explicit shard_map ring of the plain losses does not
+      take in.
+    clusters: [N] int cluster of each example id (MCL's second stage), or None.
+  """
+  name: str
+  samplers: Any
+  temperature: float
+  symmetric: bool = True
+  momentum: Callable | None = None
+  steps_per_epoch: float = 1.0
+  block_size: int | None = None
+  clusters: Any = None
+
+
 
 def with_index(batch, start, size):
   """The batch's arrays with 'index': the rows' numbers start ... start + size - 1."""
@@ -71,7 +99,7 @@ def _embed(model, params, batch_stats, views, b, predict=True):
 
 
 def image_views(*, model, loss_fn, aug_cfg, method=None):
-  """SimCLR (method=None: loss_fn(z1, z2)) or a `step.Method` (MoCo, samplers).
+  """SimCLR (method=None: loss_fn(z1, z2)) or a `Method` (MoCo, samplers).
 
   batch: {'image': [B, H, W, C] uint8, 'id': [B] int (with a method)}. Each image gives two
   views (augmentations per example: fold_in(rng, example index)), interleaved [2B, ...] so
@@ -111,7 +139,7 @@ def _sampled(state, batch, q1, q2, const, rng, *, method):
   loss, metrics = sampler_objective.sampled_loss(
       rng, dict(q1=q1, q2=q2, k1=k1, k2=k2, g1=g1, g2=g2), batch['id'], state.queue,
       cfg=method.samplers, temperature=method.temperature, symmetric=method.symmetric,
-      epoch=epoch, block_size=method.block_size, mesh=method.mesh, clusters=method.clusters)
+      epoch=epoch, block_size=method.block_size, clusters=method.clusters)
   return loss, (metrics, k2)
 
 
@@ -199,7 +227,7 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
   Args:
     loss_name: 'clip_loss' or 'sigmoid_loss'.
     locked: parameter groups without gradient (LiT: e.g. ('tower_a', 'proj_a')); their
-      optimizer update is zero as well (`two_tower_recipe.optimizer`).
+      optimizer update is zero as well (`recipes.two_tower_init.optimizer`).
     block_size, mesh, collective: the loss's blockwise path (`mesh`: the ring over devices).
     mixup_alpha: > 0 adds m^3-Mix geodesic negatives with lam ~ Beta(alpha, alpha) drawn per
       step (`geodesic_mixup_loss`; sigmoid_loss, without NegCLIP or mined negatives).

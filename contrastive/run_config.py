@@ -23,7 +23,7 @@ import datetime
 import json
 import os
 
-from contrastive.validate import ConfigError
+from contrastive.config_lib import ConfigError
 
 CONFIG_NAME = 'config.json'
 CHANGES_NAME = 'config_changes.jsonl'
@@ -112,28 +112,38 @@ def load_saved(workdir):
                       'accept the current config as the run\'s.') from None
 
 
-def check_and_record(config, workdir, *, resuming, write=True, **facts):
-  """Compares `config` with the workdir's saved config (raising ConfigError for a refused
-  change), then saves it and records the start in config_changes.jsonl (if `write`: process 0).
+def check(config, workdir, *, resuming):
+  """The changed fields {field: (old, new)} of `config` against the workdir's saved config;
+  raises ConfigError for a refused change.
 
   resuming: the workdir has a checkpoint. Without one there is nothing to continue, and the
-    current config simply becomes the run's.
-
-  facts: what else this start ran with (e.g. devices=8, processes=1), recorded as is.
-  Returns the changed fields {field: (old, new)}.
+    current config simply becomes the run's (no changes).
   """
-  current = flatten(config)
   saved = load_saved(workdir) if resuming else None
-  changes = {} if saved is None else diff(saved, current)
+  changes = {} if saved is None else diff(saved, flatten(config))
   check_changes(changes, allowed_changes(config))
+  return changes
+
+
+def record(config, workdir, changes, *, resuming, **facts):
+  """Saves `config` as the run's and appends the start to config_changes.jsonl (process 0).
+
+  changes: from `check`; facts: what else this start ran with (e.g. devices=8, processes=1),
+  recorded as is.
+  """
+  if changes:
+    print('Config changes on resume: ' + ', '.join(
+        f'{k}: {old!r} -> {new!r}' for k, (old, new) in changes.items()), flush=True)
+  _write_json(os.path.join(workdir, CONFIG_NAME), flatten(config))
+  entry = dict(time=datetime.datetime.now().isoformat(timespec='seconds'), resumed=resuming,
+               changes={k: list(v) for k, v in changes.items()}, **facts)
+  with open(os.path.join(workdir, CHANGES_NAME), 'a', encoding='utf-8') as f:
+    f.write(json.dumps(entry) + '\n')
+
+
+def check_and_record(config, workdir, *, resuming, write=True, **facts):
+  """`check`, then `record` if `write`; returns the changed fields {field: (old, new)}."""
+  changes = check(config, workdir, resuming=resuming)
   if write:
-    if changes:
-      print('Config changes on resume: ' + ', '.join(
-          f'{k}: {old!r} -> {new!r}' for k, (old, new) in changes.items()), flush=True)
-    _write_json(os.path.join(workdir, CONFIG_NAME), current)
-    record = dict(time=datetime.datetime.now().isoformat(timespec='seconds'),
-                  resumed=resuming, changes={k: list(v) for k, v in changes.items()},
-                  **facts)
-    with open(os.path.join(workdir, CHANGES_NAME), 'a', encoding='utf-8') as f:
-      f.write(json.dumps(record) + '\n')
+    record(config, workdir, changes, resuming=resuming, **facts)
   return changes

@@ -1,5 +1,6 @@
 """The train state and the one jitted, sharded train step of every recipe family (SimCLR, MoCo
-v2/v3, two towers): `update` applies a family's objective (contrastive/objectives.py).
+v2/v3, two towers): `update` applies a family's objective (contrastive/objectives.py), which
+its recipe (contrastive/recipes/) builds.
 
 The step sees the global batch as one logical array split along the mesh's `data` axis, so
 its in-batch negatives, its BatchNorm statistics and its memory queue are global: each device's
@@ -7,7 +8,7 @@ queries meet every device's keys inside this one compiled function.
 """
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import flax
 import jax
@@ -16,7 +17,6 @@ import optax
 
 from contrastive import faults
 from contrastive import grad_cache
-from contrastive import objectives
 from contrastive import parallel
 from contrastive.samplers import momentum as momentum_lib
 from contrastive.samplers import queue as queue_lib
@@ -42,35 +42,6 @@ class TrainState:
   # (contrastive/negatives/corpus_index.py: refreshed by the loop, saved with the state)
   composition: Any = None  # the batch plan's clusters [N] or neighbours [N, k] of the current
   # period (contrastive/batching/periodic.py), or None
-
-
-class Method(NamedTuple):
-  """What the step does beyond plain SimCLR (`train_step(method=None)`); static.
-
-  Attributes:
-    name: 'simclr' (keys: the other view's online embeddings) or 'moco' (keys: the momentum
-      encoder's, without gradient).
-    samplers: config.samplers (see contrastive/samplers/objective.py).
-    temperature: InfoNCE's tau.
-    symmetric: both directions (q1 vs k2 and q2 vs k1) or q1 vs k2 only (MoCo v2).
-    momentum: None, or the EMA momentum schedule fn(step) (needed by 'moco' and GIST's guide).
-    steps_per_epoch: for MoCHi's start epoch.
-    block_size: the loss's blockwise path (None: dense). It runs as one tiled scan on the
-      global arrays, partitioned by XLA; the samplers' masks close over global per-row data
-      (ids, guide embeddings), which the explicit shard_map ring of the plain losses
-      (`mesh=`) cannot take in yet.
-    mesh: for that ring: None here (see block_size).
-    clusters: [N] int cluster of each example id (MCL's second stage), or None.
-  """
-  name: str
-  samplers: Any
-  temperature: float
-  symmetric: bool = True
-  momentum: Callable | None = None
-  steps_per_epoch: float = 1.0
-  block_size: int | None = None
-  mesh: Any = None
-  clusters: Any = None
 
 
 def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=False,
@@ -195,32 +166,8 @@ def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', mom
   return new, metrics
 
 
-def train_step(state, batch, rng, *, model, tx, loss_fn, aug_cfg, schedule, nonfinite='error',
-               method=None, micro_batch_size=0, mesh=None, fsdp=None):
-  """One update of the image-views family (SimCLR, MoCo; `objectives.image_views`).
-
-  Args:
-    state: TrainState.
-    batch: {'image': [B, H, W, C] uint8, 'id': [B] int (with a method)}, sharded along the
-      mesh's data axis.
-    rng: key for this step (augmentations per example: fold_in(rng, example index)).
-    loss_fn: fn(z1, z2) -> (loss, metrics), the plain SimCLR objective (method=None).
-    nonfinite: as in `update`.
-    method: None (SimCLR with loss_fn) or a `Method`: momentum encoder, queue, samplers.
-    micro_batch_size, mesh: GradCache, as in `update`; fsdp: as in `update`.
-
-  Returns:
-    (new state, metrics), as `update`.
-  """
-  objective = objectives.image_views(model=model, loss_fn=loss_fn, aug_cfg=aug_cfg,
-                                     method=method)
-  return update(state, batch, rng, objective=objective, tx=tx, schedule=schedule,
-                nonfinite=nonfinite, momentum=method.momentum if method else None,
-                micro_batch_size=micro_batch_size, mesh=mesh, fsdp=fsdp)
-
-
-def jit_train_step(mesh, state, step_fn=train_step, **step_kwargs):
-  """step_fn (train_step, or `update` with a family's objective) under jax.jit with explicit
+def jit_train_step(mesh, state, step_fn=update, **step_kwargs):
+  """step_fn (`update`, with a recipe's objective in step_kwargs) under jax.jit with explicit
   shardings; the state's buffers are donated. With `micro_batch_size` (GradCache), the step
   gets the mesh too; with an fsdp axis, the parameters' gathered and sharded layouts."""
   if step_kwargs.get('micro_batch_size'):

@@ -66,13 +66,13 @@ def test_config_builds_and_model_inits(path, tmp_path):
 def _two_tower_config_builds(config):
   """The model initialises (shapes only: the pod variant is ViT-B/16 + text B) and the config
   validates, its dataset's Debian files included (make install provides them)."""
-  from contrastive import two_tower_recipe  # pylint: disable=g-import-not-at-top
+  from contrastive.recipes import two_tower  # pylint: disable=g-import-not-at-top
   from contrastive.data import mixture  # pylint: disable=g-import-not-at-top
   from contrastive.data import pair_batches  # pylint: disable=g-import-not-at-top
   from contrastive.models import build_two_tower  # pylint: disable=g-import-not-at-top
-  model = build_two_tower(two_tower_recipe.model_config(config))
+  model = build_two_tower(two_tower.model_config(config))
   name, _ = mixture.part_configs(config.dataset)[0]  # a mixture: its first part's kind
-  inputs = two_tower_recipe.example_inputs(config, pair_batches.SPECS[name])
+  inputs = two_tower.example_inputs(config, pair_batches.SPECS[name])
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
   assert {'tower_a', 'proj_a', 'logit'} <= set(shapes['params'])
   validate.validate_config(config, num_devices=8, num_processes=1)

@@ -16,6 +16,7 @@ from contrastive import step as step_lib
 from contrastive.losses import blockwise
 from contrastive.losses import sigmoid_loss
 from contrastive.negatives import corpus_index
+from tests import reference
 from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
 
@@ -180,19 +181,10 @@ def siglip_with_mined_numpy(za, zb, zhard, valid, hard_ids, ids, t, bias):
   B K mined texts; y = +1 only for (i, i). Dropped: in-batch j != i with ids_j = ids_i; a
   mined text of group g for every row of group g; an invalid one (row k's own text) for every
   row of row k's group."""
-  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   b, k, _ = zhard.shape
-  a, cols = unit(za), unit(np.concatenate([zb, zhard.reshape(b * k, -1)]))
   col_id = np.concatenate([ids, np.where(valid, hard_ids, ids[:, None]).reshape(-1)])
-  total = 0.0
-  for i in range(b):
-    for j in range(len(cols)):
-      z = a[i] @ cols[j] / t + bias
-      if j == i:
-        total += np.log1p(np.exp(-z))
-      elif col_id[j] != ids[i]:
-        total += np.log1p(np.exp(z))
-  return total / b
+  return reference.sigmoid_loss(za, zb, t, bias, extra=zhard.reshape(b * k, -1),
+                                mask=col_id[None, :] != ids[:, None])
 
 
 @pytest.mark.parametrize('block_size', [None, 4])

@@ -177,7 +177,7 @@ def test_registry_uses_eq6_which_is_symmetric():
 
 
 def test_dcl_is_eq6_not_the_one_direction_form():
-  # Issue 12's example: eq. 6 gives -1.8364; the one-direction form (what `dcl` used to be) gives
+  # A worked example: eq. 6 gives -1.8364; the one-direction form (what `dcl` used to be) gives
   # -2.8082, and its average over both directions (the registry's old 'dcl') -3.0514.
   rng = np.random.default_rng(0)
   z0 = rng.normal(size=(4, 8))

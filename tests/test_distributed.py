@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
-from contrastive import train
+from contrastive import step as step_lib
 from contrastive.losses import nt_xent
 from contrastive.models import build_model
 from tests import float64
@@ -70,11 +71,11 @@ def _run(n, loss_fn=None, num_steps=3):
   mesh = mesh_of(n)
   model = build_model(cfg.model)
   tx, schedule = optim.build_optimizer(cfg.optimizer, total_steps=10)
-  state = train.create_train_state(model, tx, (16, 16, 1), jax.random.key(0), mesh,
+  state = step_lib.create_train_state(model, tx, (16, 16, 1), jax.random.key(0), mesh,
                                    dtype=jnp.float64)
   loss_fn = loss_fn(mesh) if loss_fn else functools.partial(nt_xent, temperature=0.2)
-  step = train.jit_train_step(mesh, state, model=model, tx=tx, loss_fn=loss_fn,
-                              aug_cfg=cfg.augment, schedule=schedule)
+  objective = objectives.image_views(model=model, loss_fn=loss_fn, aug_cfg=cfg.augment)
+  step = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule)
   history, state = run_steps(step, state, mesh, num_steps)
   return history, jax.device_get(state)
 

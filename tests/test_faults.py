@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from contrastive import evaluate
 from contrastive import faults
 from contrastive import metric_writer
+from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
+from contrastive import step as step_lib
 from contrastive import train
 from contrastive import validate
 from contrastive.losses import nt_xent
@@ -29,10 +32,11 @@ def _one_step(loss_fn, nonfinite):
   mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:1])
   model = build_model(cfg.model)
   tx, schedule = optim.build_optimizer(cfg.optimizer, total_steps=10)
-  state = train.create_train_state(model, tx, (16, 16, 1), jax.random.key(0), mesh)
+  state = step_lib.create_train_state(model, tx, (16, 16, 1), jax.random.key(0), mesh)
   before = jax.device_get(state)  # the step donates `state`
-  step = train.jit_train_step(mesh, state, model=model, tx=tx, loss_fn=loss_fn,
-                              aug_cfg=cfg.augment, schedule=schedule, nonfinite=nonfinite)
+  objective = objectives.image_views(model=model, loss_fn=loss_fn, aug_cfg=cfg.augment)
+  step = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule,
+                              nonfinite=nonfinite)
   batch = jax.device_put(test_distributed._batches(1)[0], parallel.data_sharding(mesh))  # pylint: disable=protected-access
   state, metrics = step(state, batch, jax.random.key(1))
   return before, jax.device_get(state), jax.device_get(metrics)
@@ -152,7 +156,7 @@ def test_final_step_is_saved_before_the_final_evaluation(tmp_path, tfds_dir, mon
 
   def killed(self, state):
     raise RuntimeError('killed during the final evaluation')
-  monkeypatch.setattr(train.evaluate.Evaluator, '__call__', killed)
+  monkeypatch.setattr(evaluate.Evaluator, '__call__', killed)
   with pytest.raises(RuntimeError, match='final evaluation'):
     train.train_and_evaluate(config, str(tmp_path))
   folder = os.path.join(tmp_path, 'checkpoints', '4')

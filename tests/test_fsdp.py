@@ -14,6 +14,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
 from contrastive import step as step_lib
@@ -45,9 +46,9 @@ def _run(axes, num_steps=3, devices=8):
   tx, schedule = optim.build_optimizer(cfg.optimizer, total_steps=10)
   state = step_lib.create_train_state(model, tx, (16, 16, 1), jax.random.key(0), mesh,
                                       dtype=jnp.float64)
-  step = step_lib.jit_train_step(mesh, state, model=model, tx=tx,
-                                 loss_fn=lambda a, b: nt_xent(a, b, temperature=0.2),
-                                 aug_cfg=cfg.augment, schedule=schedule)
+  objective = objectives.image_views(model=model, aug_cfg=cfg.augment,
+                                     loss_fn=lambda a, b: nt_xent(a, b, temperature=0.2))
+  step = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule)
   rng = np.random.default_rng(1)
   history = []
   for i in range(num_steps):

@@ -11,8 +11,8 @@ import pytest
 from contrastive import checkpoint
 from contrastive import config_lib
 from contrastive import parallel
-from contrastive import train
 from contrastive import validate
+from contrastive.recipes import image_views
 from contrastive.samplers import guide
 
 CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'simclr_fmnist.py')
@@ -33,7 +33,7 @@ def config(variants='runlocal,gist', **fields):
 def save_guide(workdir, cfg, seed):
   """A checkpoint of a plain SimCLR state of `cfg`'s model, initialised from `seed`."""
   mesh = parallel.make_mesh([('data', 1)], devices=jax.devices()[:1])
-  _, state, _ = train.image_views_step(cfg, mesh, (28, 28, 1), 10, jax.random.key(seed))
+  _, state, _ = image_views.step(image_views.settings(cfg), mesh, (28, 28, 1), 10, jax.random.key(seed))
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=1,
                                  async_save=False)
   ckpt.save(5, state, {}, force=True)
@@ -47,7 +47,7 @@ def test_guide_is_loaded_bitwise_and_stays_frozen(tmp_path):
   cfg = config(momentum__base=0.0, samplers__gist_guide=str(tmp_path / 'guide'))
   validate.validate_config(cfg, num_devices=1, num_processes=1)
   mesh = parallel.make_mesh([('data', 1)], devices=jax.devices()[:1])
-  _, state, step = train.image_views_step(cfg, mesh, (28, 28, 1), 10, jax.random.key(0))
+  _, state, step = image_views.step(image_views.settings(cfg), mesh, (28, 28, 1), 10, jax.random.key(0))
   state = guide.load_guide(state, str(tmp_path / 'guide'))
   for a, b in zip(jax.tree.leaves(saved.params), jax.tree.leaves(state.ema_params)):
     np.testing.assert_array_equal(a, b)
@@ -72,7 +72,7 @@ def test_a_guide_of_another_model_is_a_one_line_error(tmp_path):
   save_guide(str(tmp_path / 'guide'), other, seed=0)
   cfg = config(momentum__base=0.0, samplers__gist_guide=str(tmp_path / 'guide'))
   mesh = parallel.make_mesh([('data', 1)], devices=jax.devices()[:1])
-  _, state, _ = train.image_views_step(cfg, mesh, (28, 28, 1), 10, jax.random.key(0))
+  _, state, _ = image_views.step(image_views.settings(cfg), mesh, (28, 28, 1), 10, jax.random.key(0))
   with pytest.raises(ValueError, match=r'gist_guide: .* does not match this run\'s model '
                      r'\(\d+ difference\(s\), e.g. ') as e:
     guide.load_guide(state, str(tmp_path / 'guide'))

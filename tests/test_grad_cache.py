@@ -16,9 +16,9 @@ from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
 from contrastive import step as step_lib
-from contrastive import train
 from contrastive.losses import nt_xent
 from contrastive.models import build_model
+from contrastive.recipes import image_views
 from tests import float64
 from tests import test_two_tower as two_tower_tests
 from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
@@ -117,7 +117,7 @@ def test_micro_batch_errors():
 
 def _moco_vit_run(micro_batch_size, steps=2):
   """MoCo v2 (momentum encoder, queue of 4 batches) with a ViT encoder and LayerNorm heads
-  (no BatchNorm anywhere), float64, through `train.image_views_step` -> (losses, state)."""
+  (no BatchNorm anywhere), float64, through `image_views.step` -> (losses, state)."""
   from configs import moco_v2_fmnist  # pylint: disable=g-import-not-at-top
   config = moco_v2_fmnist.get_config('runlocal')
   config.batch_size, config.queue_size, config.dtype = 16, 64, 'float64'
@@ -126,7 +126,7 @@ def _moco_vit_run(micro_batch_size, steps=2):
   config.model.head_norm = 'layer'
   config.grad_cache = dict(micro_batch_size=micro_batch_size)
   mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:2])
-  _, state, step = train.image_views_step(config, mesh, (8, 8, 1), 10, jax.random.key(0))
+  _, state, step = image_views.step(image_views.settings(config), mesh, (8, 8, 1), 10, jax.random.key(0))
   assert not state.batch_stats and state.queue is not None
   rng = np.random.default_rng(0)
   losses = []

@@ -1,9 +1,9 @@
 """The loss library against independent NumPy re-derivations of each paper's formula.
 
-Each reference below is written from the paper's equation, one anchor at a time, in float64
-(no log-sum-exp tricks, no masks). The losses compute in float32, so values are compared at
-rtol 1e-5 and gradients (against central finite differences of the float64 reference) at
-rtol 1e-3.
+Each reference is written from the paper's equation, one anchor at a time, in float64 (no
+log-sum-exp tricks): InfoNCE's, CLIP's and SigLIP's are in tests/reference.py (shared with other
+test files), the others below. The losses compute in float32, so values are compared at rtol
+1e-5 and gradients (against central finite differences of the float64 reference) at rtol 1e-3.
 """
 
 import jax
@@ -16,41 +16,10 @@ from contrastive import losses
 from contrastive.losses import common
 from contrastive.losses import registry
 from tests import float64
+from tests import reference
+from tests.reference import unit
 
 # ---- NumPy references -----------------------------------------------------------------------
-
-
-def unit(x):
-  x = np.asarray(x, np.float64)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def ref_info_nce(query, key, tau, extra=None, mask=None):
-  """CPC eq. 4: l_i = -log e^{s_ii/t} / sum_{j in {i} u N(i)} e^{s_ij/t}."""
-  q, cands = unit(query), unit(key)
-  if extra is not None:
-    cands = np.concatenate([cands, unit(extra)])
-  losses_ = []
-  for i in range(len(q)):
-    denom = sum(np.exp(q[i] @ cands[j] / tau) for j in range(len(cands))
-                if j == i or mask is None or mask[i, j])
-    losses_.append(-np.log(np.exp(q[i] @ cands[i] / tau) / denom))
-  return np.mean(losses_)
-
-
-def ref_clip(za, zb, tau):
-  return 0.5 * (ref_info_nce(za, zb, tau) + ref_info_nce(zb, za, tau))
-
-
-def ref_sigmoid(za, zb, tau, bias):
-  """SigLIP Algorithm 1: -1/B sum_ij log sigmoid(y_ij (t s_ij + b)), y = +1 on the diagonal."""
-  a, b = unit(za), unit(zb)
-  total = 0.0
-  for i in range(len(a)):
-    for j in range(len(b)):
-      y = 1.0 if i == j else -1.0
-      total -= np.log(1.0 / (1.0 + np.exp(-y * (a[i] @ b[j] / tau + bias))))
-  return total / len(a)
 
 
 def ref_hard_negative(query, key, tau, beta, tau_plus):
@@ -95,10 +64,10 @@ def ref_supcon_pairs(z1, z2, tau):
 # name -> (jax fn(a, b, tau), NumPy reference(a, b, tau)); the extra hyperparameters are fixed.
 # DCL (eq. 6 over the 2B views), DCLW and the one-direction form: tests/test_dcl.py.
 LOSSES = {
-    'info_nce': (lambda a, b, t: losses.info_nce(a, b, temperature=t), ref_info_nce),
-    'clip_loss': (lambda a, b, t: losses.clip_loss(a, b, temperature=t), ref_clip),
+    'info_nce': (lambda a, b, t: losses.info_nce(a, b, temperature=t), reference.info_nce),
+    'clip_loss': (lambda a, b, t: losses.clip_loss(a, b, temperature=t), reference.clip_loss),
     'sigmoid_loss': (lambda a, b, t: losses.sigmoid_loss(a, b, temperature=t, bias=-2.0),
-                     lambda a, b, t: ref_sigmoid(a, b, t, -2.0)),
+                     lambda a, b, t: reference.sigmoid_loss(a, b, t, -2.0)),
     'debiased_info_nce': (
         lambda a, b, t: losses.debiased_info_nce(a, b, temperature=t, tau_plus=0.1),
         lambda a, b, t: ref_debiased(a, b, t, 0.1)),
@@ -171,13 +140,14 @@ def test_check_grads():
 def test_learnable_temperature_and_bias_get_gradients():
   z1, z2 = normal(4, 4, 3), normal(5, 4, 3)
   grad_t = jax.jit(jax.grad(lambda t: losses.clip_loss(z1, z2, temperature=t)[0]))(0.3)
-  np.testing.assert_allclose(grad_t, fd_grad(lambda t: ref_clip(z1, z2, t), 0.3), rtol=1e-3)
+  np.testing.assert_allclose(grad_t, fd_grad(lambda t: reference.clip_loss(z1, z2, t), 0.3),
+                             rtol=1e-3)
   grad_tb = jax.jit(jax.grad(lambda t, c: losses.sigmoid_loss(z1, z2, temperature=t, bias=c)[0],
                              argnums=(0, 1)))(0.3, -1.0)
-  np.testing.assert_allclose(grad_tb[0], fd_grad(lambda t: ref_sigmoid(z1, z2, t, -1.0), 0.3),
-                             rtol=1e-3)
-  np.testing.assert_allclose(grad_tb[1], fd_grad(lambda c: ref_sigmoid(z1, z2, 0.3, c), -1.0),
-                             rtol=1e-3)
+  np.testing.assert_allclose(
+      grad_tb[0], fd_grad(lambda t: reference.sigmoid_loss(z1, z2, t, -1.0), 0.3), rtol=1e-3)
+  np.testing.assert_allclose(
+      grad_tb[1], fd_grad(lambda c: reference.sigmoid_loss(z1, z2, 0.3, c), -1.0), rtol=1e-3)
 
 
 @pytest.mark.parametrize('b,m', [(1, 0), (1, 3), (4, 5), (6, 0)])
@@ -189,13 +159,14 @@ def test_info_nce_extra_negatives_and_mask(b, m):
   fn = jax.jit(lambda x, y, e, k: losses.info_nce(x, y, temperature=0.2, extra_negatives=e,
                                                   negative_mask=k))
   loss, metrics = fn(z1, z2, extra_arg, mask)
-  np.testing.assert_allclose(loss, ref_info_nce(z1, z2, 0.2, extra_arg, mask), rtol=1e-5,
+  np.testing.assert_allclose(loss, reference.info_nce(z1, z2, 0.2, extra_arg, mask), rtol=1e-5,
                              atol=1e-6)
   loss, _ = fn(z1, z2, extra_arg, None)
-  np.testing.assert_allclose(loss, ref_info_nce(z1, z2, 0.2, extra_arg), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss, reference.info_nce(z1, z2, 0.2, extra_arg), rtol=1e-5,
+                             atol=1e-6)
   if m:  # the gradient reaches the extra negatives
     grad = jax.grad(lambda e: fn(z1, z2, e, mask)[0])(extra)
-    expected = fd_grad(lambda e: ref_info_nce(z1, z2, 0.2, e, mask), extra)
+    expected = fd_grad(lambda e: reference.info_nce(z1, z2, 0.2, e, mask), extra)
     np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-5)
   # Accuracy ranks the positive among the kept candidates only.
   sim = unit(z1) @ np.concatenate([unit(z2), unit(extra)]).T if m else unit(z1) @ unit(z2).T
@@ -207,17 +178,6 @@ def test_info_nce_extra_negatives_and_mask(b, m):
     np.testing.assert_allclose(metrics['neg_sim'], sim[neg].mean(), rtol=1e-5, atol=1e-6)
 
 
-def ref_info_nce_own(query, key, tau, own, own_mask):
-  """CPC eq. 4 where row i's denominator also sums its own negatives own[i, s] (MoCHi)."""
-  q, k, own = unit(query), unit(key), unit(own)
-  losses_ = []
-  for i in range(len(q)):
-    denom = sum(np.exp(q[i] @ k[j] / tau) for j in range(len(k)))
-    denom += sum(np.exp(q[i] @ own[i, s] / tau) for s in range(own.shape[1]) if own_mask[i, s])
-    losses_.append(-q[i] @ k[i] / tau + np.log(denom))
-  return np.mean(losses_)
-
-
 @pytest.mark.parametrize('block_size', [None, 4])
 def test_info_nce_query_negatives(block_size):
   b, s = 6, 3
@@ -227,9 +187,10 @@ def test_info_nce_query_negatives(block_size):
                                             query_negative_mask=own_mask,
                                             block_size=block_size))
   loss, metrics = fn(z1, own)
-  np.testing.assert_allclose(loss, ref_info_nce_own(z1, z2, 0.2, own, own_mask), rtol=1e-5)
+  np.testing.assert_allclose(loss, reference.info_nce(z1, z2, 0.2, own=own, own_mask=own_mask),
+                             rtol=1e-5)
   grad = jax.grad(lambda o: fn(z1, o)[0])(own)
-  expected = fd_grad(lambda o: ref_info_nce_own(z1, z2, 0.2, o, own_mask), own)
+  expected = fd_grad(lambda o: reference.info_nce(z1, z2, 0.2, own=o, own_mask=own_mask), own)
   np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-5)
   own_sim = np.einsum('bd,bsd->bs', unit(z1), unit(own))
   best_neg = np.maximum((unit(z1) @ unit(z2).T - 9 * np.eye(b)).max(1),

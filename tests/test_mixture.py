@@ -15,12 +15,15 @@ import pytest
 from contrastive import objectives
 from contrastive import parallel
 from contrastive import step as step_lib
-from contrastive import two_tower_recipe
 from contrastive.batching import loader as loader_lib
+from contrastive.batching.mixture_plan import MixturePlan
+from contrastive.config_lib import ConfigError
 from contrastive.data import mixture
 from contrastive.data import pair_batches
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
+from contrastive.recipes import two_tower
+from contrastive.recipes import two_tower_checks
 from tests import float64
 from tests import test_two_tower as tt
 from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
@@ -85,7 +88,7 @@ def test_rows_keep_their_part_and_carry_both_query_kinds():
 
 
 def test_plan_fixes_each_parts_rows_and_covers_each_part_per_epoch():
-  plan = mixture.MixturePlan([10, 30], [2, 6])
+  plan = MixturePlan([10, 30], [2, 6])
   batches = loader_lib.global_rows(plan, seed=3, steps=5)  # one epoch of each part
   assert batches.shape == (5, 8)
   assert (batches[:, :2] < 10).all() and (batches[:, 2:] >= 10).all()
@@ -100,7 +103,7 @@ def test_plan_fixes_each_parts_rows_and_covers_each_part_per_epoch():
 def test_loader_resumes_exactly():
   source = mixture.MixturePairs(['emoji_cldr', 'wordnet_gloss'], [image_part(6), text_part(9)],
                                 (4, 4, 3))
-  plan = mixture.MixturePlan(source.sizes, [2, 4])
+  plan = MixturePlan(source.sizes, [2, 4])
   stream = iter(loader_lib.composed_loader(source, plan, global_batch_size=6, seed=1))
   for _ in range(3):
     next(stream)
@@ -127,7 +130,7 @@ def test_objective_embeds_text_queries_with_tower_b():
   """za of a text row is tower b's embedding of its a_text, of an image row tower a's of its
   image (float64: the rows are computed in one batched call; the same per row)."""
   config = tt._config()
-  model = two_tower_lib.build_two_tower(two_tower_recipe.model_config(config))
+  model = two_tower_lib.build_two_tower(two_tower.model_config(config))
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (tt.B, tt.S, tt.S, 3), dtype=np.uint8)
   is_text = np.arange(tt.B) % 3 == 0
@@ -251,40 +254,39 @@ def test_bad_mixtures_fail_before_reading_data(changes, match):
     if '.' in field:
       section, name = field.split('.')
       config[section][name] = value
-  with pytest.raises(two_tower_recipe.TwoTowerConfigError, match=match):
-    two_tower_recipe.validate(config)
+  with pytest.raises(ConfigError, match=match):
+    two_tower_checks.validate(config)
 
 
 def test_mixture_needs_steps_and_its_own_batches():
   config = _config()
   config.total_steps = 0
-  with pytest.raises(two_tower_recipe.TwoTowerConfigError, match='no common epoch'):
-    two_tower_recipe.validate(config)
+  with pytest.raises(ConfigError, match='no common epoch'):
+    two_tower_checks.validate(config)
   config = _config()
   config.batching.method = 'tas_b'
   config.batching.num_topics = 4
-  with pytest.raises(two_tower_recipe.TwoTowerConfigError, match='composes its batches'):
-    two_tower_recipe.validate(config)
+  with pytest.raises(ConfigError, match='composes its batches'):
+    two_tower_checks.validate(config)
 
 
 def test_aot_batch_has_the_loaders_fields():
   """The batch the TPU compile (aot_report) lowers the step with has the fields, per-row shapes
   and dtypes of a real batch of the mixture with NegCLIP and mined negatives (the loader's
   rows stacked, the mined texts attached): the compiled memory counts every input."""
-  from contrastive import aot_report  # pylint: disable=g-import-not-at-top
   from contrastive.data import pipeline  # pylint: disable=g-import-not-at-top
   parts = [image_part(6, True), text_part(5, True)]
   for part in parts:
     part.negclip = 2
   source = mixture.MixturePairs(['emoji_cldr', 'wordnet_gloss'], parts, (4, 4, 3))
   config = ml_collections.ConfigDict(dict(
-      loss=dict(name='sigmoid_loss'), lit=dict(lock=''), negclip=dict(num_negatives=2),
+      loss=dict(name='sigmoid_loss'), lit=dict(lock=''), negclip=dict(num_negatives=2), model={},
       hard_negatives=dict(corpus_index.DEFAULTS, num_hard=2, refresh_every=1)))
   index = corpus_index.CorpusIndex(config, source, parallel.make_mesh([('data', -1)]))
   index.table = index.empty()
   batch = index.attach(pipeline._stack(source.__getitems__([0, 7, 3])))  # pylint: disable=protected-access
   inputs = (np.zeros((2, 4, 4, 3), np.uint8), np.zeros((2, 4), np.int32))
-  fields = aot_report.two_tower_batch(config, inputs, [p.spec for p in parts])
+  fields = two_tower.batch_fields(two_tower.settings(config), inputs, [p.spec for p in parts])
   assert set(fields) == set(batch)
   for name, (shape, dtype) in fields.items():
     assert batch[name].shape[1:] == tuple(shape) and batch[name].dtype == dtype, name

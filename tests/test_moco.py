@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
 from contrastive import step as step_lib
@@ -108,12 +109,14 @@ def _moco_run(n, num_steps=2, block_size=None):
   tx, schedule = optim.build_optimizer(cfg.optimizer, total_steps=10)
   state = step_lib.create_train_state(model, tx, (16, 16, 1), jax.random.key(0), mesh, ema=True,
                                       queue_size=64, batch_size=32, dtype=jnp.float64)
-  method = step_lib.Method(
+  method = objectives.Method(
       name='moco', temperature=0.2, momentum=momentum.momentum_schedule(0.9, 10, 'cosine'),
       samplers=_samplers(mochi=dict(num_hard=8, num_mix=4, num_query_mix=2, start_epoch=0.0),
                          threshold=0.9), block_size=block_size)
-  step = step_lib.jit_train_step(mesh, state, model=model, tx=tx, loss_fn=None,
-                                 aug_cfg=cfg.augment, schedule=schedule, method=method)
+  objective = objectives.image_views(model=model, loss_fn=None, aug_cfg=cfg.augment,
+                                     method=method)
+  step = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule,
+                                 momentum=method.momentum)
   # Ids modulo 40: examples repeat, so the queue holds keys of the queries' own instances.
   history, state = test_distributed.run_steps(step, state, mesh, num_steps, num_ids=40)
   assert state.queue.keys.sharding.spec == parallel.data_sharding(mesh).spec

@@ -11,11 +11,8 @@ from contrastive import objectives
 from contrastive.losses import blockwise
 from contrastive.losses import sigmoid_loss
 from contrastive.negatives import negclip
+from tests import reference
 from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
-
-
-def unit(x):
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def siglip_with_negclip_numpy(za, zb, zneg, valid, ids, t, bias):
@@ -24,21 +21,10 @@ def siglip_with_negclip_numpy(za, zb, zneg, valid, ids, t, bias):
   perturbation of row k that is invalid for rows i with ids_i = ids_k (it is text b_k itself);
   a valid perturbation is a negative of every row, its own included."""
   b, p, _ = zneg.shape
-  a, cols = unit(za), unit(np.concatenate([zb, zneg.reshape(b * p, -1)]))
-  owner = np.concatenate([np.arange(b), np.repeat(np.arange(b), p)])
-  is_neg = np.concatenate([np.zeros(b, bool), np.ones(b * p, bool)])
-  ok = np.concatenate([np.ones(b, bool), valid.reshape(-1)])
-  total = 0.0
-  for i in range(b):
-    for j in range(len(cols)):
-      z = a[i] @ cols[j] / t + bias
-      if not is_neg[j] and j == i:
-        total += np.log1p(np.exp(-z))  # the positive
-      elif is_neg[j] and ok[j]:
-        total += np.log1p(np.exp(z))
-      elif ids[owner[j]] != ids[i]:
-        total += np.log1p(np.exp(z))
-  return total / b
+  other_group = ids[None, :] != ids[:, None]  # [B, B]: ids_k != ids_i
+  keep_neg = valid.reshape(1, b * p) | np.repeat(other_group, p, axis=1)  # [B, B P]
+  return reference.sigmoid_loss(za, zb, t, bias, extra=zneg.reshape(b * p, -1),
+                                mask=np.concatenate([other_group, keep_neg], axis=1))
 
 
 @pytest.mark.parametrize('block_size', [None, 4])

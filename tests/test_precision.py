@@ -18,9 +18,9 @@ import pytest
 
 from contrastive import objectives
 from contrastive import precision
-from contrastive import two_tower_recipe
 from contrastive import validate
 from contrastive.models import two_tower as two_tower_lib
+from contrastive.recipes import two_tower
 from tests import test_two_tower as two_tower_tests
 
 LOSS_BOUND, GRAD_BOUND = 2e-2, 1e-1
@@ -29,7 +29,7 @@ LOSS_BOUND, GRAD_BOUND = 2e-2, 1e-1
 def _loss_and_grads(dtype_name):
   config = two_tower_tests._config('siglip')  # pylint: disable=protected-access
   config.dtype = dtype_name
-  model = two_tower_lib.build_two_tower(two_tower_recipe.model_config(config),
+  model = two_tower_lib.build_two_tower(two_tower.model_config(config),
                                         dtype=precision.compute_dtype(config))
   batch = two_tower_tests._batches(1)[0]  # pylint: disable=protected-access
   params = model.init(jax.random.key(0), batch['a'][:2], batch['b'][:2])['params']

@@ -18,8 +18,8 @@ import pytest
 from contrastive import config_lib
 from contrastive import mcl
 from contrastive import parallel
-from contrastive import train
 from contrastive.data import fashion_mnist
+from contrastive.recipes import image_views
 from tests import xla_flags
 
 REPO = os.path.join(os.path.dirname(__file__), '..')
@@ -92,7 +92,8 @@ def test_cluster_table_is_indexed_by_example_id():
 def _method(config_arg):
   config = config_lib.load_config(os.path.join(REPO, 'configs', config_arg.split(':')[0]),
                                   (config_arg.split(':') + [None])[1])
-  return train.build_method(config, steps=100, steps_per_epoch=10.0), config
+  return image_views.method(image_views.settings(config), steps=100,
+                            steps_per_epoch=10.0), config
 
 
 def test_each_recipe_builds_its_step_method():

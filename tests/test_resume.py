@@ -28,7 +28,7 @@ import pytest
 from contrastive import checkpoint
 from contrastive import optim
 from contrastive import parallel
-from contrastive import train
+from contrastive import step as step_lib
 from contrastive.data import fashion_mnist
 from contrastive.models import build_model
 from tests import xla_flags
@@ -95,7 +95,7 @@ def final_state(workdir, dtype=jnp.float32):
   mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:1])
   tx, _ = optim.build_optimizer(
       ml_collections.ConfigDict(dict(config.optimizer, batch_size=config.batch_size)), TOTAL)
-  state = train.create_train_state(build_model(config.model), tx, (28, 28, 1),
+  state = step_lib.create_train_state(build_model(config.model), tx, (28, 28, 1),
                                    jax.random.key(0), mesh, dtype=dtype)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=None)
   state, _ = ckpt.restore_latest(state)

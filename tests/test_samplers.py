@@ -3,7 +3,7 @@
 Each keep-function is compared with a NumPy bool mask written from its formula, directly and
 through `info_nce` (dense, blockwise with padded tiles, and per device on a 2-device mesh):
 the loss and its gradient w.r.t. the query must equal the dense loss with the NumPy mask,
-whose value is also checked against a NumPy InfoNCE. Mining is compared with a
+whose value is also checked against a NumPy InfoNCE (tests/reference.py). Mining is compared with a
 sort-and-filter loop; MoCHi's mixtures are checked by solving for their mixing coefficients.
 
 Everything runs in float64 (tests/float64.py): the dense, blockwise and sharded paths sum in
@@ -26,28 +26,12 @@ from contrastive.samplers import masks
 from contrastive.samplers import mining
 from contrastive.samplers import mochi
 from tests import float64
+from tests import reference
+from tests.reference import unit
 from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
 B, M, D = 6, 4, 5  # queries, extra negatives, width
 TAU = 0.2
-
-
-def unit(x):
-  x = np.asarray(x, np.float64)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def ref_info_nce(query, cands, tau, mask=None, own=None, own_mask=None):
-  """CPC eq. 4 in float64, one query at a time; `own[i]` are query i's extra negatives."""
-  q, c = unit(query), unit(cands)
-  out = []
-  for i in range(len(q)):
-    logits = [q[i] @ c[j] / tau for j in range(len(c)) if j == i or mask is None or mask[i, j]]
-    if own is not None:
-      logits += [q[i] @ unit(n) / tau for s, n in enumerate(own[i])
-                 if own_mask is None or own_mask[i, s]]
-    out.append(np.log(np.sum(np.exp(logits))) - q[i] @ c[i] / tau)
-  return np.mean(out)
 
 
 def ref_top_k(query, cands, k, skip_top=0, mask=None):
@@ -123,8 +107,8 @@ def test_reference_masks_are_not_borderline_or_trivial():
     # the rtol of 1e-9 the paths are compared at.
     fewer = ref().copy()
     fewer[tuple(np.argwhere(negatives)[0])] = False
-    loss = ref_info_nce(QUERY, CANDS, TAU, ref())
-    assert abs(ref_info_nce(QUERY, CANDS, TAU, fewer) - loss) > 1e-3, name
+    loss = reference.info_nce(QUERY, CANDS, TAU, mask=ref())
+    assert abs(reference.info_nce(QUERY, CANDS, TAU, mask=fewer) - loss) > 1e-3, name
 
 
 @functools.cache
@@ -166,7 +150,7 @@ def test_keep_in_info_nce_dense_and_blockwise(name):
   mask = KEEPS[name][1]()
   want, want_grad = _masked_loss_and_grad(QUERY, mask)
   assert want.dtype == want_grad.dtype == np.float64
-  float64.assert_close(want, ref_info_nce(QUERY, CANDS, TAU, mask))
+  float64.assert_close(want, reference.info_nce(QUERY, CANDS, TAU, mask=mask))
   for path, (got, got_grad) in zip(('dense', 'blockwise'), _keep_losses()[name]):
     float64.assert_close(got, want, err_msg=path)
     float64.assert_close(got_grad, want_grad, err_msg=path)
@@ -246,7 +230,7 @@ def test_mined_negatives_in_the_loss_denominator():
   idx, loss = run(QUERY)
   mask = np.zeros((B, B + M), bool)
   mask[np.arange(B)[:, None], idx] = True  # the positive and the 2 mined negatives remain
-  float64.assert_close(loss, ref_info_nce(QUERY, CANDS, TAU, mask))
+  float64.assert_close(loss, reference.info_nce(QUERY, CANDS, TAU, mask=mask))
 
 
 # ---- MoCHi ------------------------------------------------------------------------------------
@@ -341,9 +325,9 @@ def test_mochi_with_one_hard_negative_and_no_gradient():
 
 def test_mochi_negatives_in_info_nce():
   negs, valid, loss = _mochi_cases()[0]  # row 5's negatives are invalid and masked out
-  want = ref_info_nce(QUERY, CANDS, TAU, own=np.asarray(negs), own_mask=np.asarray(valid))
+  want = reference.info_nce(QUERY, CANDS, TAU, own=np.asarray(negs), own_mask=np.asarray(valid))
   float64.assert_close(loss, want)
-  assert abs(want - ref_info_nce(QUERY, CANDS, TAU)) > 1e-3  # the negatives count
+  assert abs(want - reference.info_nce(QUERY, CANDS, TAU)) > 1e-3  # the negatives count
 
 
 def test_mochi_reuses_mined_hard_sets():

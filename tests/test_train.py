@@ -103,9 +103,8 @@ def test_bad_config_fails_before_compiling(tmp_path, monkeypatch):
 @needs_data
 def test_default_recipe_accuracy(tmp_path):
   """The README's `make train` run, in a fresh process on the default config (one CPU device per
-  core, as `make train` runs it): the full recipe, ~12.5 min on 2 cores. The foundation issue's
-  targets: >= 85% linear probe and >= 82% kNN (the recipe reaches 89.5% / 84.1%: README,
-  Results)."""
+  core, as `make train` runs it): the full recipe, ~12.5 min on 2 cores. The recipe's
+  targets: >= 85% linear probe and >= 82% kNN (it reaches 89.5% / 84.1%: docs/simclr.md)."""
   cmd = [sys.executable, '-m', 'contrastive.main', f'--config={CONFIG}',
          f'--workdir={tmp_path}']
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}

@@ -15,11 +15,14 @@ from jax.test_util import check_grads
 from contrastive import objectives
 from contrastive import parallel
 from contrastive import step as step_lib
-from contrastive import two_tower_recipe
 from contrastive import validate
+from contrastive.config_lib import ConfigError
 from contrastive.losses import clip_loss
 from contrastive.losses import sigmoid_loss
 from contrastive.models import two_tower as two_tower_lib
+from contrastive.recipes import two_tower
+from contrastive.recipes import two_tower_checks
+from contrastive.recipes import two_tower_init
 from tests import float64
 from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
@@ -74,16 +77,18 @@ def _run(n, *, loss_params='siglip', block_size=None, lock='', steps=3, dtype=jn
   """`steps` updates on n devices (GradCache with micro_batch_size > 0) -> (losses, metrics,
   final state), all on the host."""
   config = _config(loss_params, lock)
-  model = two_tower_lib.build_two_tower(two_tower_recipe.model_config(config))
+  model = two_tower_lib.build_two_tower(two_tower.model_config(config))
   mesh = parallel.make_mesh([('data', -1)], devices=jax.devices()[:n])
   inputs = (np.zeros((2, S, S, 3), np.uint8), np.zeros((2, L), np.int32))
   rng = jax.random.key(0)
   abstract = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), rng)
-  tx, schedule = two_tower_recipe.optimizer(config, abstract['params'], steps)
+  tx, schedule = two_tower_init.optimizer(config.optimizer, abstract['params'], steps,
+                                          batch_size=config.batch_size,
+                                          locked=two_tower_init.LOCKS[lock])
   state = step_lib.create_train_state(model, tx, None, rng, mesh, inputs=inputs, dtype=dtype)
   objective = objectives.two_tower(
-      model=model, loss_name=two_tower_recipe.LOSS_OF_PARAMS[loss_params],
-      locked=two_tower_recipe.LOCKS[lock], block_size=block_size,
+      model=model, loss_name=two_tower_checks.LOSS_OF_PARAMS[loss_params],
+      locked=two_tower_init.LOCKS[lock], block_size=block_size,
       mesh=mesh if block_size else None, mixup_alpha=mixup_alpha, query_runs=query_runs)
   step = step_lib.jit_train_step(mesh, state, step_fn=step_lib.update, objective=objective,
                                  tx=tx, schedule=schedule, micro_batch_size=micro_batch_size)
@@ -143,7 +148,7 @@ def test_step_equal_on_1_2_8_devices(one_device, loss_params, n, block_size):
 @pytest.mark.parametrize('options', [dict(extras=True), dict(mixup_alpha=0.5)],
                          ids=['negclip_and_mined_texts', 'geodesic_mixup'])
 def test_negatives_options_equal_on_1_and_8_devices(options):
-  """Issue 15's extra negatives in the step: NegCLIP's and the mined texts (through tower b,
+  """The extra negatives in the step: NegCLIP's and the mined texts (through tower b,
   masked by id), and m^3-Mix's mixes (lambda from the step key): the blockwise ring loss on 8
   devices equals one dense device (losses, metrics, parameters after 3 steps)."""
   _, ref_losses, ref_metrics, ref_state = _run(1, **options)
@@ -251,11 +256,10 @@ def test_model_init_copies_groups_and_checks_shapes(one_device, tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), save_every=1, keep=None)
   ckpt.save(1, trained, {}, force=True)
   ckpt.close()
-  cfg = ml_collections.ConfigDict(dict(workdir=str(tmp_path), mapping='tower_a:tower_a'))
-  params, _ = two_tower_recipe.init_from_checkpoint(initial.params, {}, cfg)
+  params, _ = two_tower_init.init_from_checkpoint(initial.params, {}, str(tmp_path),
+                                                  'tower_a:tower_a')
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params['tower_a'],
                                           trained.params['tower_a'])))
   assert not np.array_equal(params['proj_a']['kernel'], trained.params['proj_a']['kernel'])
-  cfg.mapping = 'tower_a:tower_b'  # a ViT into the text tower
-  with pytest.raises(two_tower_recipe.TwoTowerConfigError, match='shapes of the checkpoint'):
-    two_tower_recipe.init_from_checkpoint(initial.params, {}, cfg)
+  with pytest.raises(ConfigError, match='shapes of the checkpoint'):  # a ViT into the text tower
+    two_tower_init.init_from_checkpoint(initial.params, {}, str(tmp_path), 'tower_a:tower_b')

@@ -77,6 +77,25 @@ def test_siglip_emoji_runlocal_trains_and_evaluates(siglip_run):
   assert os.path.exists(os.path.join(workdir, pair_batches.TOKENIZER_NAME))
 
 
+def test_config_error_after_validation_is_one_line(siglip_run, data_dir, tmp_path):
+  """A config mistake that only shows once the run reads another workdir (model_init's
+  checkpoint folder exists but holds no checkpoint: validation passes, the recipe's parts
+  raise) ends like every config error: one 'ERROR: ConfigError' line, exit 1, no traceback."""
+  del siglip_run  # (the data_dir it prepared)
+  source = tmp_path / 'empty_run'
+  os.makedirs(source / 'checkpoints')
+  out = subprocess.run(
+      _command('siglip_emoji.py', str(tmp_path / 'run'), data_dir,
+               f'--config.model_init.workdir={source}',
+               '--config.model_init.mapping=tower_a:tower_a'),
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  errors = [line for line in out.stderr.splitlines() if line.startswith('ERROR: ')]
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert errors and errors[-1].startswith('ERROR: ConfigError: config.model_init.workdir: '
+                                          'No checkpoint in'), out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr
+
+
 def test_inference_load_reproduces_the_evaluator(siglip_run, data_dir):
   """inference.load (one device, its own jit) gives the embeddings the training-time
   evaluator computes (the mesh, sharded batches) from the same checkpoint: per row the same
@@ -127,7 +146,7 @@ def test_other_recipes_runlocal(config, data_dir, tmp_path):
     assert 'bias' not in _rows(workdir)[0]
 
 
-# Issue 15's config options: TAS-B topics, no duplicate groups, NegCLIP text negatives.
+# The negatives' config options: TAS-B topics, no duplicate groups, NegCLIP text negatives.
 NEGATIVES = ('--config.batching.method=tas_b', '--config.batching.num_topics=4',
              '--config.batching.no_duplicates=True', '--config.negclip.num_negatives=2',
              '--config.hard_negatives.num_hard=2', '--config.hard_negatives.refresh_every=2')
@@ -142,7 +161,7 @@ NGAME = ('--config.batching.method=clusters', '--config.batching.cluster_size=8'
                          ids=['plain', 'tas_b_negclip_mined', 'ngame_mixup'])
 def test_sigkill_then_rerun_is_bitwise_identical(siglip_run, data_dir, tmp_path, batching):
   """Killed after checkpoint 3 and rerun: step 6 equals the uninterrupted run's, with the plain
-  recipe and with issue 15's options (config.batching: the topics recomputed on resume;
+  recipe and with the negatives' options (config.batching: the topics recomputed on resume;
   NegCLIP's perturbations drawn per row index; the mined negatives, re-mined before steps 3
   and 5, restored with checkpoint 3 rather than recomputed; NGAME's clusters of step 0, also
   restored; m^3-Mix's lambda drawn from the step's key)."""

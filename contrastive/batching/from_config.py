@@ -30,9 +30,11 @@ from contrastive import config_lib
 from contrastive.batching import clusters as clusters_lib
 from contrastive.batching import periodic
 from contrastive.batching.loader import composed_loader
+from contrastive.batching.mixture_plan import MixturePlan
 from contrastive.batching.plan import plan as make_plan
 from contrastive.batching.shuffle import RandomStream
 from contrastive.batching.topics import topic_clusters
+from contrastive.config_lib import ConfigError
 from contrastive.data import mixture
 from contrastive.data import pipeline
 
@@ -47,33 +49,36 @@ def settings(config):
 
 
 def check(config):
-  """Raises ValueError naming the field, before any data is read or anything compiled."""
+  """Raises ConfigError naming the field, before any data is read or anything compiled."""
   cfg = settings(config)  # unknown fields raise there
   if cfg['method'] not in METHODS:
-    raise ValueError(f'config.batching.method={cfg["method"]!r} is unknown; choose one of '
-                     f'{METHODS}.')
+    raise ConfigError(f'config.batching.method={cfg["method"]!r} is unknown; choose one of '
+                      f'{METHODS}.')
   k = int(cfg['num_topics'])
   if cfg['method'] == 'tas_b' and k < 1:
-    raise ValueError(f'config.batching.num_topics={k}: tas_b needs >= 1 topic.')
+    raise ConfigError(f'config.batching.num_topics={k}: tas_b needs >= 1 topic.')
   if cfg['method'] != 'tas_b' and k:
-    raise ValueError(f'config.batching.num_topics={k} applies to method tas_b only '
-                     f'(method is {cfg["method"]!r}).')
+    raise ConfigError(f'config.batching.num_topics={k} applies to method tas_b only '
+                      f'(method is {cfg["method"]!r}).')
   own = {'clusters': 'cluster_size', 'neighbours': 'num_neighbours'}
   for method, field in own.items():
     value = int(cfg[field])
     if cfg['method'] == method and value < 1:
-      raise ValueError(f'config.batching.{field}={value}: method {method} needs >= 1.')
+      raise ConfigError(f'config.batching.{field}={value}: method {method} needs >= 1.')
     if cfg['method'] != method and value:
-      raise ValueError(f'config.batching.{field}={value} applies to method {method} only '
-                       f'(method is {cfg["method"]!r}).')
+      raise ConfigError(f'config.batching.{field}={value} applies to method {method} only '
+                        f'(method is {cfg["method"]!r}).')
   if cfg['method'] == 'clusters':
     try:
       clusters_lib.check_cluster_size(cfg['cluster_size'], config.batch_size, config.batch_size)
     except ValueError as e:
-      raise ValueError(f'config.batching.cluster_size: {e}') from None
+      raise ConfigError(f'config.batching.cluster_size: {e}') from None
+  if mixture.is_mixture(config.get('dataset')) and composed(config):
+    raise ConfigError(f'config.batching.method={cfg["method"]!r}: a mixture composes its '
+                      'batches by config.dataset.fractions; use random.')
   if int(cfg['recluster_every']) < 1 or int(cfg['per_seed']) < 0:
-    raise ValueError(f'config.batching: recluster_every={cfg["recluster_every"]} must be >= 1 '
-                     f'and per_seed={cfg["per_seed"]} >= 0.')
+    raise ConfigError(f'config.batching: recluster_every={cfg["recluster_every"]} must be >= 1 '
+                      f'and per_seed={cfg["per_seed"]} >= 0.')
 
 
 def composed(config):
@@ -101,7 +106,7 @@ def train_loader(config, source, embed_a, *, with_plan=False):
   """
   if mixture.is_mixture(config.get('dataset')):  # fixed rows per part in every batch
     sizes = mixture.part_batch_sizes(config.dataset, config.batch_size)
-    plan = mixture.MixturePlan(source.sizes, sizes)
+    plan = MixturePlan(source.sizes, sizes)
     loader = composed_loader(source, plan, global_batch_size=config.batch_size,
                              seed=config.seed)
     line = ', '.join(f'{b} rows of {name}' for name, b in zip(source.names, sizes))

@@ -34,13 +34,10 @@ import grain
 import ml_collections
 import numpy as np
 
-from contrastive.batching.shuffle import RandomStream
+from contrastive.config_lib import ConfigError
 
 PARTS = ('emoji_cldr', 'wordnet_gloss', 'jsonl_pairs')  # pair_batches.builder's datasets
 IMAGE_QUERIES = {'emoji_cldr': True, 'wordnet_gloss': False}  # (a JSON-lines file's: read)
-MIXED_TOWERS = ('config.model.share / config.lit.lock: the text tower (tower b) also embeds '
-                'the mixture\'s text queries, so it cannot be shared with the image tower or '
-                'locked.')
 ID_BITS = 24  # part k's group ids become id + k 2^24
 
 
@@ -75,35 +72,35 @@ def part_batch_sizes(dataset_cfg, batch_size):
   >= 1 that sum to B."""
   parts, fractions = tuple(dataset_cfg.get('parts', ())), tuple(dataset_cfg.get('fractions', ()))
   if len(parts) < 2 or len(set(parts)) != len(parts):
-    raise ValueError(f'config.dataset.parts={parts}: a mixture needs >= 2 distinct datasets.')
+    raise ConfigError(f'config.dataset.parts={parts}: a mixture needs >= 2 distinct datasets.')
   if len(fractions) != len(parts):
-    raise ValueError(f'config.dataset.fractions={fractions}: one per part of {parts}.')
+    raise ConfigError(f'config.dataset.fractions={fractions}: one per part of {parts}.')
   sizes = [f * batch_size for f in fractions]
   if any(s < 1 or abs(s - round(s)) > 1e-9 for s in sizes) or round(sum(sizes)) != batch_size:
-    raise ValueError(f'config.dataset.fractions={fractions}: each part\'s rows per batch '
-                     f'(batch_size {batch_size} x fraction = {sizes}) must be a whole number '
-                     f'>= 1, and they must sum to the batch.')
+    raise ConfigError(f'config.dataset.fractions={fractions}: each part\'s rows per batch '
+                      f'(batch_size {batch_size} x fraction = {sizes}) must be a whole number '
+                      f'>= 1, and they must sum to the batch.')
   return [int(round(s)) for s in sizes]
 
 
 def check(config):
-  """Raises ValueError naming the field (before any data is read) for a mixture config."""
-  from contrastive.batching import from_config  # pylint: disable=g-import-not-at-top (a cycle)
+  """Raises ConfigError naming the field (before any data is read) for a mixture config."""
   part_batch_sizes(config.dataset, config.batch_size)
   unknown = [p for p in config.dataset.parts if p not in PARTS]
   if unknown:
-    raise ValueError(f'config.dataset.parts: {unknown} are not pair datasets; choose from '
-                     f'{PARTS}.')
-  if from_config.composed(config):
-    raise ValueError(f'config.batching.method={from_config.settings(config)["method"]!r}: a '
-                     'mixture composes its batches by config.dataset.fractions; use random.')
-  kinds = {IMAGE_QUERIES[p] for p in config.dataset.parts if p in IMAGE_QUERIES}
-  if len(kinds) == 2 and (config.model.get('share') or
-                          config.get('lit', {}).get('lock', '') in ('b', 'text')):
-    raise ValueError(MIXED_TOWERS)
+    raise ConfigError(f'config.dataset.parts: {unknown} are not pair datasets; choose from '
+                      f'{PARTS}.')
   if not config.get('total_steps'):
-    raise ValueError('config.total_steps: a mixture has no common epoch; give the run\'s '
-                     'length in steps.')
+    raise ConfigError('config.total_steps: a mixture has no common epoch; give the run\'s '
+                      'length in steps.')
+
+
+def mixed_queries(dataset_cfg):
+  """True for a mixture whose parts' kinds of queries (images, texts) are known from their
+  names (IMAGE_QUERIES) and differ; a JSON-lines part's is known once read
+  (`MixturePairs.mixed`)."""
+  kinds = {IMAGE_QUERIES[p] for p in dataset_cfg.parts if p in IMAGE_QUERIES}
+  return len(kinds) == 2
 
 
 def query_runs(config):
@@ -119,26 +116,6 @@ def query_runs(config):
   sizes = part_batch_sizes(config.dataset, config.batch_size)
   return tuple((int(end - size), int(end), text) for end, size, text in
                zip(np.cumsum(sizes), sizes, is_text))
-
-
-class MixturePlan:
-  """Global batch s of a mixture: B f_k rows of each part k, part k's rows in its own
-  `RandomStream` (train_loader's shuffle of that part, seed + k), offset to the mixture's
-  row numbers. Deterministic in (seed, s): resume is exact."""
-
-  method = 'mixture'
-
-  def __init__(self, part_sizes, part_batch_sizes):
-    self.starts = np.cumsum([0] + list(part_sizes))[:-1]
-    self.streams = [RandomStream(num_rows=n, global_batch_size=b)
-                    for n, b in zip(part_sizes, part_batch_sizes)]
-    self.num_rows, self.global_batch_size = int(sum(part_sizes)), int(sum(part_batch_sizes))
-    self.steps_per_epoch = min(s.steps_per_epoch for s in self.streams)
-
-  def rows(self, step, seed):
-    """[B] int64: the parts' rows of global batch `step`, part by part."""
-    return np.concatenate([start + stream.rows(step, seed + k) for k, (start, stream) in
-                           enumerate(zip(self.starts, self.streams))])
 
 
 class MixturePairs(grain.sources.RandomAccessDataSource):

@@ -1,4 +1,4 @@
-"""Negatives for dual encoders (issue 15): pure functions of embeddings or captions, as opposed
+"""Negatives for dual encoders: pure functions of embeddings or captions, as opposed
 to the in-step samplers of `contrastive/samplers`.
 
   corpus_mining   each query's hardest non-positive, non-false-negative candidates in a whole

@@ -49,6 +49,7 @@ import numpy as np
 
 from contrastive import config_lib
 from contrastive import parallel
+from contrastive.config_lib import ConfigError
 from contrastive.negatives import corpus_mining
 
 DEFAULTS = dict(num_hard=0, refresh_every=0, from_start=False, block_size=1024, same_part=True)
@@ -66,20 +67,20 @@ def num_hard(config):
 
 
 def check(config):
-  """Raises ValueError naming the field, before any data is read or anything compiled."""
+  """Raises ConfigError naming the field, before any data is read or anything compiled."""
   cfg = settings(config)  # unknown fields raise there
   k, every, block = (int(cfg[f]) for f in ('num_hard', 'refresh_every', 'block_size'))
   if k < 0:
-    raise ValueError(f'config.hard_negatives.num_hard={k} must be >= 0 (0: off).')
+    raise ConfigError(f'config.hard_negatives.num_hard={k} must be >= 0 (0: off).')
   if k and every < 1:
-    raise ValueError(f'config.hard_negatives.refresh_every={every}: mining {k} negatives needs a '
-                     'refresh interval >= 1 step.')
+    raise ConfigError(f'config.hard_negatives.refresh_every={every}: mining {k} negatives needs a '
+                      'refresh interval >= 1 step.')
   if k and block < 1:
-    raise ValueError(f'config.hard_negatives.block_size={block} must be >= 1.')
+    raise ConfigError(f'config.hard_negatives.block_size={block} must be >= 1.')
   if k and config.loss.name != 'sigmoid_loss':
-    raise ValueError(f'config.hard_negatives.num_hard={k}: the mined text negatives join the '
-                     f'loss as extra negatives, which need sigmoid_loss (got '
-                     f'{config.loss.name!r}).')
+    raise ConfigError(f'config.hard_negatives.num_hard={k}: the mined text negatives join the '
+                      f'loss as extra negatives, which need sigmoid_loss (got '
+                      f'{config.loss.name!r}).')
 
 
 class CorpusIndex:

@@ -23,6 +23,7 @@ import os
 import jax
 
 from contrastive import checkpoint
+from contrastive.config_lib import ConfigError
 
 
 def guide_workdir(config):
@@ -31,23 +32,23 @@ def guide_workdir(config):
 
 
 def check(config):
-  """Raises ValueError (one line) for a guide without GIST, beside a momentum encoder, or a
+  """Raises ConfigError (one line) for a guide without GIST, beside a momentum encoder, or a
   workdir without checkpoints; before anything is compiled."""
   path = guide_workdir(config)
   if not path:
     return
   if not config.samplers.gist:
-    raise ValueError(f'config.samplers.gist_guide={path!r} is the guide of GIST: set '
-                     'config.samplers.gist=True.')
+    raise ConfigError(f'config.samplers.gist_guide={path!r} is the guide of GIST: set '
+                      'config.samplers.gist=True.')
   if config.get('momentum', {}).get('base', 0.0) or config.get('method', 'simclr') != 'simclr':
-    raise ValueError('config.samplers.gist_guide replaces the momentum encoder as GIST\'s guide: '
-                     'use method=simclr with config.momentum.base=0.')
+    raise ConfigError('config.samplers.gist_guide replaces the momentum encoder as GIST\'s guide: '
+                      'use method=simclr with config.momentum.base=0.')
   if config.get('queue_size', 0):
-    raise ValueError('config.samplers.gist_guide with config.queue_size: the queue keeps no '
-                     'guide embeddings of its entries; use queue_size=0.')
+    raise ConfigError('config.samplers.gist_guide with config.queue_size: the queue keeps no '
+                      'guide embeddings of its entries; use queue_size=0.')
   if not checkpoint.saved_steps(os.path.join(path, 'checkpoints')):
-    raise ValueError(f'config.samplers.gist_guide={path!r} has no checkpoint under '
-                     f'{os.path.join(path, "checkpoints")}.')
+    raise ConfigError(f'config.samplers.gist_guide={path!r} has no checkpoint under '
+                      f'{os.path.join(path, "checkpoints")}.')
 
 
 def frozen(step):
@@ -58,17 +59,16 @@ def frozen(step):
 
 def load_guide(state, path):
   """The state with ema_params / ema_batch_stats read from the latest checkpoint of workdir
-  `path`, placed with the shardings of the state's own; raises ValueError (one line) naming
+  `path`, placed with the shardings of the state's own; raises ConfigError (one line) naming
   the first mismatching parameters if the checkpoint's model differs from this run's."""
-  directory = os.path.join(path, 'checkpoints')
-  step_dir = os.path.join(directory, str(checkpoint.saved_steps(directory)[-1]))
+  step_dir = checkpoint.latest_step_dir(path)
   saved = checkpoint.read_state(step_dir)
   guide = {'params': saved.get('params', {}), 'batch_stats': saved.get('batch_stats') or {}}
   want = {'params': state.ema_params, 'batch_stats': state.ema_batch_stats}
   problems = checkpoint.structure_mismatch(guide, want)
   if problems:
-    raise ValueError(f'config.samplers.gist_guide: {step_dir} does not match this run\'s model '
-                     f'({len(problems)} difference(s), e.g. {"; ".join(problems[:3])}).')
+    raise ConfigError(f'config.samplers.gist_guide: {step_dir} does not match this run\'s model '
+                      f'({len(problems)} difference(s), e.g. {"; ".join(problems[:3])}).')
   placed = jax.tree.map(lambda x, ref: jax.device_put(x.astype(ref.dtype), ref.sharding),
                         guide, want)
   print(f'GIST guide: {step_dir} (frozen).', flush=True)

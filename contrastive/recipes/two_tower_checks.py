@@ -1,0 +1,88 @@
+"""The two-tower config checks that run before any data is read or anything compiled, each a
+`ConfigError` naming the field (`validate`)."""
+
+import os
+
+from contrastive.batching import from_config as batching
+from contrastive.config_lib import ConfigError
+from contrastive.data import mixture
+from contrastive.data import pair_batches
+from contrastive.models import two_tower as two_tower_lib
+from contrastive.negatives import corpus_index
+from contrastive.negatives import negclip
+from contrastive.recipes.two_tower_init import LOCKS
+from contrastive.recipes.two_tower_model import model_config
+
+LOSS_OF_PARAMS = {'clip': 'clip_loss', 'siglip': 'sigmoid_loss'}
+MIXED_TOWERS = ('config.model.share / config.lit.lock: the text tower (tower b) also embeds '
+                'the mixture\'s text queries, so it cannot be shared with the image tower or '
+                'locked.')
+
+
+def mixup_alpha(config):
+  """config.geodesic_mixup.alpha: m^3-Mix's Beta(alpha, alpha) mixing ratio (0: off)."""
+  return float((config.get('geodesic_mixup') or {}).get('alpha', 0.0))
+
+
+def check_mixed_towers(config):
+  """A mixture of image and text queries embeds its text queries with tower b: raises
+  ConfigError if that tower is shared or locked."""
+  if config.model.get('share') or config.get('lit', {}).get('lock', '') in ('b', 'text'):
+    raise ConfigError(MIXED_TOWERS)
+
+
+def validate(config):
+  """Raises ConfigError naming the field; MissingDatasetError for absent data."""
+  try:
+    model = two_tower_lib.build_two_tower(model_config(config))
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f'config.model: {e}') from None
+  loss = LOSS_OF_PARAMS[config.model.loss_params]
+  if config.loss.name != loss:
+    raise ConfigError(
+        f'config.loss.name={config.loss.name!r} does not go with config.model.loss_params='
+        f'{config.model.loss_params!r} (its learned parameters); use {loss!r}.')
+  lock = config.get('lit', {}).get('lock', '')
+  if lock not in LOCKS:
+    raise ConfigError(f'config.lit.lock={lock!r}: choose one tower, one of {tuple(LOCKS)}'
+                      ' (locking both towers would leave nothing to train).')
+  if lock in ('b', 'text') and model.tower_b is None:
+    raise ConfigError('config.lit.lock: the towers are shared (model.share); lock none.')
+  if config.tokenizer.context < 2 or config.tokenizer.vocab_size < 300:
+    raise ConfigError(
+        f'config.tokenizer: context={config.tokenizer.context} must be >= 2 and vocab_size='
+        f'{config.tokenizer.vocab_size} >= 300 (256 byte pieces, specials and some words).')
+  if mixture.is_mixture(config.dataset):
+    mixture.check(config)
+    if mixture.mixed_queries(config.dataset):
+      check_mixed_towers(config)
+  image = config.model.get('image')
+  if image is not None and image.get('name') == 'vit':
+    patch = image.get('patch') or two_tower_lib.vit.VIT_PRESETS[image.preset]['patch']
+    size = mixture.image_size(config.dataset)
+    if size is not None and size % patch:
+      raise ConfigError(f'config.dataset.image_size={size} is not a '
+                        f'multiple of the ViT patch size {patch}.')
+  batching.check(config)
+  corpus_index.check(config)
+  _check_extra_negatives(config)
+  for _, dataset in mixture.part_configs(config.dataset):
+    pair_batches.check_files(dataset)
+  init = config.get('model_init', {})
+  if init.get('workdir') and not os.path.isdir(os.path.join(init.workdir, 'checkpoints')):
+    raise ConfigError(f'config.model_init.workdir={init.workdir!r} has no checkpoints/.')
+
+
+def _check_extra_negatives(config):
+  """NegCLIP's texts and m^3-Mix's mixtures join the sigmoid loss as extra negatives."""
+  num_negatives = negclip.num_negatives(config)
+  if num_negatives < 0 or (num_negatives and config.loss.name != 'sigmoid_loss'):
+    raise ConfigError(
+        f'config.negclip.num_negatives={num_negatives}: must be >= 0, and NegCLIP\'s extra '
+        f'text negatives need sigmoid_loss (got {config.loss.name!r}).')
+  alpha = mixup_alpha(config)
+  if alpha < 0 or (alpha and (config.loss.name != 'sigmoid_loss' or num_negatives or
+                              corpus_index.num_hard(config))):
+    raise ConfigError(
+        f'config.geodesic_mixup.alpha={alpha}: must be >= 0 (0: off), and m^3-Mix negatives '
+        'need sigmoid_loss without negclip or hard_negatives.')
