@@ -33,7 +33,7 @@ def build(config_file='siglip_emoji.py', **overrides):
   _, state, step = two_tower.step(settings, mesh, inputs, 1000, jax.random.key(0))
   rng = np.random.default_rng(0)
   b = config.batch_size
-  runs = mixture.query_runs(config) or ((0, b, not specs[0].a_is_image),)
+  runs = settings.query_runs or ((0, b, not specs[0].a_is_image),)
   special = {'a_is_text': np.concatenate([np.full(e - s, t) for s, e, t in runs]),
              'task': np.concatenate([np.full(e - s, k) for k, (s, e, _) in enumerate(runs)]),
              'id': np.arange(b), 'b_hard_id': np.arange(b, 2 * b),

@@ -179,7 +179,7 @@ def step_times(rounds, names):
   for name in ['baseline'] + [n for n in names if n != 'baseline']:
     config_file, overrides = STEP_VARIANTS[name]
     if name.endswith('every_row'):  # no layout: both towers on every row
-      mixture.query_runs = lambda config: None
+      mixture.query_runs = lambda dataset_cfg, batch_size: None
     state, step, batch, _ = emoji_step.build(config_file, **overrides)
     mixture.query_runs = query_runs
     state, _ = step(state, batch, jax.random.key(0))  # compile

@@ -31,10 +31,10 @@ def load_config(path, arg=None):
 
 def section(config, name, defaults):
   """config.<name> as a dict with `defaults` filled in (a config without the field: defaults);
-  raises ValueError naming any field `defaults` does not know."""
+  raises ConfigError naming any field `defaults` does not know."""
   cfg = dict(defaults, **dict(config.get(name) or {}))
   unknown = set(cfg) - set(defaults)
   if unknown:
-    raise ValueError(f'config.{name}: unknown field(s) {sorted(unknown)}; known: '
-                     f'{sorted(defaults)}.')
+    raise ConfigError(f'config.{name}: unknown field(s) {sorted(unknown)}; known: '
+                      f'{sorted(defaults)}.')
   return cfg

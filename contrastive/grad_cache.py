@@ -32,11 +32,6 @@ from contrastive import parallel
 from contrastive.objectives import with_index
 
 
-def micro_batch_size(config):
-  """config.grad_cache.micro_batch_size, or 0 (off) where the config has none."""
-  return int(config.get('grad_cache', {}).get('micro_batch_size', 0) or 0)
-
-
 def check_micro_batch(micro_batch_size, batch_size, num_batch_devices):
   """Raises ValueError unless micro_batch_size splits the batch evenly on every device.
 

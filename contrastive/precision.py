@@ -15,17 +15,13 @@ import jax.numpy as jnp
 DTYPES = ('float32', 'bfloat16', 'float64')
 
 
-def state_dtype(config):
-  """The dtype of every float leaf of the train state: float64 for 'float64', else float32."""
-  return jnp.float64 if config.get('dtype', 'float32') == 'float64' else jnp.float32
+def state_dtype(name):
+  """The dtype of every float leaf of the train state for config.dtype `name`: float64 for
+  'float64', else float32."""
+  return jnp.float64 if name == 'float64' else jnp.float32
 
 
-def compute_dtype(config):
+def compute_dtype(name):
   """The towers' compute dtype for the model builders' `dtype=`: bfloat16 for 'bfloat16', else
   None (the towers' own configs, by default the parameters' dtype)."""
-  return jnp.bfloat16 if config.get('dtype', 'float32') == 'bfloat16' else None
-
-
-def remat(config):
-  """config.model.remat (a name of compute.REMAT_POLICIES) for every tower, or None."""
-  return config.model.get('remat') or None
+  return jnp.bfloat16 if name == 'bfloat16' else None

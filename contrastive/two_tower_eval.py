@@ -54,11 +54,10 @@ def _unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _order_probe(ev, config, encode):
-  """(a indices, b indices, tokens [N P, L], valid [N, P]) of ARO's order test where
-  config.negclip.num_negatives = P > 0 (else None): each held-out a item with its first linked
-  text b and P word-order perturbations of it (`negatives.negclip`, seeded by config.seed)."""
-  num = negclip.num_negatives(config)
+def _order_probe(ev, num, seed, encode):
+  """(a indices, b indices, tokens [N P, L], valid [N, P]) of ARO's order test with P = `num`
+  > 0 perturbations (else None): each held-out a item with its first linked text b and P
+  word-order perturbations of it (`negatives.negclip`, seeded by `seed`)."""
   if not num:
     return None
   first = {}
@@ -66,7 +65,7 @@ def _order_probe(ev, config, encode):
     first.setdefault(a_i, b_i)
   a_idx = np.array(sorted(first))
   b_idx = np.array([first[i] for i in a_idx])
-  texts, valid = negclip.negative_captions([ev['b_items'][j] for j in b_idx], num, config.seed)
+  texts, valid = negclip.negative_captions([ev['b_items'][j] for j in b_idx], num, seed)
   return a_idx, b_idx, encode([t for row in texts for t in row]), valid
 
 
@@ -75,9 +74,11 @@ class TwoTowerEvaluator:
 
   a_tower: the tower that embeds side a, 'a' (the model's tower a) or 'b' (text queries of a
   mixture with image parts go through the text tower: contrastive/data/mixture.py).
+  order_probe: P > 0 adds ARO's order test with P NegCLIP perturbations per text (0: none).
   """
 
-  def __init__(self, config, model, mesh, source, pair_spec, tokenizer, a_tower='a'):
+  def __init__(self, config, model, mesh, source, pair_spec, tokenizer, a_tower='a', *,
+               order_probe=0):
     self.cfg, self.mesh, self.spec = config.eval, mesh, pair_spec
     self.ev = pair_batches.eval_pairs(source, pair_spec)
     context = config.tokenizer.context
@@ -90,7 +91,7 @@ class TwoTowerEvaluator:
       prompts = [t.format(n) for names_c in names for n in names_c for t in templates]
       name_class = np.repeat(np.arange(len(names)), [len(c) for c in names])  # [names]
       self.prompts, self.name_class = encode(prompts), name_class
-    self.order = _order_probe(self.ev, config, encode)
+    self.order = _order_probe(self.ev, order_probe, config.seed, encode)
     repl = parallel.replicated(mesh)
     apply = lambda method: jax.jit(
         lambda variables, x: evaluate.widen(model.apply(variables, x, method=method,

@@ -12,6 +12,7 @@ from contrastive import recipes
 from contrastive.config_lib import ConfigError
 from contrastive.losses import check_compute_dtype
 from contrastive.models.compute import REMAT_POLICIES
+from contrastive.recipes import base
 
 DTYPES = precision.DTYPES
 
@@ -34,7 +35,8 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
   if config.eval.batch_size % data_size:
     raise ConfigError(f'config.eval.batch_size={config.eval.batch_size} is not divisible by the '
                       f'{data_size} devices of the batch axes; use a multiple of {data_size}.')
-  micro = grad_cache.micro_batch_size(config)
+  shared = base.common(config)
+  micro = shared.micro_batch_size
   if micro:
     try:
       grad_cache.check_micro_batch(micro, b, data_size)
@@ -53,23 +55,22 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int, num_
                       'last good checkpoint is never deleted.')
   if config.get('dtype', 'float32') not in DTYPES:
     raise ConfigError(f'config.dtype={config.get("dtype")!r} is unknown; choose one of {DTYPES}.')
-  nonfinite = config.get('nonfinite', 'error')
-  if nonfinite not in faults.NONFINITE_MODES:
-    raise ConfigError(f'config.nonfinite={nonfinite!r} is unknown; choose one of '
+  if shared.nonfinite not in faults.NONFINITE_MODES:
+    raise ConfigError(f'config.nonfinite={shared.nonfinite!r} is unknown; choose one of '
                       f'{faults.NONFINITE_MODES}.')
   validate_numbers(config)
   recipes.get(config).validate(config)
-  validate_precision(config)
+  validate_precision(config, shared)
 
 
-def validate_precision(config):
+def validate_precision(config, shared):
   """config.dtype='bfloat16' with a loss path that takes bfloat16 embeddings, and
   config.model.remat a known policy."""
-  remat = precision.remat(config)
+  remat = shared.remat
   if remat and remat not in REMAT_POLICIES:
     raise ConfigError(f'config.model.remat={remat!r} is unknown; choose one of '
                       f'{sorted(REMAT_POLICIES)} or \'\' (none).')
-  if config.get('dtype', 'float32') != 'bfloat16':
+  if shared.dtype != 'bfloat16':
     return
   try:
     check_compute_dtype(config.loss.name, 'bfloat16', block_size=config.loss.get('block_size'))

@@ -16,6 +16,7 @@ from contrastive import step as step_lib
 from contrastive.losses import blockwise
 from contrastive.losses import sigmoid_loss
 from contrastive.negatives import corpus_index
+from contrastive.recipes import two_tower_checks
 from tests import reference
 from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
 
@@ -91,16 +92,14 @@ def brute_force(rows, text_of_row, text_emb, k):
   return np.array(out), names
 
 
-def config(**hard):
-  return ml_collections.ConfigDict(dict(
-      loss=dict(name='sigmoid_loss'), lit=dict(lock=''),
-      hard_negatives=dict(corpus_index.DEFAULTS, **hard)))
+def hard(**fields):
+  return corpus_index.HardNegatives(**fields)
 
 
 def test_mined_table_equals_a_brute_force_and_the_batch_carries_its_texts():
   rows, text_of_row, text_emb = data()
   mesh = parallel.make_mesh([('data', -1)])
-  index = corpus_index.CorpusIndex(config(num_hard=4, refresh_every=3, block_size=5), rows, mesh)
+  index = corpus_index.CorpusIndex(rows, mesh, hard(num_hard=4, refresh_every=3, block_size=5))
   assert len(index.a_parts[0][1]) == 12 and len(index.tokens) == 12
   state = step_lib.TrainState(step=0, params={}, batch_stats={}, opt_state=(), skipped_steps=0,
                               mined=jax.device_put(index.empty(), parallel.replicated(mesh)))
@@ -139,9 +138,7 @@ def test_adore_embeds_the_candidates_once():
   def counting(state, side, items):
     calls.append(side)
     return embed_fn(text_emb)(state, side, items)
-  cfg = config(num_hard=2, refresh_every=1)
-  cfg.lit.lock = 'text'
-  index = corpus_index.CorpusIndex(cfg, rows, mesh)
+  index = corpus_index.CorpusIndex(rows, mesh, hard(num_hard=2, refresh_every=1), fixed_b=True)
   index.mine(counting, None, np.arange(5))
   index.mine(counting, None, np.arange(5))
   assert calls == ['a', 'b', 'a'] and 'ADORE' in index.describe()
@@ -158,8 +155,8 @@ class Plan:
 def test_a_refresh_mines_the_rows_of_the_batches_before_the_next_one():
   rows, text_of_row, text_emb = data()
   mesh = parallel.make_mesh([('data', -1)])
-  index = corpus_index.CorpusIndex(config(num_hard=3, refresh_every=3), rows, mesh,
-                                   plan=Plan(), total_steps=4)
+  index = corpus_index.CorpusIndex(rows, mesh, hard(num_hard=3, refresh_every=3), plan=Plan(),
+                                   total_steps=4)
   state = step_lib.TrainState(step=0, params={}, batch_stats={}, opt_state=(), skipped_steps=0,
                               mined=jax.device_put(index.empty(), parallel.replicated(mesh)))
   index.sync(state)
@@ -219,19 +216,16 @@ def test_mined_negatives_in_sigmoid_loss_match_numpy(block_size):
 ])
 def test_bad_fields_are_one_line_errors(fields, message):
   with pytest.raises(ValueError, match=message) as e:
-    corpus_index.check(config(**fields))
+    corpus_index.check(hard(**fields), 'sigmoid_loss')
   assert '\n' not in str(e.value)
 
 
 def test_clip_loss_and_unknown_fields_are_refused():
-  cfg = config(num_hard=2, refresh_every=5)
-  cfg.loss.name = 'clip_loss'
   with pytest.raises(ValueError, match=r"need sigmoid_loss \(got 'clip_loss'\)"):
-    corpus_index.check(cfg)
-  cfg = config()
-  cfg.hard_negatives.every = 3
+    corpus_index.check(hard(num_hard=2, refresh_every=5), 'clip_loss')
+  cfg = ml_collections.ConfigDict(dict(hard_negatives=dict(corpus_index.DEFAULTS, every=3)))
   with pytest.raises(ValueError, match=r"unknown field\(s\) \['every'\]"):
-    corpus_index.check(cfg)
+    two_tower_checks.hard_negatives(cfg)
 
 
 def test_more_negatives_than_the_corpus_is_an_error():
@@ -239,7 +233,7 @@ def test_more_negatives_than_the_corpus_is_an_error():
   mesh = parallel.make_mesh([('data', -1)])
   with pytest.raises(ValueError, match=r'num_hard=12 is more than the corpus has besides a '
                      r'row\'s own text \(12 distinct texts b\)'):
-    corpus_index.CorpusIndex(config(num_hard=12, refresh_every=1), rows, mesh)
+    corpus_index.CorpusIndex(rows, mesh, hard(num_hard=12, refresh_every=1))
 
 
 def test_refresh_interval_zero_through_the_recipe_is_a_config_error():

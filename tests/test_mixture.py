@@ -119,7 +119,8 @@ def test_loader_resumes_exactly():
   assert want[0]['a_is_text'].tolist() == [False] * 2 + [True] * 4
   config = ml_collections.ConfigDict(dict(batch_size=6, dataset=dict(
       name='mixture', parts=('emoji_cldr', 'wordnet_gloss'), fractions=(1 / 3, 2 / 3))))
-  runs = mixture.query_runs(config)  # the objective's static layout: the loader's
+  # The objective's static layout is the loader's.
+  runs = mixture.query_runs(config.dataset, config.batch_size)
   assert runs == ((0, 2, False), (2, 6, True))
   for batch in want:
     mask = np.concatenate([np.full(stop - start, text) for start, stop, text in runs])
@@ -215,11 +216,8 @@ def brute_force(rows, k, same_part):
 def test_mined_negatives_come_from_the_rows_own_part(same_part):
   rows = MixedRows()
   mesh = parallel.make_mesh([('data', -1)])
-  cfg = ml_collections.ConfigDict(dict(
-      loss=dict(name='sigmoid_loss'), lit=dict(lock=''), hard_negatives=dict(
-          corpus_index.DEFAULTS, num_hard=2, refresh_every=1, block_size=4,
-          same_part=same_part)))
-  index = corpus_index.CorpusIndex(cfg, rows, mesh)
+  index = corpus_index.CorpusIndex(rows, mesh, corpus_index.HardNegatives(
+      num_hard=2, refresh_every=1, block_size=4, same_part=same_part))
   state = step_lib.TrainState(step=0, params={}, batch_stats={}, opt_state=(), skipped_steps=0,
                               mined=jax.device_put(index.empty(), parallel.replicated(mesh)))
   index.sync(state)
@@ -282,7 +280,8 @@ def test_aot_batch_has_the_loaders_fields():
   config = ml_collections.ConfigDict(dict(
       loss=dict(name='sigmoid_loss'), lit=dict(lock=''), negclip=dict(num_negatives=2), model={},
       hard_negatives=dict(corpus_index.DEFAULTS, num_hard=2, refresh_every=1)))
-  index = corpus_index.CorpusIndex(config, source, parallel.make_mesh([('data', -1)]))
+  index = corpus_index.CorpusIndex(source, parallel.make_mesh([('data', -1)]),
+                                   two_tower_checks.hard_negatives(config))
   index.table = index.empty()
   batch = index.attach(pipeline._stack(source.__getitems__([0, 7, 3])))  # pylint: disable=protected-access
   inputs = (np.zeros((2, 4, 4, 3), np.uint8), np.zeros((2, 4), np.int32))

@@ -20,6 +20,7 @@ from contrastive import objectives
 from contrastive import precision
 from contrastive import validate
 from contrastive.models import two_tower as two_tower_lib
+from contrastive.recipes import base
 from contrastive.recipes import two_tower
 from tests import test_two_tower as two_tower_tests
 
@@ -30,7 +31,7 @@ def _loss_and_grads(dtype_name):
   config = two_tower_tests._config('siglip')  # pylint: disable=protected-access
   config.dtype = dtype_name
   model = two_tower_lib.build_two_tower(two_tower.model_config(config),
-                                        dtype=precision.compute_dtype(config))
+                                        dtype=precision.compute_dtype(config.dtype))
   batch = two_tower_tests._batches(1)[0]  # pylint: disable=protected-access
   params = model.init(jax.random.key(0), batch['a'][:2], batch['b'][:2])['params']
   objective = objectives.two_tower(model=model, loss_name='sigmoid_loss')
@@ -74,5 +75,5 @@ def test_precision_config_errors():
   config.model.remat = 'all'
   with pytest.raises(validate.ConfigError, match="config.model.remat='all' is unknown"):
     validate.validate_config(config, num_devices=1, num_processes=1)
-  assert precision.state_dtype(config) == jnp.float32
-  assert precision.compute_dtype(config) == jnp.bfloat16
+  shared = base.common(config)
+  assert shared.state_dtype == jnp.float32 and shared.compute_dtype == jnp.bfloat16

@@ -83,14 +83,15 @@ def part_batch_sizes(dataset_cfg, batch_size):
   return [int(round(s)) for s in sizes]
 
 
-def check(config):
-  """Raises ConfigError naming the field (before any data is read) for a mixture config."""
-  part_batch_sizes(config.dataset, config.batch_size)
-  unknown = [p for p in config.dataset.parts if p not in PARTS]
+def check(dataset_cfg, *, batch_size, total_steps):
+  """Raises ConfigError naming the field (before any data is read) for a mixture's
+  config.dataset, with the run's config.batch_size and config.total_steps."""
+  part_batch_sizes(dataset_cfg, batch_size)
+  unknown = [p for p in dataset_cfg.parts if p not in PARTS]
   if unknown:
     raise ConfigError(f'config.dataset.parts: {unknown} are not pair datasets; choose from '
                       f'{PARTS}.')
-  if not config.get('total_steps'):
+  if not total_steps:
     raise ConfigError('config.total_steps: a mixture has no common epoch; give the run\'s '
                       'length in steps.')
 
@@ -103,17 +104,16 @@ def mixed_queries(dataset_cfg):
   return len(kinds) == 2
 
 
-def query_runs(config):
+def query_runs(dataset_cfg, batch_size):
   """((start, stop, is_text), ...): the global batch's rows of each part (`MixturePlan`'s
   layout), for a mixture of image and text queries whose kinds the config names; else None
   (the objective then runs both towers on every row: `objectives.two_tower`)."""
-  if (not is_mixture(config.get('dataset')) or
-      any(p not in IMAGE_QUERIES for p in config.dataset.parts)):
+  if not is_mixture(dataset_cfg) or any(p not in IMAGE_QUERIES for p in dataset_cfg.parts):
     return None
-  is_text = [not IMAGE_QUERIES[p] for p in config.dataset.parts]
+  is_text = [not IMAGE_QUERIES[p] for p in dataset_cfg.parts]
   if len(set(is_text)) < 2:
     return None
-  sizes = part_batch_sizes(config.dataset, config.batch_size)
+  sizes = part_batch_sizes(dataset_cfg, batch_size)
   return tuple((int(end - size), int(end), text) for end, size, text in
                zip(np.cumsum(sizes), sizes, is_text))
 

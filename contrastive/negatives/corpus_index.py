@@ -44,52 +44,54 @@ References:
   (STAR / ADORE), SIGIR.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 
-from contrastive import config_lib
 from contrastive import parallel
 from contrastive.config_lib import ConfigError
 from contrastive.negatives import corpus_mining
 
-DEFAULTS = dict(num_hard=0, refresh_every=0, from_start=False, block_size=1024, same_part=True)
-LOCKED_B = ('b', 'text')
+@dataclasses.dataclass(frozen=True)
+class HardNegatives:
+  """config.hard_negatives (the module docstring); the defaults are those of a config without
+  the field: off."""
+  num_hard: int = 0
+  refresh_every: int = 0
+  from_start: bool = False
+  block_size: int = 1024
+  same_part: bool = True
 
 
-def settings(config):
-  """config.hard_negatives with its defaults filled in (configs without the field: off)."""
-  return config_lib.section(config, 'hard_negatives', DEFAULTS)
+DEFAULTS = dataclasses.asdict(HardNegatives())
 
 
-def num_hard(config):
-  """K, the mined negatives per row (0: off)."""
-  return int(settings(config)['num_hard'])
-
-
-def check(config):
-  """Raises ConfigError naming the field, before any data is read or anything compiled."""
-  cfg = settings(config)  # unknown fields raise there
-  k, every, block = (int(cfg[f]) for f in ('num_hard', 'refresh_every', 'block_size'))
+def check(hard, loss_name):
+  """Raises ConfigError naming the field of `hard` (a HardNegatives), before any data is read
+  or anything compiled; loss_name: config.loss.name."""
+  k, every, block = hard.num_hard, hard.refresh_every, hard.block_size
   if k < 0:
     raise ConfigError(f'config.hard_negatives.num_hard={k} must be >= 0 (0: off).')
   if k and every < 1:
-    raise ConfigError(f'config.hard_negatives.refresh_every={every}: mining {k} negatives needs a '
-                      'refresh interval >= 1 step.')
+    raise ConfigError(f'config.hard_negatives.refresh_every={every}: mining {k} negatives '
+                      'needs a refresh interval >= 1 step.')
   if k and block < 1:
     raise ConfigError(f'config.hard_negatives.block_size={block} must be >= 1.')
-  if k and config.loss.name != 'sigmoid_loss':
+  if k and loss_name != 'sigmoid_loss':
     raise ConfigError(f'config.hard_negatives.num_hard={k}: the mined text negatives join the '
-                      f'loss as extra negatives, which need sigmoid_loss (got '
-                      f'{config.loss.name!r}).')
+                      f'loss as extra negatives, which need sigmoid_loss (got {loss_name!r}).')
 
 
 class CorpusIndex:
   """The training rows, their distinct side-a items and candidate texts, and the mined table.
 
   Args:
-    config: the recipe config (hard_negatives, lit, seed).
     source: the training rows (`pair_batches.TokenizedPairs`, with `side_a`).
     mesh: the step's mesh (the mining splits the queries over its batch devices).
+    hard: `HardNegatives`.
+    seed: the loader's seed (its plan's batches).
+    fixed_b: tower b is locked (LiT on the text tower: ADORE): the candidates are embedded once.
     plan: the loader's plan (`batching.from_config.train_loader(with_plan=True)`): a refresh
       before update s + 1 mines only the rows of the loader's batches s ... s + R - 1, the
       ones used before the next refresh (the others keep their last negatives), which is the
@@ -100,13 +102,13 @@ class CorpusIndex:
   metric = 'hard_negatives'  # the loop's refresh-time metric prefix
   field = 'mined'  # the TrainState field holding the table
 
-  def __init__(self, config, source, mesh, *, plan=None, total_steps=None):
-    cfg = settings(config)
-    self.k, self.every, self.block = (int(cfg[f]) for f in
-                                      ('num_hard', 'refresh_every', 'block_size'))
+  def __init__(self, source, mesh, hard, *, seed=0, fixed_b=False, plan=None,
+               total_steps=None):
+    self.k, self.every, self.block = (int(v) for v in (hard.num_hard, hard.refresh_every,
+                                                       hard.block_size))
     self.mesh = parallel.batch_mesh(mesh)
-    self.plan, self.seed, self.total = plan, int(config.get('seed', 0)), total_steps
-    self.from_start = bool(cfg['from_start'])
+    self.plan, self.seed, self.total = plan, seed, total_steps
+    self.from_start = bool(hard.from_start)
     n = len(source)
     parts = (source.query_parts() if hasattr(source, 'query_parts') else
              [('a', np.arange(n), source.side_a(range(n), texts_b=True))])
@@ -124,15 +126,15 @@ class CorpusIndex:
     keys, self.text_of_row = np.unique(keys, return_inverse=True)  # one candidate per text
     self.text_of_row = self.text_of_row.reshape(-1)  # (per part: MM-Embed's modalities)
     texts = keys if len(parts) == 1 else [key.split(':', 1)[1] for key in keys]
-    self.candidate_task = (None if len(parts) == 1 or not cfg['same_part'] else
+    self.candidate_task = (None if len(parts) == 1 or not hard.same_part else
                            np.array([int(key.split(':', 1)[0]) for key in keys], np.int32))
     if self.k > len(texts) - 1:
-      raise ValueError(f'config.hard_negatives.num_hard={self.k} is more than the corpus has '
-                       f'besides a row\'s own text ({len(texts)} distinct texts b).')
+      raise ConfigError(f'config.hard_negatives.num_hard={self.k} is more than the corpus has '
+                        f'besides a row\'s own text ({len(texts)} distinct texts b).')
     self.tokens = source.tokenizer.encode(list(texts), source.context)[0]  # [M, L]
     self.candidate_ids = np.empty(len(texts), np.int32)  # the group of a text's first row
     self.candidate_ids[self.text_of_row[::-1]] = self.row_ids[::-1]
-    self.fixed_b = config.get('lit', {}).get('lock', '') in LOCKED_B  # ADORE
+    self.fixed_b = fixed_b  # ADORE
     self._zb = None
     self.table = None
 

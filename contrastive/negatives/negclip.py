@@ -99,12 +99,6 @@ def perturb_order(caption, kind, rng):
   return ' '.join(_shuffle(words, rng) if kind == 'shuffle' else _swap(words, rng))
 
 
-def num_negatives(config):
-  """config.negclip.num_negatives of a two-tower config: P perturbations per text b as extra
-  negatives, 0 (off) where the config has no negclip field."""
-  return int((config.get('negclip') or {}).get('num_negatives', 0))
-
-
 def negative_captions(captions, num, seed, indices=None):
   """NegCLIP hard-negative captions: `num` word-order perturbations of every caption.
 

@@ -10,6 +10,39 @@ jitted step (`step.update` with the family's `objectives.Objective`) are shared.
 import dataclasses
 from typing import Any, Callable, Protocol
 
+from contrastive import precision
+
+
+@dataclasses.dataclass(frozen=True)
+class Common:
+  """The settings every family reads, resolved once (`common`); the defaults of fields a
+  config may lack are here and nowhere else.
+
+  Attributes:
+    dtype: config.dtype ('float32' | 'bfloat16' | 'float64': contrastive/precision.py).
+    compute_dtype: the towers' compute dtype (bfloat16, or None: the parameters').
+    state_dtype: of every float leaf of the train state.
+    remat: config.model.remat, a policy of models/compute.REMAT_POLICIES, or None.
+    micro_batch_size: GradCache's config.grad_cache.micro_batch_size (0: off).
+    nonfinite: config.nonfinite ('error' | 'skip': contrastive/faults.py).
+  """
+  dtype: str
+  compute_dtype: Any
+  state_dtype: Any
+  remat: Any
+  micro_batch_size: int
+  nonfinite: str
+
+
+def common(config):
+  """The `Common` settings of a config."""
+  dtype = config.get('dtype', 'float32')
+  return Common(dtype=dtype, compute_dtype=precision.compute_dtype(dtype),
+                state_dtype=precision.state_dtype(dtype),
+                remat=config.model.get('remat') or None,
+                micro_batch_size=int(config.get('grad_cache', {}).get('micro_batch_size', 0) or 0),
+                nonfinite=config.get('nonfinite', 'error'))
+
 
 @dataclasses.dataclass(frozen=True)
 class Parts:

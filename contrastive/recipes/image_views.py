@@ -19,20 +19,18 @@ Two augmented views of each image through one encoder (`objectives.image_views`)
 """
 
 import dataclasses
-from typing import Any
-
+import os
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from contrastive import checkpoint
 from contrastive import config_lib
 from contrastive import evaluate
-from contrastive import grad_cache
 from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
-from contrastive import precision
 from contrastive import step as step_lib
 from contrastive.data import augment
 from contrastive.data import pipeline
@@ -63,11 +61,7 @@ class Settings:
   queue_size: int
   guide_workdir: str  # GIST's frozen guide ('' : none)
   uses_samplers: bool  # anything beyond plain SimCLR: the step's `objectives.Method`
-  micro_batch_size: int  # GradCache (0: off)
-  nonfinite: str
-  compute_dtype: Any
-  state_dtype: Any
-  remat: Any
+  common: base.Common  # dtypes, remat, GradCache, the non-finite guard
 
 
 def uses_samplers(config):
@@ -85,10 +79,8 @@ def settings(config):
       config=config, method=config.get('method', 'simclr'),
       momentum_base=momentum.get('base', 0.0),
       momentum_schedule=momentum.get('schedule', 'constant'),
-      queue_size=config.get('queue_size', 0), guide_workdir=guide.guide_workdir(config),
-      uses_samplers=uses_samplers(config), micro_batch_size=grad_cache.micro_batch_size(config),
-      nonfinite=config.get('nonfinite', 'error'), compute_dtype=precision.compute_dtype(config),
-      state_dtype=precision.state_dtype(config), remat=precision.remat(config))
+      queue_size=config.get('queue_size', 0), guide_workdir=guide_workdir(config),
+      uses_samplers=uses_samplers(config), common=base.common(config))
 
 
 def validate(config):
@@ -144,8 +136,8 @@ def validate_method(config):
   samplers = config.get('samplers')
   if samplers is None:
     return
-  guide.check(config)
-  if samplers.gist and not base_m and not guide.guide_workdir(config):
+  _check_guide(config)
+  if samplers.gist and not base_m and not guide_workdir(config):
     raise ConfigError('config.samplers.gist needs a guide: the momentum encoder (set '
                       'config.momentum.base > 0, e.g. 0.99) or a checkpoint '
                       '(config.samplers.gist_guide).')
@@ -166,6 +158,32 @@ def validate_method(config):
                       'unset it.')
   if stages > 1 and config.mcl.num_clusters < 2:
     raise ConfigError(f'config.mcl.num_clusters={config.mcl.num_clusters} must be >= 2.')
+
+
+def guide_workdir(config):
+  """config.samplers.gist_guide: a workdir whose latest checkpoint is GIST's frozen guide
+  ('' : none; contrastive/samplers/guide.py)."""
+  return (config.get('samplers') or {}).get('gist_guide', '') or ''
+
+
+def _check_guide(config):
+  """Raises ConfigError (one line) for a guide without GIST, beside a momentum encoder, or a
+  workdir without checkpoints; before anything is compiled."""
+  path = guide_workdir(config)
+  if not path:
+    return
+  if not config.samplers.gist:
+    raise ConfigError(f'config.samplers.gist_guide={path!r} is the guide of GIST: set '
+                      'config.samplers.gist=True.')
+  if config.get('momentum', {}).get('base', 0.0) or config.get('method', 'simclr') != 'simclr':
+    raise ConfigError('config.samplers.gist_guide replaces the momentum encoder as GIST\'s guide: '
+                      'use method=simclr with config.momentum.base=0.')
+  if config.get('queue_size', 0):
+    raise ConfigError('config.samplers.gist_guide with config.queue_size: the queue keeps no '
+                      'guide embeddings of its entries; use queue_size=0.')
+  if not checkpoint.saved_steps(os.path.join(path, 'checkpoints')):
+    raise ConfigError(f'config.samplers.gist_guide={path!r} has no checkpoint under '
+                      f'{os.path.join(path, "checkpoints")}.')
 
 
 def method(s, *, steps, steps_per_epoch, clusters=None):
@@ -193,20 +211,21 @@ def step(s, mesh, image_shape, steps, rng, *, steps_per_epoch=1.0, clusters=None
   with their shardings, nothing allocated (compiling for other devices: contrastive/aot.py).
   """
   config = s.config
-  model = build_model(config.model, dtype=s.compute_dtype, remat=s.remat)
+  model = build_model(config.model, dtype=s.common.compute_dtype, remat=s.common.remat)
   tx, schedule = optim.build_optimizer(
       ml_collections.ConfigDict(dict(config.optimizer, batch_size=config.batch_size)), steps)
   m = method(s, steps=steps, clusters=clusters, steps_per_epoch=steps_per_epoch)
   make_state = lambda: step_lib.create_train_state(
       model, tx, image_shape, rng, mesh, ema=bool(s.momentum_base or s.guide_workdir),
-      queue_size=s.queue_size, batch_size=config.batch_size, dtype=s.state_dtype)
+      queue_size=s.queue_size, batch_size=config.batch_size, dtype=s.common.state_dtype)
   state = step_lib.abstract_state(make_state, mesh) if abstract else make_state()
   objective = objectives.image_views(
       model=model, aug_cfg=config.augment, method=m,
       loss_fn=pair_loss_from_config(config.loss, mesh=parallel.batch_mesh(mesh)))
   step_fn = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule,
-                                    nonfinite=s.nonfinite, momentum=m.momentum if m else None,
-                                    micro_batch_size=s.micro_batch_size)
+                                    nonfinite=s.common.nonfinite,
+                                    momentum=m.momentum if m else None,
+                                    micro_batch_size=s.common.micro_batch_size)
   return model, state, step_fn
 
 

@@ -31,10 +31,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from contrastive import grad_cache
 from contrastive import objectives
 from contrastive import parallel
-from contrastive import precision
 from contrastive import step as step_lib
 from contrastive import two_tower_eval
 from contrastive.batching import from_config as batching
@@ -44,7 +42,6 @@ from contrastive.data import pair_batches
 from contrastive.data import tokenizer as tokenizer_lib
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
-from contrastive.negatives import negclip
 from contrastive.recipes import base
 from contrastive.recipes import two_tower_checks
 from contrastive.recipes import two_tower_init
@@ -58,27 +55,22 @@ class Settings:
   config: ml_collections.ConfigDict
   locked: tuple  # the parameter groups LiT freezes (two_tower_init.LOCKS)
   is_mixture: bool
-  num_hard: int  # corpus-mined negatives per row (0: off)
+  hard: corpus_index.HardNegatives  # corpus-mined negatives (hard.num_hard per row; 0: off)
   num_negclip: int  # NegCLIP perturbations per text (0: off)
   mixup_alpha: float  # m^3-Mix (0: off)
-  micro_batch_size: int  # GradCache (0: off)
   query_runs: Any  # a mixture's (start, stop, is_text) rows per part, or None
-  nonfinite: str
-  compute_dtype: Any
-  state_dtype: Any
-  remat: Any
+  common: base.Common  # dtypes, remat, GradCache, the non-finite guard
 
 
 def settings(config):
   return Settings(
       config=config, locked=two_tower_init.LOCKS[config.get('lit', {}).get('lock', '')],
-      is_mixture=mixture.is_mixture(config.get('dataset')), num_hard=corpus_index.num_hard(config),
-      num_negclip=negclip.num_negatives(config),
+      is_mixture=mixture.is_mixture(config.get('dataset')),
+      hard=two_tower_checks.hard_negatives(config),
+      num_negclip=two_tower_checks.num_negclip(config),
       mixup_alpha=two_tower_checks.mixup_alpha(config),
-      micro_batch_size=grad_cache.micro_batch_size(config),
-      query_runs=mixture.query_runs(config), nonfinite=config.get('nonfinite', 'error'),
-      compute_dtype=precision.compute_dtype(config), state_dtype=precision.state_dtype(config),
-      remat=precision.remat(config))
+      query_runs=mixture.query_runs(config.get('dataset'), config.get('batch_size')),
+      common=base.common(config))
 
 
 def example_inputs(config, pair_spec):
@@ -106,7 +98,7 @@ def train_source(s, workdir):
     tok = pair_batches.load_or_train_tokenizer(workdir, raws, specs, config.tokenizer)
   rows = [pair_batches.TokenizedPairs(raw, spec, tok, config.tokenizer.context,
                                       negclip=s.num_negclip, negclip_seed=config.seed,
-                                      with_row=bool(s.num_hard))
+                                      with_row=bool(s.hard.num_hard))
           for raw, spec in zip(raws, specs)]
   if len(rows) == 1:
     return rows[0]
@@ -126,8 +118,8 @@ def state_tables(s, num_rows):
   'mined' [N, K] (config.hard_negatives) and 'composition' [N] / [N, k] (config.batching
   clusters / neighbours)."""
   tables = {}
-  if s.num_hard:
-    tables['mined'] = (num_rows, s.num_hard)
+  if s.hard.num_hard:
+    tables['mined'] = (num_rows, s.hard.num_hard)
   cfg = batching.settings(s.config)
   if cfg['method'] == 'clusters':
     tables['composition'] = (num_rows,)
@@ -144,13 +136,13 @@ def step(s, mesh, inputs, steps, rng, *, abstract=False, tables=None):
   loop's int32 tables (`state_tables`), created as -1 and replicated.
   """
   config = s.config
-  model = two_tower_lib.build_two_tower(model_config(config), dtype=s.compute_dtype,
-                                        remat=s.remat)
+  model = two_tower_lib.build_two_tower(model_config(config), dtype=s.common.compute_dtype,
+                                        remat=s.common.remat)
   params = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), rng)['params']
   tx, schedule = two_tower_init.optimizer(config.optimizer, params, steps,
                                           batch_size=config.batch_size, locked=s.locked)
   make_state = lambda: step_lib.create_train_state(
-      model, tx, None, rng, mesh, inputs=inputs, dtype=s.state_dtype)
+      model, tx, None, rng, mesh, inputs=inputs, dtype=s.common.state_dtype)
   state = step_lib.abstract_state(make_state, mesh) if abstract else make_state()
   repl = parallel.replicated(mesh)
   for field, shape in (tables or {}).items():
@@ -163,7 +155,8 @@ def step(s, mesh, inputs, steps, rng, *, abstract=False, tables=None):
       collective=config.loss.get('collective'), mixup_alpha=s.mixup_alpha,
       query_runs=s.query_runs)
   step_fn = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule,
-                                    nonfinite=s.nonfinite, micro_batch_size=s.micro_batch_size)
+                                    nonfinite=s.common.nonfinite,
+                                    micro_batch_size=s.common.micro_batch_size)
   return model, state, step_fn
 
 
@@ -193,14 +186,14 @@ def evaluator(s, model, mesh, source):
   if not s.is_mixture:
     test = pair_batches.get_source(config.dataset, split)
     return two_tower_eval.TwoTowerEvaluator(config, model, eval_mesh, test, source.spec,
-                                            source.tokenizer)
+                                            source.tokenizer, order_probe=s.num_negclip)
   evaluators = {}
   for (name, dataset), part in zip(mixture.part_configs(config.dataset), source.parts):
     part_config = ml_collections.ConfigDict(dict(config.to_dict(), dataset=dataset.to_dict()))
     a_tower = 'b' if source.mixed and not part.spec.a_is_image else 'a'  # text queries: tower b
     evaluators[name] = two_tower_eval.TwoTowerEvaluator(
         part_config, model, eval_mesh, pair_batches.get_source(dataset, split), part.spec,
-        source.tokenizer, a_tower=a_tower)
+        source.tokenizer, a_tower=a_tower, order_probe=s.num_negclip)
   return two_tower_eval.MixtureEvaluator(evaluators)
 
 
@@ -218,8 +211,10 @@ def tables(s, source, mesh, plan, steps):
   """The batch plan's clusters or neighbours (config.batching) and the corpus-mined
   negatives (config.hard_negatives)."""
   out = [t for t in (getattr(plan, 'periodic', None),) if t is not None]
-  if s.num_hard:
-    out.append(corpus_index.CorpusIndex(s.config, source, mesh, plan=plan, total_steps=steps))
+  if s.hard.num_hard:
+    fixed_b = s.config.get('lit', {}).get('lock', '') in ('b', 'text')  # ADORE
+    out.append(corpus_index.CorpusIndex(source, mesh, s.hard, seed=int(s.config.seed),
+                                        fixed_b=fixed_b, plan=plan, total_steps=steps))
     print(f'Hard negatives: {out[-1].describe()}.', flush=True)
   return out
 
@@ -231,11 +226,11 @@ def batch_fields(s, inputs, specs):
   length = inputs[1].shape[1]
   fields = {'a': (inputs[0].shape[1:], inputs[0].dtype), 'b': ((length,), np.int32),
             'id': ((), np.int32), 'truncated': ((), np.int32)}
-  for name, num in (('b_neg', s.num_negclip), ('b_hard', s.num_hard)):
+  for name, num in (('b_neg', s.num_negclip), ('b_hard', s.hard.num_hard)):
     if num:
       fields.update({name: ((num, length), np.int32), name + '_valid': ((num,), np.bool_)})
-  if s.num_hard:
-    fields['b_hard_id'] = ((s.num_hard,), np.int32)
+  if s.hard.num_hard:
+    fields['b_hard_id'] = ((s.hard.num_hard,), np.int32)
   if len(specs) > 1:  # a mixture (contrastive/data/mixture.py)
     fields['task'] = ((), np.int32)
   if len({spec.a_is_image for spec in specs}) == 2:  # image and text queries

@@ -3,13 +3,13 @@
 
 import os
 
+from contrastive import config_lib
 from contrastive.batching import from_config as batching
 from contrastive.config_lib import ConfigError
 from contrastive.data import mixture
 from contrastive.data import pair_batches
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
-from contrastive.negatives import negclip
 from contrastive.recipes.two_tower_init import LOCKS
 from contrastive.recipes.two_tower_model import model_config
 
@@ -22,6 +22,19 @@ MIXED_TOWERS = ('config.model.share / config.lit.lock: the text tower (tower b) 
 def mixup_alpha(config):
   """config.geodesic_mixup.alpha: m^3-Mix's Beta(alpha, alpha) mixing ratio (0: off)."""
   return float((config.get('geodesic_mixup') or {}).get('alpha', 0.0))
+
+
+def hard_negatives(config):
+  """config.hard_negatives as a `corpus_index.HardNegatives` (a config without it: off);
+  ConfigError for an unknown field."""
+  return corpus_index.HardNegatives(
+      **config_lib.section(config, 'hard_negatives', corpus_index.DEFAULTS))
+
+
+def num_negclip(config):
+  """config.negclip.num_negatives: NegCLIP's P perturbations per text b as extra negatives
+  (0: off; a config without the field: off)."""
+  return int((config.get('negclip') or {}).get('num_negatives', 0))
 
 
 def check_mixed_towers(config):
@@ -53,7 +66,8 @@ def validate(config):
         f'config.tokenizer: context={config.tokenizer.context} must be >= 2 and vocab_size='
         f'{config.tokenizer.vocab_size} >= 300 (256 byte pieces, specials and some words).')
   if mixture.is_mixture(config.dataset):
-    mixture.check(config)
+    mixture.check(config.dataset, batch_size=config.batch_size,
+                  total_steps=config.get('total_steps'))
     if mixture.mixed_queries(config.dataset):
       check_mixed_towers(config)
   image = config.model.get('image')
@@ -64,7 +78,7 @@ def validate(config):
       raise ConfigError(f'config.dataset.image_size={size} is not a '
                         f'multiple of the ViT patch size {patch}.')
   batching.check(config)
-  corpus_index.check(config)
+  corpus_index.check(hard_negatives(config), config.loss.name)
   _check_extra_negatives(config)
   for _, dataset in mixture.part_configs(config.dataset):
     pair_batches.check_files(dataset)
@@ -75,14 +89,14 @@ def validate(config):
 
 def _check_extra_negatives(config):
   """NegCLIP's texts and m^3-Mix's mixtures join the sigmoid loss as extra negatives."""
-  num_negatives = negclip.num_negatives(config)
+  num_negatives = num_negclip(config)
   if num_negatives < 0 or (num_negatives and config.loss.name != 'sigmoid_loss'):
     raise ConfigError(
         f'config.negclip.num_negatives={num_negatives}: must be >= 0, and NegCLIP\'s extra '
         f'text negatives need sigmoid_loss (got {config.loss.name!r}).')
   alpha = mixup_alpha(config)
   if alpha < 0 or (alpha and (config.loss.name != 'sigmoid_loss' or num_negatives or
-                              corpus_index.num_hard(config))):
+                              hard_negatives(config).num_hard)):
     raise ConfigError(
         f'config.geodesic_mixup.alpha={alpha}: must be >= 0 (0: off), and m^3-Mix negatives '
         'need sigmoid_loss without negclip or hard_negatives.')

@@ -18,37 +18,11 @@ References:
   Embedding Fine-tuning", arXiv:2402.16829.
 """
 
-import os
 
 import jax
 
 from contrastive import checkpoint
 from contrastive.config_lib import ConfigError
-
-
-def guide_workdir(config):
-  """config.samplers.gist_guide: a workdir whose latest checkpoint is the guide ('' : none)."""
-  return (config.get('samplers') or {}).get('gist_guide', '') or ''
-
-
-def check(config):
-  """Raises ConfigError (one line) for a guide without GIST, beside a momentum encoder, or a
-  workdir without checkpoints; before anything is compiled."""
-  path = guide_workdir(config)
-  if not path:
-    return
-  if not config.samplers.gist:
-    raise ConfigError(f'config.samplers.gist_guide={path!r} is the guide of GIST: set '
-                      'config.samplers.gist=True.')
-  if config.get('momentum', {}).get('base', 0.0) or config.get('method', 'simclr') != 'simclr':
-    raise ConfigError('config.samplers.gist_guide replaces the momentum encoder as GIST\'s guide: '
-                      'use method=simclr with config.momentum.base=0.')
-  if config.get('queue_size', 0):
-    raise ConfigError('config.samplers.gist_guide with config.queue_size: the queue keeps no '
-                      'guide embeddings of its entries; use queue_size=0.')
-  if not checkpoint.saved_steps(os.path.join(path, 'checkpoints')):
-    raise ConfigError(f'config.samplers.gist_guide={path!r} has no checkpoint under '
-                      f'{os.path.join(path, "checkpoints")}.')
 
 
 def frozen(step):
