@@ -130,6 +130,13 @@ def linear_probe(train_feats, train_labels, test_feats, *, num_classes=10, steps
   return jnp.argmax(logits_of(params, x_test), -1), train_acc
 
 
+def encoder_features(model, variables, images):
+  """[N, F] float32 features h of uint8 images [N, H, W, C]: the encoder's output before the
+  projection head, on the center view, BatchNorm in inference mode (bfloat16 towers widened
+  to float32 for the kNN and the linear probe)."""
+  return widen(model.apply(variables, augment.center_view(images), method='embed'))
+
+
 class Evaluator:
   """Loads the train and test splits once; `evaluator(state)` returns kNN and linear-probe accuracy.
 
@@ -144,10 +151,8 @@ class Evaluator:
     self.test = pipeline.load_arrays(pipeline.get_source(dataset_cfg, cfg.split),
                                      max_examples=cfg.get('max_test_examples'))
     self.num_classes = int(max(self.train['label'].max(), self.test['label'].max())) + 1
-    # bfloat16 towers (config.dtype): features in float32 for the kNN and the linear probe.
-    embed = lambda variables, x: widen(model.apply(variables, augment.center_view(x),
-                                                   method='embed'))
-    self._embed = jax.jit(embed, out_shardings=parallel.replicated(mesh))
+    self._embed = jax.jit(functools.partial(encoder_features, model),
+                          out_shardings=parallel.replicated(mesh))
 
   def features(self, state, images):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}

@@ -127,7 +127,7 @@ class _Loop:
   writer: Any
   preemption: Any
   profiler: Any
-  mesh: Any
+  data_sharding: Any  # of the global batches, along the mesh's batch axes
   start: int
   steps: int
   progress: Any = None  # metric_writer.Progress, from the first update on
@@ -166,8 +166,8 @@ def _start(config, workdir, *, clusters, preemption, profiler):
     table.sync(state, start)
   return _Loop(config=config, workdir=workdir, state=state, step_fn=parts.step_fn,
                evaluator=parts.evaluator, batch_iter=batch_iter, tables=tables, ckpt=ckpt,
-               writer=writer, preemption=preemption, profiler=profiler, mesh=mesh, start=start,
-               steps=steps)
+               writer=writer, preemption=preemption, profiler=profiler,
+               data_sharding=parallel.data_sharding(mesh), start=start, steps=steps)
 
 
 def _evaluate(loop, step, prefix=''):
@@ -207,7 +207,7 @@ def _next_batch(loop, step):
   batch = next(loop.batch_iter)
   for table in loop.tables:
     batch = table.attach(batch)
-  return pipeline.to_global(batch, parallel.data_sharding(loop.mesh))
+  return pipeline.to_global(batch, loop.data_sharding)
 
 
 def _train(loop):

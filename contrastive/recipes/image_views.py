@@ -19,6 +19,7 @@ Two augmented views of each image through one encoder (`objectives.image_views`)
 """
 
 import dataclasses
+import functools
 import os
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,6 @@ from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
 from contrastive import step as step_lib
-from contrastive.data import augment
 from contrastive.data import pipeline
 from contrastive.losses import check_loss_config
 from contrastive.losses import pair_loss_from_config
@@ -149,10 +149,11 @@ def validate_method(config):
     raise ConfigError(f'config.samplers.mochi: num_hard={mochi.num_hard} must be >= 2 and '
                       'num_mix + num_query_mix >= 1 (or num_hard=0: off).')
   stages = config.get('mcl', {}).get('stages', 1)
-  if (uses_samplers(config) or stages > 1) and config.loss.name != 'info_nce':
+  beyond_simclr = uses_samplers(config) or stages > 1
+  if beyond_simclr and config.loss.name != 'info_nce':
     raise ConfigError(f'config.loss.name={config.loss.name!r}: the momentum encoder, queue, '
                       'samplers and MCL act on InfoNCE; set config.loss.name=\'info_nce\'.')
-  if (uses_samplers(config) or stages > 1) and config.loss.get('collective') is not None:
+  if beyond_simclr and config.loss.get('collective') is not None:
     raise ConfigError('config.loss.collective: the MoCo / sampler / MCL step runs its blockwise '
                       'loss as one tiled scan partitioned by XLA, with no collective to choose; '
                       'unset it.')
@@ -273,8 +274,7 @@ class EncoderModel:
   def __init__(self, config, variables, step):
     self.config, self.variables, self.step = config, variables, step
     self.module = build_model(config.model)
-    self._embed = jax.jit(lambda v, x: evaluate.widen(
-        self.module.apply(v, augment.center_view(x), method='embed')))
+    self._embed = jax.jit(functools.partial(evaluate.encoder_features, self.module))
 
   def encode_image(self, images, *, batch_size=256, normalize=True):
     """uint8 images [N, H, W, C] (the training images' size) -> float32 [N, F], L2-normalised

@@ -64,7 +64,7 @@ class Settings:
 
 def settings(config):
   return Settings(
-      config=config, locked=two_tower_init.LOCKS[config.get('lit', {}).get('lock', '')],
+      config=config, locked=two_tower_init.LOCKS[two_tower_checks.lit_lock(config)],
       is_mixture=mixture.is_mixture(config.get('dataset')),
       hard=two_tower_checks.hard_negatives(config),
       num_negclip=two_tower_checks.num_negclip(config),
@@ -212,9 +212,9 @@ def tables(s, source, mesh, plan, steps):
   negatives (config.hard_negatives)."""
   out = [t for t in (getattr(plan, 'periodic', None),) if t is not None]
   if s.hard.num_hard:
-    fixed_b = s.config.get('lit', {}).get('lock', '') in ('b', 'text')  # ADORE
     out.append(corpus_index.CorpusIndex(source, mesh, s.hard, seed=int(s.config.seed),
-                                        fixed_b=fixed_b, plan=plan, total_steps=steps))
+                                        fixed_b='tower_b' in s.locked,  # ADORE
+                                        plan=plan, total_steps=steps))
     print(f'Hard negatives: {out[-1].describe()}.', flush=True)
   return out
 

@@ -37,10 +37,15 @@ def num_negclip(config):
   return int((config.get('negclip') or {}).get('num_negatives', 0))
 
 
+def lit_lock(config):
+  """config.lit.lock: '' (none) or the tower LiT locks, a key of LOCKS."""
+  return config.get('lit', {}).get('lock', '')
+
+
 def check_mixed_towers(config):
   """A mixture of image and text queries embeds its text queries with tower b: raises
   ConfigError if that tower is shared or locked."""
-  if config.model.get('share') or config.get('lit', {}).get('lock', '') in ('b', 'text'):
+  if config.model.get('share') or 'tower_b' in LOCKS[lit_lock(config)]:
     raise ConfigError(MIXED_TOWERS)
 
 
@@ -55,11 +60,11 @@ def validate(config):
     raise ConfigError(
         f'config.loss.name={config.loss.name!r} does not go with config.model.loss_params='
         f'{config.model.loss_params!r} (its learned parameters); use {loss!r}.')
-  lock = config.get('lit', {}).get('lock', '')
+  lock = lit_lock(config)
   if lock not in LOCKS:
     raise ConfigError(f'config.lit.lock={lock!r}: choose one tower, one of {tuple(LOCKS)}'
                       ' (locking both towers would leave nothing to train).')
-  if lock in ('b', 'text') and model.tower_b is None:
+  if 'tower_b' in LOCKS[lock] and model.tower_b is None:
     raise ConfigError('config.lit.lock: the towers are shared (model.share); lock none.')
   if config.tokenizer.context < 2 or config.tokenizer.vocab_size < 300:
     raise ConfigError(
@@ -78,8 +83,9 @@ def validate(config):
       raise ConfigError(f'config.dataset.image_size={size} is not a '
                         f'multiple of the ViT patch size {patch}.')
   batching.check(config)
-  corpus_index.check(hard_negatives(config), config.loss.name)
-  _check_extra_negatives(config)
+  hard = hard_negatives(config)
+  corpus_index.check(hard, config.loss.name)
+  _check_extra_negatives(config, hard.num_hard)
   for _, dataset in mixture.part_configs(config.dataset):
     pair_batches.check_files(dataset)
   init = config.get('model_init', {})
@@ -87,7 +93,7 @@ def validate(config):
     raise ConfigError(f'config.model_init.workdir={init.workdir!r} has no checkpoints/.')
 
 
-def _check_extra_negatives(config):
+def _check_extra_negatives(config, num_hard):
   """NegCLIP's texts and m^3-Mix's mixtures join the sigmoid loss as extra negatives."""
   num_negatives = num_negclip(config)
   if num_negatives < 0 or (num_negatives and config.loss.name != 'sigmoid_loss'):
@@ -95,8 +101,7 @@ def _check_extra_negatives(config):
         f'config.negclip.num_negatives={num_negatives}: must be >= 0, and NegCLIP\'s extra '
         f'text negatives need sigmoid_loss (got {config.loss.name!r}).')
   alpha = mixup_alpha(config)
-  if alpha < 0 or (alpha and (config.loss.name != 'sigmoid_loss' or num_negatives or
-                              hard_negatives(config).num_hard)):
+  if alpha < 0 or (alpha and (config.loss.name != 'sigmoid_loss' or num_negatives or num_hard)):
     raise ConfigError(
         f'config.geodesic_mixup.alpha={alpha}: must be >= 0 (0: off), and m^3-Mix negatives '
         'need sigmoid_loss without negclip or hard_negatives.')
