@@ -145,7 +145,8 @@ class Progress:
                                  examples_per_s=steps_per_s * self.batch_size))
     print(f'step {step}/{self.total} | loss {float(metrics["loss"]):.4f} | '
           f'{steps_per_s:.2f} steps/s | {steps_per_s * self.batch_size:.0f} examples/s | '
-          f'ETA {_duration(eta)}', flush=True)
+          f'ETA {_duration(eta)}' + (f' | skipped_samples {int(metrics["skipped_samples"])}'
+                                     if 'skipped_samples' in metrics else ''), flush=True)
 
   @contextlib.contextmanager
   def paused(self):

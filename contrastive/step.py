@@ -42,6 +42,8 @@ class TrainState:
   # (contrastive/negatives/corpus_index.py: refreshed by the loop, saved with the state)
   composition: Any = None  # the batch plan's clusters [N] or neighbours [N, k] of the current
   # period (contrastive/batching/periodic.py), or None
+  skipped_samples: Any = None  # [] int32: unusable samples the loader replaced so far (the
+  # batches' 'skipped' rows summed: webdataset shards), or None
 
 
 def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=False,
@@ -161,6 +163,9 @@ def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', mom
     new = faults.keep_if_finite(ok, new, state.replace(step=state.step + 1))
     skipped = skipped + jnp.where(ok, 0, 1).astype(skipped.dtype)
   new = new.replace(skipped_steps=skipped)
+  if state.skipped_samples is not None:  # counted whether or not the update was kept
+    new = new.replace(skipped_samples=state.skipped_samples + jnp.sum(batch['skipped']))
+    metrics = dict(metrics, skipped_samples=new.skipped_samples)
   metrics = dict(metrics, loss=loss, lr=schedule(state.step), skipped_steps=skipped, finite=ok,
                  l2_grads=optax.tree.norm(grads), l2_params=optax.tree.norm(new.params))
   return new, metrics

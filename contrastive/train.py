@@ -132,6 +132,7 @@ class _Loop:
   steps: int
   progress: Any = None  # metric_writer.Progress, from the first update on
   histograms: list = dataclasses.field(default_factory=list)  # (step, pos/neg score counts)
+  data_check: Any = None  # fn(step, metrics) of a loader that checks its skipped samples
 
 
 def _start(config, workdir, *, clusters, preemption, profiler):
@@ -167,7 +168,8 @@ def _start(config, workdir, *, clusters, preemption, profiler):
   return _Loop(config=config, workdir=workdir, state=state, step_fn=parts.step_fn,
                evaluator=parts.evaluator, batch_iter=batch_iter, tables=tables, ckpt=ckpt,
                writer=writer, preemption=preemption, profiler=profiler,
-               data_sharding=parallel.data_sharding(mesh), start=start, steps=steps)
+               data_sharding=parallel.data_sharding(mesh), start=start, steps=steps,
+               data_check=getattr(batch_iter, 'check', None))
 
 
 def _evaluate(loop, step, prefix=''):
@@ -194,6 +196,9 @@ def _stop(loop, message):
   """Closes the checkpointer (waiting for its writes) and the writer; prints `message`."""
   loop.ckpt.close()
   loop.writer.close()
+  close = getattr(loop.batch_iter, 'close', None)  # stops grain's worker processes
+  if close:
+    close()
   if message:
     print(message, flush=True)
 
@@ -238,6 +243,8 @@ def _train(loop):
       loop.ckpt.wait()
       raise NonFiniteLossError(_nonfinite_message(step, metrics, nonfinite, skips_in_a_row,
                                                   loop.ckpt))
+    if loop.data_check:  # raises past config.dataset.max_skipped_fraction (webdataset)
+      loop.data_check(step, metrics)
     loop.progress.update(step, metrics, every=config.log_every)
     if step % config.log_every == 0 or step == steps:
       _record_histograms(loop, step, metrics)

@@ -26,15 +26,24 @@ from contrastive import parallel
 from contrastive import retrieval
 from contrastive.data import emoji
 from contrastive.data import pair_batches
+from contrastive.data import webdataset
 from contrastive.data import wordnet
 from contrastive.negatives import negclip
 
 EMOJI_TEMPLATES = ('an emoji of {}', '{}', 'a {} emoji', 'a picture of {}')
 WORDNET_TEMPLATES = ('{}', 'a word about {}', 'something to do with {}')
+PHOTO_TEMPLATES = ('a photo of a {}.', 'a photo of the {}.', '{}')
 
 
-def zero_shot_classes(dataset_name, ev, pair_spec):
+def zero_shot_classes(dataset_cfg, ev, pair_spec):
   """(side classified: 'a' | 'b', labels [N], class texts [C][*], templates) or None."""
+  dataset_name = dataset_cfg.name
+  if dataset_name == 'webdataset':  # images into config.dataset.class_names, if given
+    names = webdataset.class_names(webdataset.settings(dataset_cfg))
+    labels = np.array([int(r['label']) for r in ev['a_records']])
+    if not names or not (labels >= 0).any():
+      return None
+    return 'a', labels, [[n] for n in names], PHOTO_TEMPLATES
   if dataset_name == 'emoji_cldr':
     _, groups, subgroups, subgroup_group = emoji.read_emoji_test()
     names = [[g.replace('&', 'and')] + [s.replace('-', ' ') for s, sg in
@@ -85,7 +94,7 @@ class TwoTowerEvaluator:
     encode = lambda items: tokenizer.encode(items, context)[0]
     self.a = self.ev['a_items'] if pair_spec.a_is_image else encode(self.ev['a_items'])
     self.b = encode(self.ev['b_items'])
-    self.zero_shot = zero_shot_classes(config.dataset.name, self.ev, pair_spec)
+    self.zero_shot = zero_shot_classes(config.dataset, self.ev, pair_spec)
     if self.zero_shot:
       side, labels, names, templates = self.zero_shot
       prompts = [t.format(n) for names_c in names for n in names_c for t in templates]
@@ -131,7 +140,8 @@ class TwoTowerEvaluator:
     if self.zero_shot:
       side, labels, names, _ = self.zero_shot
       other = 'b' if side == 'a' else 'a'
-      items = za if side == 'a' else zb
+      items = (za if side == 'a' else zb)[labels >= 0]  # -1: an item without a class
+      labels = labels[labels >= 0]
       prompts = self.embed(state, other, self.prompts)  # [names * templates, D]
       per_name = prompts.reshape(len(self.name_class), -1, prompts.shape[-1]).mean(1)
       classes = np.stack([per_name[self.name_class == c].mean(0) for c in range(len(names))])

@@ -30,7 +30,7 @@ def _shuffled(num_rows, seed, epoch):
                            seed=(int(seed) + int(epoch)) % 2**32, rounds=4)
 
 
-def _positions(num_rows, seed, start, count):
+def positions(num_rows, seed, start, count):
   """Rows at positions [start, start + count) of train_loader's endless shuffled sequence:
   position e N + i is row i of epoch e's shuffle."""
   out = np.empty(count, np.int64)
@@ -82,7 +82,7 @@ class RandomStream:
   def rows(self, step, seed):
     """The global batch of `step`: [B] int64 row indices."""
     b = self.global_batch_size
-    return _positions(self.num_rows, seed, int(step) * b, b)
+    return positions(self.num_rows, seed, int(step) * b, b)
 
   def __call__(self, epoch, seed):
     """Epoch `epoch` cut into whole batches ([N // B, B]; see `random_batches`)."""

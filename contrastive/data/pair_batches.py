@@ -46,6 +46,7 @@ SPECS = {
     'wordnet_gloss': PairSpec(a='text_a', b='text_b', group='synset_id', a_is_image=False),
     'jsonl_pairs:image_text': PairSpec(a='image', b='text', group='id', a_is_image=True),
     'jsonl_pairs:text_text': PairSpec(a='text_a', b='text_b', group='id', a_is_image=False),
+    'webdataset': PairSpec(a='image', b='text', group='id', a_is_image=True),
 }
 
 
@@ -70,7 +71,7 @@ def builder(cfg):
 def spec(cfg, source=None):
   """The PairSpec of `cfg` (a JSON-lines file's kind is read from its records)."""
   if cfg.name != 'jsonl_pairs':
-    return SPECS[cfg.name]
+    return SPECS[cfg.name]  # webdataset: contrastive/data/webdataset.py
   record = source[0]
   return SPECS['jsonl_pairs:' + ('image_text' if 'image' in record else 'text_text')]
 

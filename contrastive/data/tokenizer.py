@@ -72,6 +72,9 @@ class Tokenizer:
       raise ValueError(f'Expected pad id {PAD_ID} and EOS id {EOS_ID}, the model has '
                        f'{self._sp.pad_id()} and {self._sp.eos_id()}.')
 
+  def __reduce__(self):  # pickled as its model bytes (grain worker processes)
+    return Tokenizer, (self.model_proto,)
+
   @classmethod
   def load(cls, path):
     """Reads a .model file written by `save` (or by SentencePiece)."""

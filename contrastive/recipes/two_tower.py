@@ -6,7 +6,8 @@ The step is the shared `step.update` with `objectives.two_tower`. Config fields
 
   dataset    name ('emoji_cldr' | 'wordnet_gloss' | 'jsonl_pairs'), data_dir, image_size, ...;
              or name 'mixture' with parts, fractions and each part's fields
-             (contrastive/data/mixture.py: several datasets in one run)
+             (contrastive/data/mixture.py: several datasets in one run); or name
+             'webdataset': tar shards of JPEGs and captions (contrastive/data/webdataset.py)
   tokenizer  vocab_size, context (L, tokens per text incl. EOS), model_type
   model      image/text (or a/b) tower configs, embed_dim, loss_params ('clip' | 'siglip'),
              logit_scale_init, logit_bias_init (contrastive/models/two_tower.py)
@@ -40,6 +41,9 @@ from contrastive.config_lib import ConfigError
 from contrastive.data import mixture
 from contrastive.data import pair_batches
 from contrastive.data import tokenizer as tokenizer_lib
+from contrastive.data import shard_index
+from contrastive.data import webdataset
+from contrastive.data import webdataset_loader
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
 from contrastive.recipes import base
@@ -59,6 +63,7 @@ class Settings:
   num_negclip: int  # NegCLIP perturbations per text (0: off)
   mixup_alpha: float  # m^3-Mix (0: off)
   query_runs: Any  # a mixture's (start, stop, is_text) rows per part, or None
+  shards: Any  # config.dataset of webdataset shards with its defaults (a dict), or None
   common: base.Common  # dtypes, remat, GradCache, the non-finite guard
 
 
@@ -70,6 +75,8 @@ def settings(config):
       num_negclip=two_tower_checks.num_negclip(config),
       mixup_alpha=two_tower_checks.mixup_alpha(config),
       query_runs=mixture.query_runs(config.get('dataset'), config.get('batch_size')),
+      shards=(webdataset.settings(config.dataset)
+              if config.dataset.get('name') == 'webdataset' else None),
       common=base.common(config))
 
 
@@ -87,6 +94,8 @@ def train_source(s, workdir):
   `mixture.MixturePairs` of them for a mixture), with the tokenizer trained on it on the
   first start (saved in the workdir)."""
   config = s.config
+  if s.shards:
+    return _shard_rows(s, workdir)
   datasets = mixture.part_configs(config.dataset)
   raws = [pair_batches.get_source(cfg, 'train') for _, cfg in datasets]
   specs = [pair_batches.spec(cfg, raw) for (_, cfg), raw in zip(datasets, raws)]
@@ -111,6 +120,20 @@ def train_source(s, workdir):
   if source.mixed:
     two_tower_checks.check_mixed_towers(config)
   return source
+
+
+def _shard_rows(s, workdir):
+  """webdataset's training rows: the shards indexed (checked for unusable samples before
+  anything compiles) and the tokenizer trained on a sample of their captions."""
+  cfg, config = s.shards, s.config
+  shards = webdataset.Shards(shard_index.expand(cfg['train_shards']), cfg)
+  webdataset_loader.check_index(shards, cfg['max_skipped_fraction'])
+  print(f'Shards: {len(shards)} samples in {len(shards.paths)} shard(s) '
+        f'({shards.bad_fraction():.3%} unusable by the index).', flush=True)
+  captions = webdataset.CaptionSample(shards, cfg['tokenizer_sample'], config.seed)
+  tok = pair_batches.load_or_train_tokenizer(workdir, captions, webdataset.SPEC,
+                                             config.tokenizer)
+  return webdataset_loader.TrainRows(shards, tok, config.tokenizer.context, cfg)
 
 
 def state_tables(s, num_rows):
@@ -148,6 +171,9 @@ def step(s, mesh, inputs, steps, rng, *, abstract=False, tables=None):
   for field, shape in (tables or {}).items():
     state = state.replace(**{field: jax.ShapeDtypeStruct(shape, np.int32, sharding=repl)
                              if abstract else jax.device_put(np.full(shape, -1, np.int32), repl)})
+  if s.shards:  # the count of replaced samples (webdataset_loader), saved with the state
+    state = state.replace(skipped_samples=jax.ShapeDtypeStruct((), np.int32, sharding=repl)
+                          if abstract else jax.device_put(np.int32(0), repl))
   block_size = config.loss.get('block_size')
   objective = objectives.two_tower(
       model=model, loss_name=config.loss.name, locked=s.locked, block_size=block_size,
@@ -183,6 +209,12 @@ def evaluator(s, model, mesh, source):
   """Retrieval and zero-shot on the eval split (one per part of a mixture)."""
   config, eval_mesh = s.config, parallel.batch_mesh(mesh)
   split = config.eval.get('split', 'test')
+  if s.shards:
+    test = webdataset.EvalSamples(webdataset.Shards(shard_index.expand(
+        s.shards['eval_shards']), s.shards), s.shards)
+    print(f'Eval shards: {len(test)} usable samples ({test.skipped} left out).', flush=True)
+    return two_tower_eval.TwoTowerEvaluator(config, model, eval_mesh, test, source.spec,
+                                            source.tokenizer)
   if not s.is_mixture:
     test = pair_batches.get_source(config.dataset, split)
     return two_tower_eval.TwoTowerEvaluator(config, model, eval_mesh, test, source.spec,
@@ -201,6 +233,12 @@ def loader(s, source, run_parts):
   """config.batching's stream (composed from the starting state for tas_b: the same on
   resume) and its plan."""
   state, evaluator_ = run_parts.state, run_parts.evaluator
+  if s.shards:
+    workers = webdataset.worker_count(s.shards)
+    print(f'Batches: random shuffle of the shards\' samples, decoded by {workers} worker '
+          'process(es).', flush=True)
+    return webdataset_loader.train_loader(source, global_batch_size=s.config.batch_size,
+                                          seed=s.config.seed, workers=workers), None
   stream, composition, plan = batching.train_loader(
       s.config, source, lambda a: evaluator_.embed(state, 'a', a), with_plan=True)
   print(f'Batches: {composition}.', flush=True)
@@ -231,6 +269,8 @@ def batch_fields(s, inputs, specs):
       fields.update({name: ((num, length), np.int32), name + '_valid': ((num,), np.bool_)})
   if s.hard.num_hard:
     fields['b_hard_id'] = ((s.hard.num_hard,), np.int32)
+  if s.shards:
+    fields['skipped'] = ((), np.int32)
   if len(specs) > 1:  # a mixture (contrastive/data/mixture.py)
     fields['task'] = ((), np.int32)
   if len({spec.a_is_image for spec in specs}) == 2:  # image and text queries

@@ -8,6 +8,8 @@ from contrastive.batching import from_config as batching
 from contrastive.config_lib import ConfigError
 from contrastive.data import mixture
 from contrastive.data import pair_batches
+from contrastive.data import shard_index
+from contrastive.data import webdataset
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
 from contrastive.recipes.two_tower_init import LOCKS
@@ -86,8 +88,11 @@ def validate(config):
   hard = hard_negatives(config)
   corpus_index.check(hard, config.loss.name)
   _check_extra_negatives(config, hard.num_hard)
-  for _, dataset in mixture.part_configs(config.dataset):
-    pair_batches.check_files(dataset)
+  if config.dataset.get('name') == 'webdataset':
+    _check_shards(config, hard.num_hard)
+  else:
+    for _, dataset in mixture.part_configs(config.dataset):
+      pair_batches.check_files(dataset)
   init = config.get('model_init', {})
   if init.get('workdir') and not os.path.isdir(os.path.join(init.workdir, 'checkpoints')):
     raise ConfigError(f'config.model_init.workdir={init.workdir!r} has no checkpoints/.')
@@ -105,3 +110,21 @@ def _check_extra_negatives(config, num_hard):
     raise ConfigError(
         f'config.geodesic_mixup.alpha={alpha}: must be >= 0 (0: off), and m^3-Mix negatives '
         'need sigmoid_loss without negclip or hard_negatives.')
+
+
+def _check_shards(config, num_hard):
+  """webdataset: its fields, and its shard patterns resolved to readable files (each missing
+  or unreadable shard named; no pattern: only compiling, the run itself refuses it); the batch
+  methods that read every row's image are refused."""
+  cfg = webdataset.settings(config.dataset)
+  if batching.composed(config) or num_hard or num_negclip(config):
+    raise ConfigError('config.batching / hard_negatives / negclip: webdataset shards are read '
+                      'in a random shuffle only (the other methods embed or parse every row).')
+  webdataset.class_names(cfg)
+  if not cfg['train_shards']:  # compiling only (contrastive.aot); training says it's missing
+    return
+  shard_index.expand(cfg['train_shards'])
+  if not cfg['eval_shards']:
+    raise ConfigError('config.dataset.eval_shards: give the held-out shards (a pattern, a list '
+                      'or a file of paths) that retrieval is evaluated on.')
+  shard_index.expand(cfg['eval_shards'])
