@@ -5,7 +5,8 @@ JPEG goes through `simplejpeg` (libjpeg-turbo) with its DCT-domain downscale: th
 chosen first, in the original's pixels, and the decoder scales by the largest factor M/8 that
 keeps that box at least S pixels each way, so a 1024 px photo cropped to 224 is decoded at a
 quarter of its area. Anything else (PNG, WEBP, CMYK JPEG) goes through Pillow, transparency
-over white. The box is then resized to S x S (bicubic, antialiased: Pillow's `resize(box=)`).
+over white. The box is then resized to S x S: bilinear as big_vision's crops are, antialiased
+(Pillow's `resize(box=)`; half the time of bicubic: benchmarks/input_pipeline.py).
 
 - Training: Inception-style random resized crop (Szegedy et al. 2015; torchvision's
   `RandomResizedCrop` algorithm): area fraction ~ U(scale), log aspect ratio ~ U(log 3/4,
@@ -118,5 +119,5 @@ def crop(data, size, *, scale=None, rng=None):
     raise DecodeError(f'decoded to shape {image.shape}, not [H, W, 3].')
   fy, fx = image.shape[0] / height, image.shape[1] / width  # the decoder's downscale
   box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-  out = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC, box=box)
+  out = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
   return np.asarray(out, np.uint8)

@@ -53,24 +53,24 @@ class TrainRows:
   def __len__(self):
     return len(self.shards)
 
-  def _row(self, index, rng):
-    """(image [S, S, 3], tokens [L], id, texts cut, status of the drawn sample, used index)."""
+  def _row(self, index, rng, out):
+    """Decodes sample `index` (or its replacement) into `out` [S, S, 3]; returns (caption,
+    group id, status of the drawn sample)."""
     def decode(image, caption, group, _):
-      pixels = image_decode.crop(image, self.image_size, scale=self.scale, rng=rng)
-      return pixels, caption, group
-    (pixels, caption, group), used, status = webdataset.usable(self.shards, index, decode)
-    ids, truncated = self.tokenizer.encode([caption], self.context)
-    return pixels, ids[0], group, truncated, status, used
+      out[...] = image_decode.crop(image, self.image_size, scale=self.scale, rng=rng)
+      return caption, group
+    (caption, group), _, status = webdataset.usable(self.shards, index, decode)
+    return caption, group, status
 
   def batch(self, indices, step, seed, first_row):
     """The stacked rows of samples `indices` (rows first_row, ... of global batch `step`)."""
-    rows = [self._row(int(i), np.random.default_rng([int(seed), int(step), first_row + n]))
-            for n, i in enumerate(indices)]
-    status = np.array([r[4] for r in rows], np.int8)
-    return {'a': np.stack([r[0] for r in rows]), 'b': np.stack([r[1] for r in rows]),
-            'id': np.array([r[2] for r in rows], np.int32),
-            'truncated': np.array([r[3] for r in rows], np.int32),
-            'skipped': (status != shard_index.OK).astype(np.int32),
+    images = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
+    rows = [self._row(int(i), np.random.default_rng([int(seed), int(step), first_row + n]),
+                      images[n]) for n, i in enumerate(indices)]
+    tokens, truncated = self.tokenizer.encode([r[0] for r in rows], self.context, per_row=True)
+    status = np.array([r[2] for r in rows], np.int8)
+    return {'a': images, 'b': tokens, 'id': np.array([r[1] for r in rows], np.int32),
+            'truncated': truncated, 'skipped': (status != shard_index.OK).astype(np.int32),
             'skip_reason': status, 'skip_index': np.asarray(indices, np.int64)}
 
 
