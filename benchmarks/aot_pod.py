@@ -6,7 +6,8 @@ JSON line per variant (the per-device report plus the variant's name and flags).
 Needs libtpu (pip install -r requirements-tpu.txt). Variants: SimCLR ResNet-50 at batch 4096
 on a v5e 4x4 slice, and the SigLIP pod config (ViT-B/16 at 224 px + text transformer B, batch
 32,768) on v5e 16x16: float32 / bfloat16, the blockwise ring loss / the dense loss, GradCache,
-an fsdp axis, rematerialised blocks. Each compiles in a fresh process; one that cannot fit is reported as XLA:TPU
+an fsdp axis, rematerialised blocks; configs/siglip_webdataset.py:pod (the same towers and
+batch, from the config a web-scale run starts). Each compiles in a fresh process; one that cannot fit is reported as XLA:TPU
 refused it.
 """
 
@@ -28,6 +29,7 @@ VARIANTS = {
     'siglip_dense_bf16': ('configs/siglip_emoji.py:pod,dense', SIGLIP[1], (BF16,)),
     'siglip_ring_bf16_remat': (*SIGLIP, (BF16, '--config.model.remat=nothing_saveable')),
     'siglip_ring_bf16_fsdp4': (*SIGLIP, (BF16, "--config.mesh=(('data',64),('fsdp',4))")),
+    'siglip_webdataset_ring_f32': ('configs/siglip_webdataset.py:pod', SIGLIP[1], ()),
     'simclr_r50_f32': (*SIMCLR, ()),
     'simclr_r50_bf16': (*SIMCLR, (BF16,)),
 }

@@ -19,8 +19,8 @@ Implementations, each in its own process, one after the other (never two at once
               open_clip's tokenizer, a torch DataLoader with the same number of workers; float32
               [B, 3, S, S] out (its pipeline's output; the conversion is part of its cost).
   ours_decode / pillow_decode   one core, no pipeline: our `image_decode.crop` against Pillow's
-              full decode + the same crop + resize, per image (what each pipeline's worker
-              spends per sample).
+              full decode + the same crop + open_clip's bicubic resize, per image (what each
+              pipeline's worker spends per sample).
 
 Each prints one JSON line: images/s over --batches batches after --warmup_batches, per worker,
 peak RSS (main process and the workers' sum), and the ratio to open_clip of the same run. The

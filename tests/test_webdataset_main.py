@@ -28,6 +28,7 @@ def shards(tmp_path_factory):
   folder = tmp_path_factory.mktemp('shards')
   ws.clean_shards(str(folder), num_shards=5, per_shard=40, height=96, width=128)
   ws.messy_shard(str(folder / '00003.tar'))
+  (folder / 'classes.txt').write_text('red\ngreen\nblue\n')
   return str(folder)
 
 
@@ -36,7 +37,8 @@ def _command(workdir, shards, *extra):
           f'--workdir={workdir}', f'--config.dataset.train_shards={shards}/{{00000..00003}}.tar',
           f'--config.dataset.eval_shards={shards}/00004.tar', f'--config.total_steps={STEPS}',
           '--config.dataset.max_skipped_fraction=0.2', '--config.dataset.group_key=group',
-          '--config.dataset.worker_count=1', *extra]
+          '--config.dataset.worker_count=1', f'--config.dataset.class_names={shards}/classes.txt',
+          '--config.dataset.label_key=label', *extra]
 
 
 def _env(devices=None):
@@ -60,7 +62,7 @@ def _run(cmd, env=None):
 def test_kill_9_and_rerun_is_bitwise_identical(shards, tmp_path):
   reference = str(tmp_path / 'reference')
   out = _run(_command(reference, shards))
-  assert 'a2b/r@1' in out and f'step {STEPS}/{STEPS}' in out
+  assert 'a2b/r@1' in out and 'zero_shot/top1' in out and f'step {STEPS}/{STEPS}' in out
   assert 'Skipped sample' in out  # the messy shard's samples are drawn and named
 
   workdir = str(tmp_path / 'killed')

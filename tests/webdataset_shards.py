@@ -45,7 +45,9 @@ def write_shard(path, samples, *, truncate_last=0):
 
 
 def good(key, seed, fmt='jpg', caption=None, group=None, **image_kwargs):
-  meta = {'key': key} if group is None else {'key': key, 'group': group}
+  meta = {'key': key, 'label': ('red', 'green', 'blue')[seed % 3]}  # zero-shot's class
+  if group is not None:
+    meta['group'] = group
   return key, {fmt: encode(picture(seed, **image_kwargs), fmt),
                'txt': (caption or f'picture number {seed}').encode('utf-8'),
                'json': json.dumps(meta).encode()}
