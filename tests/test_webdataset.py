@@ -218,3 +218,35 @@ def test_cli_writes_and_indexes_shards(tmp_path, capsys):
   rows = _rows(shard_index.expand(str(tmp_path / 'out' / '*.tar')))
   batch = rows.batch(np.arange(5), step=0, seed=0, first_row=0)
   assert batch['a'].shape == (5, 32, 32, 3) and not batch['skipped'].any()
+
+
+def test_workers_exit_when_the_main_process_is_killed(messy, tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  psutil = pytest.importorskip('psutil')
+  _, _, clean = messy
+  script = tmp_path / 'loader.py'
+  script.write_text(f'''
+import psutil, time
+from tests import test_webdataset as t
+if __name__ == '__main__':  # grain's workers are spawned: they import this file
+  it = iter(t.webdataset_loader.train_loader(t._rows({clean!r}), global_batch_size=8, seed=0,
+                                             workers=1))
+  next(it)
+  print(' '.join(str(c.pid) for c in psutil.Process().children(recursive=True)), flush=True)
+  time.sleep(600)
+''')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                          cwd=root, env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS='cpu'))
+  children = [psutil.Process(int(p)) for p in proc.stdout.readline().split()]
+  assert children
+  proc.send_signal(signal.SIGKILL)  # the main process alone: no cleanup runs
+  proc.wait(timeout=30)
+  deadline = time.time() + 15
+  while time.time() < deadline and any(c.is_running() and c.status() != 'zombie'
+                                       for c in children):
+    time.sleep(0.2)
+  assert not any(c.is_running() and c.status() != 'zombie' for c in children)

@@ -123,6 +123,7 @@ def build(path, image_keys, text_key, group_key=''):
     if m:
       samples.setdefault(m.group(1), {})[m.group(2).lower()] = (offset, length)
   records = np.zeros(len(samples), RECORD)
+  last = next(reversed(samples), None)  # the sample a broken tail cuts
   with open(path, 'rb') as f:
     for row, (key, files) in zip(records, samples.items()):
       image_ext = next((k for k, ext in enumerate(image_keys) if ext in files), -1)
@@ -133,7 +134,7 @@ def build(path, image_keys, text_key, group_key=''):
       if text_key in files:
         row['text_offset'], row['text_size'] = files[text_key]
       ends = [o + n for o, n in files.values()]
-      if max(ends) > size or (broken_tail and key == list(samples)[-1]):
+      if max(ends) > size or (broken_tail and key == last):
         row['status'] = TRUNCATED
       elif image_ext < 0:
         row['status'] = NO_IMAGE

@@ -205,7 +205,7 @@ class CaptionSample:
   def __getitems__(self, indices):
     out = []
     for i in indices:
-      _, caption, _, status = self._shards.sample(int(self._indices[int(i)]))
+      caption = self._shards.sample(int(self._indices[int(i)]))[1]  # None: unusable
       out.append({'text': (caption or '').encode('utf-8')})
     return out
 

@@ -17,7 +17,10 @@ and on resume. The dataset is `grain.MapDataset.range` over steps mapped to batc
 `mp_prefetch` gives worker w the steps w, w + W, ... and its state is the next step of each.
 """
 
+import os
 import sys
+import threading
+import time
 
 from absl import flags
 import grain
@@ -108,11 +111,27 @@ def train_loader(rows, *, global_batch_size, seed, workers, buffer=2):
   if workers:
     dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(workers), per_worker_buffer_size=buffer))
+        num_workers=int(workers), per_worker_buffer_size=buffer),
+                                  worker_init_fn=exit_with_parent)
   else:
     dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1,
                                                         prefetch_buffer_size=buffer))
   return Loader(dataset, rows, global_batch_size)
+
+
+def exit_with_parent(worker_index, worker_count, period_s=1.0):
+  """grain's worker_init_fn: the worker exits once its parent is gone (killed with -9, or
+  ended by os._exit after an error), instead of blocking forever on its full queue."""
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch():
+    while True:
+      time.sleep(period_s)
+      if os.getppid() != parent:
+        os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True, name='exit_with_parent').start()
 
 
 class GuardedIterator:

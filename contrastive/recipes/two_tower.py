@@ -76,7 +76,7 @@ def settings(config):
       mixup_alpha=two_tower_checks.mixup_alpha(config),
       query_runs=mixture.query_runs(config.get('dataset'), config.get('batch_size')),
       shards=(webdataset.settings(config.dataset)
-              if config.dataset.get('name') == 'webdataset' else None),
+              if (config.get('dataset') or {}).get('name') == 'webdataset' else None),
       common=base.common(config))
 
 
