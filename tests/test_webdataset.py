@@ -250,3 +250,29 @@ if __name__ == '__main__':  # grain's workers are spawned: they import this file
                                        for c in children):
     time.sleep(0.2)
   assert not any(c.is_running() and c.status() != 'zombie' for c in children)
+
+
+@pytest.mark.parametrize('override, error, match', [
+    (dict(crop_scale=(0.0, 1.0)), ConfigError, 'crop_scale'),
+    (dict(max_skipped_fraction=1.5), ConfigError, 'max_skipped_fraction'),
+    (dict(image_keys=''), ConfigError, 'image_keys'),
+    (dict(eval_shards=''), ConfigError, 'eval_shards'),
+    (dict(class_names='/no/such/classes.txt'), ConfigError, 'class_names'),
+    (dict(shard_pattern='x'), ConfigError, 'unknown field'),
+    (dict(train_shards='/no/such/{00000..00001}.tar'), MissingDatasetError, '00000.tar'),
+    (dict(batching='tas_b'), ConfigError, 'random shuffle only'),
+])
+def test_bad_config_is_refused_before_compiling(messy, override, error, match):
+  from contrastive import validate  # pylint: disable=g-import-not-at-top
+  from tests.test_configs import load_config  # pylint: disable=g-import-not-at-top
+  _, _, clean = messy
+  config = load_config(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                    'siglip_webdataset.py'), 'runlocal')
+  with config.unlocked():
+    config.dataset.update(train_shards=clean[0], eval_shards=clean[1])
+    if override.pop('batching', None):
+      config.batching.update(method='tas_b', num_topics=2)
+    for k, v in override.items():
+      config.dataset[k] = v
+  with pytest.raises(error, match=match):
+    validate.validate_config(config, num_devices=1, num_processes=1)
