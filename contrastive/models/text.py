@@ -38,7 +38,17 @@ POOLS = ('eos', 'mean', 'map')
 # Preset sizes (fields of `TextTransformer`; vocab_size and context come from the tokenizer).
 TEXT_SMALL = dict(width=128, depth=2, heads=4, mlp_dim=512)  # CPU; byte-level emoji names
 TEXT_B = dict(width=768, depth=12, heads=12, mlp_dim=3072)  # "B", paired with ViT-B/16
-TEXT_PRESETS = {'small': TEXT_SMALL, 'B': TEXT_B}
+# open_clip's CLIP text towers (contrastive/weights): byte-level BPE of 49,408 ids, 77 tokens,
+# causal attention, the EOT token pooled (CLIP's EOT is the last non-pad token).
+_CLIP_TEXT = dict(vocab_size=49408, context=77, causal=True, pool='eos', ln_eps=1e-5,
+                  act='gelu')
+TEXT_PRESETS = {'small': TEXT_SMALL, 'B': TEXT_B,
+                'open_clip/ViT-B-32': dict(_CLIP_TEXT, width=512, depth=12, heads=8,
+                                           mlp_dim=2048),
+                'open_clip/ViT-B-16': dict(_CLIP_TEXT, width=512, depth=12, heads=8,
+                                           mlp_dim=2048),
+                'open_clip/ViT-L-14': dict(_CLIP_TEXT, width=768, depth=12, heads=12,
+                                           mlp_dim=3072)}
 
 
 def sequence_lengths(tokens):
@@ -60,6 +70,7 @@ class TextTransformer(nn.Module):
     dropout: dropout rate in the blocks when `train=True` (0: deterministic).
     dtype: compute dtype (`compute.py`); parameters stay float32.
     remat: '' or a name in `compute.REMAT_POLICIES`, applied to each block.
+    act, ln_eps: the blocks' MLP activation and LayerNorm epsilon (`transformer`).
   """
   vocab_size: int = 32_000
   context: int = 64
@@ -73,6 +84,8 @@ class TextTransformer(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: str = ''
+  act: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -98,12 +111,13 @@ class TextTransformer(nn.Module):
     if self.causal:
       mask = key_mask & jnp.tril(jnp.ones((length, length), bool))[None, None]  # (N, 1, L, L)
     x = transformer.Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype,
-                            self.remat, name='encoder')(x, mask, train=train)  # (N, L, width)
+                            self.remat, self.act, self.ln_eps, name='encoder')(
+                                x, mask, train=train)  # (N, L, width)
     if self.pool == 'eos':
       last = jnp.maximum(lengths - 1, 0)
       return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     if self.pool == 'mean':
       w = valid.astype(x.dtype)[:, :, None]  # (N, L, 1)
       return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
-    return transformer.MAPHead(self.heads, self.mlp_dim, self.dtype, name='map_head')(
-        x, mask=key_mask)
+    return transformer.MAPHead(self.heads, self.mlp_dim, self.dtype, self.act, self.ln_eps,
+                               name='map_head')(x, mask=key_mask)

@@ -7,7 +7,10 @@ ViT, Dosovitskiy et al. 2021, eq. 2-3, and big_vision `models/vit.py`):
     x <- x + MHA(LN(x), mask)
     x <- x + MLP(LN(x)),   MLP(y) = W2 gelu(W1 y + b1) + b2.
 
-Kernels are Xavier-uniform and MLP biases ~N(0, 1e-6) as in big_vision. `dtype` is the
+Kernels are Xavier-uniform and MLP biases ~N(0, 1e-6) as in big_vision. `act` is the MLP's
+activation ('gelu_tanh', flax's and big_vision's default; 'gelu', the exact erf form of torch's
+nn.GELU that open_clip uses; 'quick_gelu', x sigmoid(1.702 x) of OpenAI's CLIP weights) and
+`ln_eps` the LayerNorms' epsilon (1e-6 as flax and big_vision; torch's and open_clip's 1e-5). `dtype` is the
 compute dtype (`compute.py`): float32, the default, computes in the dtype of the inputs and
 parameters (float32, or float64 when the parameters are cast to float64 by
 `create_train_state(dtype=jnp.float64)`); bfloat16 casts activations and matmuls to bfloat16
@@ -27,6 +30,14 @@ import jax.numpy as jnp
 from contrastive.models import compute
 
 _KERNEL_INIT = nn.initializers.xavier_uniform()
+ACTIVATIONS = {'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
+               'gelu': lambda x: nn.gelu(x, approximate=False),
+               'quick_gelu': lambda x: x * nn.sigmoid(1.702 * x)}
+
+
+def layer_norm(eps, dtype, name):
+  """The blocks' LayerNorm with its epsilon (`ln_eps`)."""
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
 
 
 def dot_product_attention(query, key, value, mask=None, *, dtype=None, precision=None):
@@ -52,17 +63,18 @@ def dot_product_attention(query, key, value, mask=None, *, dtype=None, precision
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> gelu -> Dense(width): [..., width] -> [..., width]."""
+  """Dense(mlp_dim) -> act -> Dense(width): [..., width] -> [..., width]."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  act: str = 'gelu_tanh'
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
     width = x.shape[-1]
     dense = functools.partial(nn.Dense, kernel_init=_KERNEL_INIT, dtype=compute.flax_dtype(
         self.dtype), bias_init=nn.initializers.normal(stddev=1e-6))
-    y = nn.gelu(dense(self.mlp_dim, name='fc1')(x))
+    y = ACTIVATIONS[self.act](dense(self.mlp_dim, name='fc1')(x))
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     return dense(width, name='fc2')(y)
 
@@ -78,15 +90,17 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  act: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask=None, train: bool = False):
     dtype = compute.flax_dtype(self.dtype)
-    y = nn.LayerNorm(dtype=dtype, name='norm1')(x)
+    y = layer_norm(self.ln_eps, dtype, 'norm1')(x)
     y = attention(self.heads, dtype, name='attention')(y, y, mask=mask, deterministic=True)
     x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
-    y = nn.LayerNorm(dtype=dtype, name='norm2')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, name='mlp')(y, train=train)
+    y = layer_norm(self.ln_eps, dtype, 'norm2')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.act, name='mlp')(y, train=train)
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
@@ -108,14 +122,18 @@ class Encoder(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: str = ''
+  act: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask=None, *, train: bool = False):
+    if self.act not in ACTIVATIONS:
+      raise ValueError(f'act must be one of {tuple(ACTIVATIONS)}, got {self.act!r}.')
     block_cls = compute.maybe_remat(EncoderBlock, self.remat, static_argnums=(3,))  # train
     for i in range(self.depth):
-      x = block_cls(self.heads, self.mlp_dim, self.dropout, self.dtype, name=f'block{i}')(
-          x, mask, train)
-    return nn.LayerNorm(dtype=compute.flax_dtype(self.dtype), name='encoder_norm')(x)
+      x = block_cls(self.heads, self.mlp_dim, self.dropout, self.dtype, self.act, self.ln_eps,
+                    name=f'block{i}')(x, mask, train)
+    return layer_norm(self.ln_eps, compute.flax_dtype(self.dtype), 'encoder_norm')(x)
 
 
 class MAPHead(nn.Module):
@@ -134,6 +152,8 @@ class MAPHead(nn.Module):
   heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  act: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -142,6 +162,6 @@ class MAPHead(nn.Module):
     probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, width))
     probe = jnp.broadcast_to(probe.astype(x.dtype), (n, 1, width))
     y = attention(self.heads, dtype, name='attention')(probe, x, mask=mask)
-    y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, name='mlp')(
-        nn.LayerNorm(dtype=dtype, name='norm')(y))
+    y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, act=self.act, name='mlp')(
+        layer_norm(self.ln_eps, dtype, 'norm')(y))
     return y[:, 0]

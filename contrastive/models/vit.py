@@ -17,12 +17,16 @@ Chen et al. 2021, and big_vision `posemb_sincos_2d`). The learned table fixes th
 patches T to the training image size; 'sincos2d' is computed from each input's patch grid.
 
 Pooling: 'gap' averages the T tokens; 'cls' prepends a learned token (without position
-embedding, as big_vision) and returns it; 'map' is attention pooling with a learned probe
-(`transformer.MAPHead`, the pooling of SigLIP).
+embedding, as big_vision; with `cls_posemb` the table has T + 1 rows, the first the class
+token's, as CLIP's) and returns it; 'map' is attention pooling with a learned probe
+(`transformer.MAPHead`, the pooling of SigLIP). `pre_norm` adds CLIP's LayerNorm before the
+blocks (`ln_pre`).
 
 Inputs: integer images (uint8) are scaled to [0, 1] in float32, as `data.augment.to_float`
 does; float images are used as they are (the pipeline's [0, 1] floats, or any normalisation),
-and float64 stays float64. `dtype` (`compute.py`) is the compute dtype from the patch
+and float64 stays float64. `pixel_mean` / `pixel_std` (per channel, on the [0, 1] scale) then
+normalise them as a pretrained tower expects: (x - mean) / std (CLIP's statistics; (0.5, 0.5,
+0.5) both for big_vision's [-1, 1]). `dtype` (`compute.py`) is the compute dtype from the patch
 embedding on: bfloat16 gives bfloat16 features from float32 parameters.
 """
 
@@ -40,7 +44,17 @@ POSEMBS = ('learn', 'sincos2d')
 # Preset sizes (fields of `ViT`). mlp_dim = 4 * width throughout.
 VIT_SMALL = dict(patch=4, width=128, depth=4, heads=4, mlp_dim=512)  # CPU; 32x32 emoji
 VIT_B16 = dict(patch=16, width=768, depth=12, heads=12, mlp_dim=3072)  # ViT-B/16, pod configs
-VIT_PRESETS = {'small': VIT_SMALL, 'B/16': VIT_B16}
+# The public architectures (contrastive/weights: their checkpoints load into these).
+_CLIP = dict(pool='cls', cls_posemb=True, pre_norm=True, ln_eps=1e-5, act='gelu',
+             pixel_mean=(0.48145466, 0.4578275, 0.40821073),
+             pixel_std=(0.26862954, 0.26130258, 0.27577711))
+VIT_PRESETS = {'small': VIT_SMALL, 'B/16': VIT_B16,
+               'open_clip/ViT-B-32': dict(_CLIP, patch=32, width=768, depth=12, heads=12,
+                                          mlp_dim=3072),
+               'open_clip/ViT-B-16': dict(_CLIP, patch=16, width=768, depth=12, heads=12,
+                                          mlp_dim=3072),
+               'open_clip/ViT-L-14': dict(_CLIP, patch=14, width=1024, depth=24, heads=16,
+                                          mlp_dim=4096)}
 
 
 def posemb_sincos_2d(h, w, width, temperature=10_000.0, dtype=jnp.float32):
@@ -93,6 +107,10 @@ class ViT(nn.Module):
     dropout: dropout rate in the blocks when `train=True` (0: deterministic).
     dtype: compute dtype (`compute.py`); parameters stay float32.
     remat: '' or a name in `compute.REMAT_POLICIES`, applied to each block.
+    act, ln_eps: the blocks' MLP activation and LayerNorm epsilon (`transformer`).
+    cls_posemb: with pool 'cls', the class token has a position embedding (CLIP).
+    pre_norm: a LayerNorm before the blocks (CLIP's ln_pre).
+    pixel_mean, pixel_std: per-channel normalisation of the [0, 1] images (() : none).
   """
   patch: int = 16
   width: int = 768
@@ -104,6 +122,19 @@ class ViT(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: str = ''
+  act: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
+  cls_posemb: bool = False
+  pre_norm: bool = False
+  pixel_mean: tuple = ()
+  pixel_std: tuple = ()
+
+  def normalized(self, images):
+    """images -> float [0, 1] (`to_float_images`), then (x - pixel_mean) / pixel_std."""
+    x = to_float_images(images)
+    if self.pixel_mean:
+      x = (x - jnp.asarray(self.pixel_mean, x.dtype)) / jnp.asarray(self.pixel_std, x.dtype)
+    return x
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
@@ -113,10 +144,14 @@ class ViT(nn.Module):
       raise ValueError(f'posemb must be one of {POSEMBS}, got {self.posemb!r}.')
     if images.ndim != 4:
       raise ValueError(f'images must be [N, H, W, C], got shape {tuple(images.shape)}.')
-    x = patchify(to_float_images(images), self.patch)  # (N, T, p*p*C)
+    x = patchify(self.normalized(images), self.patch)  # (N, T, p*p*C)
     # (N, T, p*p*C) . (p*p*C, width) -> (N, T, width)
     x = nn.Dense(self.width, dtype=compute.flax_dtype(self.dtype), name='embedding')(x)
     n, tokens, _ = x.shape
+    with_cls = self.pool == 'cls'
+    if with_cls and self.cls_posemb:  # CLIP: the class token first, then one table for all
+      x = self._prepend_cls(x)
+      tokens += 1
     if self.posemb == 'learn':
       pos = self.param('pos_embedding', nn.initializers.normal(stddev=self.width**-0.5),
                        (1, tokens, self.width))
@@ -124,13 +159,22 @@ class ViT(nn.Module):
       pos = posemb_sincos_2d(images.shape[1] // self.patch, images.shape[2] // self.patch,
                              self.width)
     x = x + pos.astype(x.dtype)
-    if self.pool == 'cls':
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width))
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.width)), x], axis=1)
+    if with_cls and not self.cls_posemb:
+      x = self._prepend_cls(x)
+    if self.pre_norm:
+      x = transformer.layer_norm(self.ln_eps, compute.flax_dtype(self.dtype), 'pre_norm')(x)
     x = transformer.Encoder(self.depth, self.heads, self.mlp_dim, self.dropout, self.dtype,
-                            self.remat, name='encoder')(x, train=train)  # (N, T [+1], width)
+                            self.remat, self.act, self.ln_eps, name='encoder')(
+                                x, train=train)  # (N, T [+1], width)
     if self.pool == 'gap':
       return jnp.mean(x, axis=1)
     if self.pool == 'cls':
       return x[:, 0]
-    return transformer.MAPHead(self.heads, self.mlp_dim, self.dtype, name='map_head')(x)
+    return transformer.MAPHead(self.heads, self.mlp_dim, self.dtype, self.act, self.ln_eps,
+                               name='map_head')(x)
+
+  def _prepend_cls(self, x):
+    """[N, T, width] -> [N, 1 + T, width] with the learned class token first."""
+    cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width))
+    n = x.shape[0]
+    return jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, self.width)), x], axis=1)
