@@ -18,8 +18,12 @@ Padded positions still get (unused) outputs; no pooling reads them.
 
 Pooling: 'eos' takes the last non-pad token (position length - 1; the tokenizer's EOS where
 it appends one; CLIP pools its EOT token this way); 'mean' averages the non-pad tokens;
-'map' is attention pooling over the non-pad tokens (`transformer.MAPHead`). An all-padding
-row gives finite features (position 0 for 'eos', zeros for 'mean').
+'map' is attention pooling over the non-pad tokens (`transformer.MAPHead`); 'last' takes
+position L - 1 whatever the padding (big_vision's SigLIP, whose texts are padded with EOS).
+An all-padding row gives finite features (position 0 for 'eos', zeros for 'mean').
+
+`pad_mask=False` drops the padding rule: every position is a token and attends to every
+other (big_vision's text tower has no attention mask).
 
 `dtype` (`compute.py`) is the compute dtype: bfloat16 gives bfloat16 features from float32
 parameters (the embedding table is cast where it is read).
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 from contrastive.models import compute
 from contrastive.models import transformer
 
-POOLS = ('eos', 'mean', 'map')
+POOLS = ('eos', 'mean', 'map', 'last')
 
 # Preset sizes (fields of `TextTransformer`; vocab_size and context come from the tokenizer).
 TEXT_SMALL = dict(width=128, depth=2, heads=4, mlp_dim=512)  # CPU; byte-level emoji names
@@ -71,6 +75,7 @@ class TextTransformer(nn.Module):
     dtype: compute dtype (`compute.py`); parameters stay float32.
     remat: '' or a name in `compute.REMAT_POLICIES`, applied to each block.
     act, ln_eps: the blocks' MLP activation and LayerNorm epsilon (`transformer`).
+    pad_mask: id 0 ends a sequence (masked, not pooled); False: no padding (big_vision).
   """
   vocab_size: int = 32_000
   context: int = 64
@@ -86,6 +91,7 @@ class TextTransformer(nn.Module):
   remat: str = ''
   act: str = 'gelu_tanh'
   ln_eps: float = 1e-6
+  pad_mask: bool = True
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -97,7 +103,8 @@ class TextTransformer(nn.Module):
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f'tokens must be integer ids, got dtype {tokens.dtype}.')
     length = tokens.shape[1]
-    lengths = sequence_lengths(tokens)  # (N,)
+    lengths = (sequence_lengths(tokens) if self.pad_mask else
+               jnp.full(tokens.shape[:1], length, jnp.int32))  # (N,)
     valid = jnp.arange(length)[None, :] < lengths[:, None]  # (N, L): True for real tokens
     ids = jnp.where(valid, tokens, 0)  # ids after the first 0 are padding, whatever they are
     x = nn.Embed(self.vocab_size, self.width, dtype=compute.flax_dtype(self.dtype),
@@ -116,6 +123,8 @@ class TextTransformer(nn.Module):
     if self.pool == 'eos':
       last = jnp.maximum(lengths - 1, 0)
       return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    if self.pool == 'last':
+      return x[:, -1]
     if self.pool == 'mean':
       w = valid.astype(x.dtype)[:, :, None]  # (N, L, 1)
       return jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)

@@ -89,6 +89,7 @@ class TwoTower(nn.Module):
     loss_params, scale_init, bias_init: as `LogitParams` kind, scale_init, bias_init.
     dtype: compute dtype of the projections; None (default): each projection computes in
       its tower's `dtype` (float32 for a tower without one).
+    proj_bias: the projections have a bias (big_vision's SigLIP heads); CLIP's have none.
   """
   tower_a: nn.Module
   tower_b: nn.Module | None = None
@@ -97,11 +98,12 @@ class TwoTower(nn.Module):
   scale_init: float | None = None
   bias_init: float = -10.0
   dtype: Any = None
+  proj_bias: bool = False
 
   def setup(self):
-    def projection(tower):  # no bias: a linear map into the joint space, as CLIP's W_i, W_t
+    def projection(tower):  # a linear map into the joint space, as CLIP's W_i, W_t
       dtype = getattr(tower, 'dtype', jnp.float32) if self.dtype is None else self.dtype
-      return nn.Dense(self.embed_dim, use_bias=False, dtype=compute.flax_dtype(dtype))
+      return nn.Dense(self.embed_dim, use_bias=self.proj_bias, dtype=compute.flax_dtype(dtype))
     self.proj_a = projection(self.tower_a)
     if self.tower_b is not None:
       self.proj_b = projection(self.tower_b)
@@ -178,7 +180,7 @@ def build_two_tower(cfg, dtype=None, remat=None):
   Fields: `image` (or `a`): tower A's config; `text` (or `b`): tower B's (see `build_tower`);
   `share` (default False): tower B = tower A, same weights (tower B's config then omitted);
   `embed_dim`; `loss_params`: 'clip' or 'siglip'; optional `logit_scale_init` (None: 1/0.07
-  or 10) and `logit_bias_init` (-10).
+  or 10), `logit_bias_init` (-10) and `proj_bias` (False).
 
   dtype: None (each tower's config field `dtype`, float32 by default; each projection in its
     tower's), or a compute dtype (a dtype or its name) for both towers and projections,
@@ -199,4 +201,5 @@ def build_two_tower(cfg, dtype=None, remat=None):
                   dtype=None if dtype is None else compute.as_dtype(dtype),
                   embed_dim=cfg.embed_dim, loss_params=cfg.get('loss_params', 'clip'),
                   scale_init=cfg.get('logit_scale_init'),
-                  bias_init=cfg.get('logit_bias_init', -10.0))
+                  bias_init=cfg.get('logit_bias_init', -10.0),
+                  proj_bias=bool(cfg.get('proj_bias', False)))

@@ -25,7 +25,6 @@ The step is the shared `step.update` with `objectives.two_tower`. Config fields
 """
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -40,7 +39,7 @@ from contrastive.batching import from_config as batching
 from contrastive.config_lib import ConfigError
 from contrastive.data import mixture
 from contrastive.data import pair_batches
-from contrastive.data import tokenizer as tokenizer_lib
+from contrastive.data import tokenizers
 from contrastive.data import shard_index
 from contrastive.data import webdataset
 from contrastive.data import webdataset_loader
@@ -293,8 +292,9 @@ def abstract_parts(s, mesh, steps, rng):
 
 
 def load(config, variables, workdir, step_number):
-  """The trained `TwoTowerModel` of a workdir (its tokenizer saved beside the checkpoints)."""
-  tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(workdir, pair_batches.TOKENIZER_NAME))
+  """The trained `TwoTowerModel` of a workdir (its tokenizer saved beside the checkpoints, of
+  config.tokenizer.kind: contrastive/data/tokenizers.py)."""
+  tokenizer = tokenizers.load_workdir(workdir, config.get('tokenizer'))
   return TwoTowerModel(config, variables, tokenizer, step_number)
 
 

@@ -1,0 +1,1 @@
+"""Public checkpoints in and out of the two-tower recipes (`python -m contrastive.weights`)."""
