@@ -1,39 +1,32 @@
 """Writes the big_vision SigLIP parity fixtures under tests/data/ (run once; CI reads them).
 
-An importer of big_vision SigLIP `.npz` checkpoints into the Flax towers is checked against
-these files. For three tiny mirrors of the released SigLIP B/16, L/16 and So400m/14 models
-(big_vision's own `two_towers.Model`: ViT with MAP head and no image projection, text
-transformer with 'last' pooling and a `head` Dense, learned `t` and `b`), every parameter is
-redrawn at random (kernels N/sqrt(fan_in), LayerNorm scales 1+0.1N, biases 0.1N, embeddings
-0.5N, posembs 0.3N, probe 0.5N, t = log 10, b = -10 + 0.1N; values rounded to bfloat16-exact
-float32 so the compressed files stay small) and stored as
+For tiny mirrors of the released SigLIP B/16, L/16 and So400m/14 (big_vision's own
+`two_towers.Model`: ViT + MAP head, no image projection; text transformer, 'last' pooling,
+`head` Dense; learned `t`, `b`) with every parameter redrawn at random (kernels
+N/sqrt(fan_in), LayerNorm scales 1+0.1N, biases 0.1N, token embeddings and probe 0.5N,
+posembs 0.3N, rounded to 5 significant bits so that the files compress; t = log 10,
+b = -10 + 0.1N), it writes
+  big_vision_<name>.npz     the params as released SigLIP checkpoints store them: flat keys
+                            'params/img/...', 'params/txt/...', 'params/t', 'params/b',
+                            non-scanned 'encoderblock_<i>', float32 (save_checkpoint with
+                            compressed=True); checked by loading it with two_towers.load.
+  big_vision_<name>_io.npz  images_uint8_<i> (HxW 45x61, 24x40, 32x32); pixels [3,32,32,3]
+                            (`resize(32)|value_range(-1, 1)`: TF's bilinear kernel redone in
+                            NumPy, see tf_resize_bilinear); tokens [4,16] int32 (c4_en layout,
+                            eos='sticky', pad_value=1, random piece ids in [3, 255]); zimg
+                            [3,32], ztxt [4,32] (L2-normalized, as the model returns them);
+                            t (= exp(params/t)), b, logits = zimg @ ztxt.T * t + b; config (JSON).
+Tiny sizes: image 32, width 32, depth 2, mlp_dim 128, 2 heads, posemb 'learn', patch 8 for
+B/16 and 4 for L/16 and So400m/14 (14 does not divide 32); text vocab 256, context 16, same
+width/depth/mlp/heads; out_dim (None, 32) as in the SigLIP demo colab.
 
-  big_vision_<name>.npz     the params as big_vision checkpoints name them: flat keys
-                            'params/img/...', 'params/txt/...', 'params/t', 'params/b';
-                            non-scanned blocks 'encoderblock_<i>' as in the SigLIP (v1)
-                            releases; float32; written like utils.save_checkpoint(compressed)
-  big_vision_<name>_io.npz  images_uint8_<i> (HxW 45x61, 24x40, 32x32), pixels [3,32,32,3]
-                            (`resize(32)|value_range(-1, 1)` reproduced in NumPy), tokens
-                            [4,16] int32 (c4_en layout: eos='sticky', pad_value=1), zimg [3,32]
-                            and ztxt [4,32] (L2-normalized, as the model returns them), t
-                            (= exp(params/t)), b, logits [3,4] = zimg @ ztxt.T * t + b,
-                            config (JSON string of every setting used).
-
-Tiny mirrors: image 32x32, width 32, depth 2, mlp_dim 128, 2 heads, pool 'map', posemb
-'learn', patch 8 for B/16 and 4 for L/16 and So400m/14 (14 does not divide 32); text vocab
-256, context 16, width 32, depth 2, mlp_dim 128, 2 heads, pool 'last'; out_dim (None, 32) as
-the SigLIP demo colab (image tower without head, text head to the embedding width).
-
-big_vision is imported from a checkout given on the command line, never copied here:
-
+big_vision is imported from a checkout, never copied into this repository:
   git clone https://github.com/google-research/big_vision /tmp/big_vision
   python benchmarks/make_big_vision_fixtures.py --big_vision /tmp/big_vision --out tests/data
-
-It runs in the project's Python (jax, flax, ml_collections, einops, scipy, absl). big_vision
-/utils.py imports `tensorflow.io.gfile`, which is not installed: the script puts empty stub
-modules `tensorflow`, `tensorflow.io`, `tensorflow.io.gfile` in sys.modules (after importing
-flax.training.checkpoints, whose flax.io probes for tensorflow); every checkpoint path used
-is local, so big_vision's npload goes through np.load and the stub is never called.
+It needs jax, flax, ml_collections, einops, scipy and absl, not tensorflow: big_vision/utils.py
+imports `tensorflow.io.gfile`, so empty stub modules `tensorflow`, `tensorflow.io` and
+`tensorflow.io.gfile` go into sys.modules (after flax.training.checkpoints is imported, as
+flax.io probes for tensorflow); all paths are local, so the stub is never called.
 """
 
 import argparse
@@ -49,7 +42,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import flax
 import flax.training.checkpoints  # noqa: F401  (before the tensorflow stub, see docstring)
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -62,8 +54,12 @@ EOS = PAD = 1  # c4_en SentencePiece: 0 <pad>, 1 </s>, 2 <unk>; SigLIP pads with
 VOCAB = 256
 WIDTH = 32
 TOWER = dict(variant=None, width=WIDTH, depth=2, mlp_dim=128, num_heads=2, scan=False)
-ARCHS = (('siglip_b16', 'B/16', 8), ('siglip_l16', 'L/16', 4), ('siglip_so400m14', 'So400m/14', 4))
-STDDEV = {'embedding': 0.5, 'pos_embedding': 0.3, 'probe': 0.5}
+ARCHS = (('siglip_b16', 'B/16', 8), ('siglip_l16', 'L/16', 4),
+         ('siglip_so400m14', 'So400m/14', 4))  # (fixture name, mirrored model, patch)
+# (offset, stddev) of the random non-kernel parameters, by leaf name.
+NOISE = {'scale': (1.0, 0.1), 'bias': (0.0, 0.1), 'embedding': (0.0, 0.5),
+         'pos_embedding': (0.0, 0.3), 'probe': (0.0, 0.5)}
+SIG_BITS = 5  # significant bits kept in each random parameter value
 
 
 def import_big_vision(path):
@@ -74,8 +70,9 @@ def import_big_vision(path):
   for module in (tf, tf_io, gfile):
     sys.modules.setdefault(module.__name__, module)
   sys.path.insert(0, os.path.abspath(path))
-  from big_vision import utils  # pylint: disable=import-outside-toplevel
-  from big_vision.models.proj.image_text import two_towers  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from big_vision import utils
+  from big_vision.models.proj.image_text import two_towers
   return utils, two_towers
 
 
@@ -89,22 +86,17 @@ def model_config(patch):
 
 def draw(name, shape, rng):
   """A random value of a sensible scale for the parameter called `name`."""
-  leaf = name.rsplit('/', 1)[-1]
-  if name == 't':
-    return np.full(shape, np.log(10.0), np.float32)
-  if name == 'b':
-    return (-10.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-  normal = rng.standard_normal(shape)
+  leaf, normal = name.rsplit('/', 1)[-1], rng.standard_normal(shape)
+  if name in ('t', 'b'):
+    return np.float32(np.log(10.0) if name == 't' else -10.0 + 0.1 * normal).reshape(shape)
   if leaf == 'kernel':
     qkv = re.search(r'/(query|key|value)/kernel$', name)
     x = normal / np.sqrt(shape[0] if qkv else np.prod(shape[:-1]))
-  elif leaf == 'scale':
-    x = 1.0 + 0.1 * normal
-  elif leaf == 'bias':
-    x = 0.1 * normal
   else:
-    x = STDDEV[leaf] * normal
-  return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+    offset, stddev = NOISE[leaf]
+    x = offset + stddev * normal
+  mantissa, exponent = np.frexp(x)  # Keep SIG_BITS significant bits: compresses well.
+  return np.ldexp(np.round(mantissa * 2**SIG_BITS) / 2**SIG_BITS, exponent).astype(np.float32)
 
 
 def randomize(params, utils, rng):
@@ -173,6 +165,26 @@ def big_vision_commit(path):
     return 'unknown'
 
 
+def run(model, params, pixels, tokens):
+  zimg, ztxt, out = model.apply({'params': params}, pixels, tokens)
+  return tuple(np.asarray(a) for a in (zimg, ztxt, out['t'], out['b']))
+
+
+def fixture_config(variant, cfg, big_vision):
+  return dict(
+      mirrors=f'SigLIP {variant}', model=cfg, image_size=IMAGE_SIZE, seed=SEED,
+      checkpoint_layout="flat '/'-joined keys under 'params/', non-scanned encoderblock_<i>",
+      pp_image=f'resize({IMAGE_SIZE})|value_range(-1, 1): tf.image.resize bilinear, '
+               'antialias=False, half-pixel centres, float32, cast to uint8 by truncation',
+      pp_text=f"tokenize(max_len={CONTEXT}, model='c4_en', eos='sticky', pad_value=1)",
+      eos_id=EOS, pad_id=PAD, piece_counts=PIECE_COUNTS, image_shapes=IMAGE_SHAPES,
+      param_init=dict(kernel='N/sqrt(fan_in)', offset_stddev=NOISE, t='log(10)',
+                      b='-10+0.1N', significant_bits=SIG_BITS),
+      logits='zimg @ ztxt.T * t + b, t = exp(params/t)',
+      versions=dict(jax=jax.__version__, flax=flax.__version__, numpy=np.__version__,
+                    big_vision=big_vision_commit(big_vision)))
+
+
 def make_fixture(index, name, variant, patch, args, utils, two_towers):
   rng = np.random.default_rng([SEED, index])
   cfg = model_config(patch)
@@ -182,35 +194,21 @@ def make_fixture(index, name, variant, patch, args, utils, two_towers):
   tokens = make_tokens(rng)
   init = jax.jit(model.init)(jax.random.PRNGKey(SEED), pixels, tokens)['params']
   params = randomize(flax.core.unfreeze(init), utils, rng)
-  zimg, ztxt, out = model.apply({'params': params}, pixels, tokens)
+  zimg, ztxt, t, b = outputs = run(model, params, pixels, tokens)
 
   ckpt = os.path.abspath(os.path.join(args.out, f'big_vision_{name}.npz'))
   save_checkpoint(params, utils, ckpt)
-  # Round trip through big_vision's own loader (vit.load, text_transformer.load, load_params).
+  # Round trip through big_vision's own loaders (two_towers/vit/text_transformer.load).
   loaded = two_towers.load(init, ckpt, ml_collections.ConfigDict(cfg))
-  zimg2, ztxt2, _ = model.apply({'params': loaded}, pixels, tokens)
-  np.testing.assert_array_equal(np.asarray(zimg2), np.asarray(zimg))
-  np.testing.assert_array_equal(np.asarray(ztxt2), np.asarray(ztxt))
+  for got, want in zip(run(model, loaded, pixels, tokens), outputs):
+    np.testing.assert_array_equal(got, want)
 
-  t, b = np.asarray(out['t']), np.asarray(out['b'])
-  config = dict(
-      mirrors=f'SigLIP {variant}', model=cfg, image_size=IMAGE_SIZE, seed=SEED,
-      checkpoint_layout="flat '/'-joined keys under 'params/', non-scanned encoderblock_<i>",
-      pp_image=f'resize({IMAGE_SIZE})|value_range(-1, 1)  (tf.image.resize bilinear, '
-               'antialias=False, half-pixel centres; cast back to uint8 by truncation)',
-      pp_text=f"tokenize(max_len={CONTEXT}, model='c4_en', eos='sticky', pad_value=1)",
-      eos_id=EOS, pad_id=PAD, piece_counts=PIECE_COUNTS, image_shapes=IMAGE_SHAPES,
-      param_init=dict(kernel='N/sqrt(fan_in)', scale='1+0.1N', bias='0.1N', **STDDEV,
-                      t='log(10)', b='-10+0.1N', rounding='bfloat16-exact float32'),
-      logits='zimg @ ztxt.T * t + b, t = exp(params/t)',
-      versions=dict(jax=jax.__version__, flax=flax.__version__, numpy=np.__version__,
-                    big_vision=big_vision_commit(args.big_vision)))
   io = {f'images_uint8_{i}': im for i, im in enumerate(images)}
-  io.update(pixels=pixels, tokens=tokens, zimg=np.asarray(zimg), ztxt=np.asarray(ztxt),
-            t=t, b=b, logits=np.asarray(zimg) @ np.asarray(ztxt).T * t + b,
-            config=np.asarray(json.dumps(config)))
+  io.update(pixels=pixels, tokens=tokens, zimg=zimg, ztxt=ztxt, t=t, b=b,
+            logits=zimg @ ztxt.T * t + b,
+            config=np.asarray(json.dumps(fixture_config(variant, cfg, args.big_vision))))
   np.savez_compressed(os.path.join(args.out, f'big_vision_{name}_io.npz'), **io)
-  print(name, 'zimg', np.asarray(zimg).shape, 'ztxt', np.asarray(ztxt).shape, 't', t, 'b', b)
+  print(name, 'zimg', zimg.shape, 'ztxt', ztxt.shape, 't', t, 'b', b)
 
 
 def main():
