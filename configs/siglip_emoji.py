@@ -13,7 +13,9 @@ Variants (comma-separated after the colon): `runlocal` (tiny, seconds), `resnet`
 ResNet as the image tower), `lit` (the image tower locked: LiT; initialise it with
 --config.model_init.workdir=W --config.model_init.mapping=tower_a:tower_a,proj_a:proj_a from a
 trained run W), `pod` (ViT-B/16 at 224 px + a text transformer B, batch 32,768, blockwise ring
-loss: a pod job, built but not run here), `dense` (the loss without blocks, block_size None:
+loss: a pod job, built but not run here), `clip_b32` (open_clip's ViT-B-32 image tower at 224 px
+and embed 512: with `lit`, LiT on a checkpoint imported by `python -m contrastive.weights`:
+--config.model_init.workdir=W --config.model_init.mapping=tower_a:tower_a,proj_a:proj_a), `dense` (the loss without blocks, block_size None:
 e.g. `:pod,dense`, the dense row of the README's TPU compile table). Fields:
 `--config.loss.block_size=1024` (blockwise), `--config.dataset.languages='("en","de")'`
 (multilingual pairs).
@@ -22,7 +24,7 @@ e.g. `:pod,dense`, the dense row of the README's TPU compile table). Fields:
 import ml_collections
 from ml_collections import config_dict
 
-VARIANTS = ('runlocal', 'resnet', 'vit', 'lit', 'pod', 'dense')
+VARIANTS = ('runlocal', 'resnet', 'vit', 'lit', 'pod', 'dense', 'clip_b32')
 
 
 def base_config(loss_params='siglip'):
@@ -120,6 +122,10 @@ def apply_variants(config, variants):
     config.checkpoint_every = 1000
   if 'dense' in variants:
     config.loss.block_size = None
+  if 'clip_b32' in variants:
+    config.model.image = dict(name='vit', preset='open_clip/ViT-B-32')
+    config.model.embed_dim = 512
+    config.dataset.image_size = 224
   if 'runlocal' in variants:
     config.dataset.max_examples = 64
     config.tokenizer.update(vocab_size=400, context=12)

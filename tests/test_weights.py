@@ -158,3 +158,74 @@ def test_lit_from_an_imported_workdir_keeps_the_image_tower(tmp_path):
       assert all(jax.tree.leaves(jax.tree.map(np.array_equal, start[group], params[group])))
   assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, saved[0]['tower_b'],
                                               saved[1]['tower_b'])))
+
+
+BIG_VISION = {'b16': 'siglip-B/16', 'l16': 'siglip-L/16', 'so400m14': 'siglip-So400m/14'}
+
+
+@pytest.fixture(scope='module')
+def sentencepiece_model(tmp_path_factory):
+  """A small SentencePiece model with c4_en's special ids (0 pad, 1 EOS, 2 unk)."""
+  import io  # pylint: disable=g-import-not-at-top
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  model = io.BytesIO()
+  texts = ['a photo of a cat', 'a dog on the beach', 'two birds in a tree'] * 20
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model,
+                                 vocab_size=60, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                 hard_vocab_limit=False, minloglevel=2)
+  path = tmp_path_factory.mktemp('spm') / 'c4_like.model'
+  path.write_bytes(model.getvalue())
+  return str(path)
+
+
+def big_vision_fixture(name):
+  """(io npz, arch, overrides, checkpoint path) of a tiny big_vision SigLIP."""
+  g = np.load(os.path.join(DATA, f'big_vision_siglip_{name}_io.npz'))
+  m = json.loads(str(g['config']))['model']
+  image, text = m['image'], m['text']
+  overrides = dict(
+      image=dict(patch=image['patch_size'][0], width=image['width'], depth=image['depth'],
+                 heads=image['num_heads'], mlp_dim=image['mlp_dim']),
+      text=dict(width=text['width'], depth=text['depth'], heads=text['num_heads'],
+                mlp_dim=text['mlp_dim']),
+      embed_dim=m['out_dim'][1], image_size=32, vocab_size=text['vocab_size'],
+      context=g['tokens'].shape[1])
+  return g, BIG_VISION[name], overrides, os.path.join(DATA, f'big_vision_siglip_{name}.npz')
+
+
+@pytest.mark.parametrize('name', BIG_VISION)
+def test_imported_big_vision_siglip_embeds_as_big_vision(name, tmp_path, sentencepiece_model):
+  g, arch, overrides, path = big_vision_fixture(name)
+  cli.main(['import', '--format=big_vision', f'--arch={arch}', f'--checkpoint={path}',
+            f'--tokenizer={sentencepiece_model}', f'--workdir={tmp_path / "w"}',
+            f'--overrides={json.dumps(overrides)}'])
+  model = inference.load(str(tmp_path / 'w'))
+  images = [g[f'images_uint8_{i}'] for i in range(3)]  # 45x61, 24x40, 32x32: squashed to 32
+  _close(model.encode_image(images), g['zimg'])
+  _close(model._batched('encode_b', g['tokens'].astype(np.int32), 8), g['ztxt'])  # pylint: disable=protected-access
+  logit = model.variables['params']['logit']
+  np.testing.assert_allclose(np.exp(logit['log_scale']), g['t'].reshape(()), rtol=1e-6)
+  np.testing.assert_allclose(logit['bias'], g['b'].reshape(()), rtol=1e-6)
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  pieces = spm.SentencePieceProcessor(model_file=sentencepiece_model).encode('a cat')
+  rows = model.tokenize(['A CAT', 'a cat ' * 20])  # lowercased; padded with EOS (1); cut: EOS last
+  assert rows[0].tolist() == pieces + [1] * (16 - len(pieces))
+  assert rows[1][-1] == 1 and 1 not in rows[1][:-1].tolist()
+  out = tmp_path / 'back.npz'
+  cli.main(['export', f'--workdir={tmp_path / "w"}', '--format=big_vision', f'--out={out}'])
+  original, exported = importer.read_state(path), importer.read_state(str(out))
+  assert set(exported) == set(original)
+  for key, value in original.items():
+    assert np.array_equal(exported[key], value), key
+
+
+def test_scanned_big_vision_blocks_are_unstacked():
+  from contrastive.weights import big_vision_format  # pylint: disable=g-import-not-at-top
+  state = {'params/img/Transformer/encoderblock/LayerNorm_0/scale': np.arange(6.).reshape(3, 2),
+           'params/t': np.zeros(1, np.float32)}
+  out = big_vision_format.normalize_state(state)
+  assert list(out) == [f'img/Transformer/encoderblock_{i}/LayerNorm_0/scale' for i in range(3)
+                       ] + ['t']
+  np.testing.assert_array_equal(out['img/Transformer/encoderblock_2/LayerNorm_0/scale'], [4, 5])
+  bf16 = np.array([0x3F80, 0xC000], np.uint16).view('V2')  # bfloat16 1.0 and -2.0 as voids
+  np.testing.assert_array_equal(big_vision_format.normalize_state({'b': bf16})['b'], [1, -2])

@@ -1,18 +1,20 @@
-"""The tokenizer of a workdir, of either kind: SentencePiece (`tokenizer.py`: trained here, or a
-big_vision `.model`) or CLIP's byte-level BPE (`clip_tokenizer.py`: open_clip's vocabulary).
+"""The tokenizer of a workdir, of any kind: SentencePiece trained here (`tokenizer.py`), CLIP's
+byte-level BPE (`clip_tokenizer.py`: open_clip's vocabulary) or a big_vision SentencePiece
+model with its sticky-EOS layout (`big_vision_tokenizer.py`).
 
 config.tokenizer.kind ('sentencepiece' when absent) says which file the workdir holds:
 
-    tokenizer.model            SentencePiece
+    tokenizer.model            SentencePiece trained here
     tokenizer_clip_bpe.txt.gz  CLIP's BPE vocabulary (49,408 ids, 77 tokens)
+    tokenizer_big_vision.model big_vision's SentencePiece (config.tokenizer.pad_id, lower)
 """
 
 import os
 
 from contrastive.data import tokenizer as sentencepiece_lib
 
-FILES = {'sentencepiece': 'tokenizer.model', 'clip_bpe': 'tokenizer_clip_bpe.txt.gz'}
-CONTEXT = {'clip_bpe': 77}
+FILES = {'sentencepiece': 'tokenizer.model', 'clip_bpe': 'tokenizer_clip_bpe.txt.gz',
+         'big_vision_spm': 'tokenizer_big_vision.model'}
 
 
 class TokenizerFileError(ValueError):
@@ -24,10 +26,12 @@ def _clip():
   return clip_tokenizer.ClipTokenizer
 
 
-def load_file(kind, path=None):
+def load_file(kind, path=None, cfg=None):
   """(tokenizer, config.tokenizer dict) of a tokenizer file of `kind` (CLIP's BPE: the bundled
-  vocabulary when `path` is None); one-line TokenizerFileError for a missing file or a file of
-  another kind."""
+  vocabulary when `path` is None); `cfg`: config.tokenizer's fields (context; big_vision's
+  pad_id and lower). One-line TokenizerFileError for a missing file or a file of another
+  kind."""
+  cfg = dict(cfg or {})
   if kind not in FILES:
     raise TokenizerFileError(f'unknown tokenizer kind {kind!r}; choose one of {tuple(FILES)}.')
   if path is not None and not os.path.isfile(path):
@@ -35,6 +39,13 @@ def load_file(kind, path=None):
   try:
     if kind == 'clip_bpe':
       tok = _clip().load(path)
+    elif kind == 'big_vision_spm':
+      from contrastive.data import big_vision_tokenizer  # pylint: disable=g-import-not-at-top
+      if path is None:
+        raise TokenizerFileError('a big_vision model needs its SentencePiece .model file '
+                                 '(--tokenizer).')
+      tok = big_vision_tokenizer.BigVisionTokenizer.load(
+          path, pad_id=cfg.get('pad_id', 1), lower=cfg.get('lower', True))
     else:
       if path is None:
         raise TokenizerFileError('a SentencePiece tokenizer needs its .model file (--tokenizer).')
@@ -44,17 +55,18 @@ def load_file(kind, path=None):
   except Exception as e:  # pylint: disable=broad-except
     raise TokenizerFileError(f'{path!r} is not a {kind} tokenizer file ({type(e).__name__}: '
                              f'{str(e)[:150]}).') from None
-  cfg = dict(kind=kind, vocab_size=int(tok.vocab_size), context=CONTEXT.get(kind, 64))
-  return tok, cfg
+  return tok, dict(cfg, kind=kind, vocab_size=int(tok.vocab_size))
 
 
 def save_to_workdir(tok, workdir):
   """Writes `tok` as its kind's file in `workdir`."""
-  kind = 'sentencepiece' if isinstance(tok, sentencepiece_lib.Tokenizer) else 'clip_bpe'
+  kind = {'Tokenizer': 'sentencepiece', 'ClipTokenizer': 'clip_bpe',
+          'BigVisionTokenizer': 'big_vision_spm'}[type(tok).__name__]
   tok.save(os.path.join(workdir, FILES[kind]))
 
 
 def load_workdir(workdir, tokenizer_cfg):
   """The tokenizer a workdir's run used (config.tokenizer: its kind)."""
-  kind = (tokenizer_cfg or {}).get('kind', 'sentencepiece')
-  return load_file(kind, os.path.join(workdir, FILES[kind]))[0]
+  cfg = dict(tokenizer_cfg or {})
+  kind = cfg.get('kind', 'sentencepiece')
+  return load_file(kind, os.path.join(workdir, FILES[kind]), cfg)[0]

@@ -53,6 +53,13 @@ TEXT_PRESETS = {'small': TEXT_SMALL, 'B': TEXT_B,
                                            mlp_dim=2048),
                 'open_clip/ViT-L-14': dict(_CLIP_TEXT, width=768, depth=12, heads=12,
                                            mlp_dim=3072)}
+# big_vision's SigLIP text towers: no attention mask, the last position pooled (texts padded
+# with EOS or 0 to the context); vocab_size and context from the tokenizer.
+_SIGLIP_TEXT = dict(pool='last', pad_mask=False)
+TEXT_PRESETS.update({
+    'big_vision/B': dict(_SIGLIP_TEXT, width=768, depth=12, heads=12, mlp_dim=3072),
+    'big_vision/L': dict(_SIGLIP_TEXT, width=1024, depth=24, heads=16, mlp_dim=4096),
+    'big_vision/So400m': dict(_SIGLIP_TEXT, width=1152, depth=27, heads=16, mlp_dim=4304)})
 
 
 def sequence_lengths(tokens):

@@ -55,6 +55,13 @@ VIT_PRESETS = {'small': VIT_SMALL, 'B/16': VIT_B16,
                                           mlp_dim=3072),
                'open_clip/ViT-L-14': dict(_CLIP, patch=14, width=1024, depth=24, heads=16,
                                           mlp_dim=4096)}
+# big_vision's SigLIP image towers: MAP pooling, images in [-1, 1] (value_range(-1, 1)).
+_SIGLIP = dict(pool='map', pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5))
+VIT_PRESETS.update({
+    'big_vision/B/16': dict(_SIGLIP, patch=16, width=768, depth=12, heads=12, mlp_dim=3072),
+    'big_vision/L/16': dict(_SIGLIP, patch=16, width=1024, depth=24, heads=16, mlp_dim=4096),
+    'big_vision/So400m/14': dict(_SIGLIP, patch=14, width=1152, depth=27, heads=16,
+                                 mlp_dim=4304)})
 
 
 def posemb_sincos_2d(h, w, width, temperature=10_000.0, dtype=jnp.float32):

@@ -1,9 +1,10 @@
 """A trained two-tower model for inference (`inference.load`): embed images and texts.
 
-Images of any size are resized (bilinear) to the image tower's, or, where the workdir records
-config.preprocess.resize = 'short_side_crop' (an imported CLIP: contrastive/weights), the
-shorter side resized (bicubic) and the centre cropped as open_clip's eval transform does;
-texts are tokenized and cut at the context length as in training.
+Images of any size are resized (bilinear) to the image tower's, or as the workdir's
+config.preprocess says (an imported checkpoint's: contrastive/weights): 'short_side_crop'
+(open_clip's eval transform: the shorter side resized, bicubic, the centre cropped) or
+'squash' (big_vision's resize: the whole image to S x S, bilinear without antialiasing, cast
+to uint8 by truncation); texts are tokenized and cut at the context length as in training.
 """
 
 from PIL import Image
@@ -50,8 +51,12 @@ class TwoTowerModel:
     if self.image_size is None:
       raise ValueError('This model has no image tower (a text-text model): use encode_text / '
                        'encode_a.')
-    if (self.config.get('preprocess') or {}).get('resize') == 'short_side_crop':
+    preprocess = self.config.get('preprocess') or {}
+    if preprocess.get('resize') == 'short_side_crop':
       images = np.stack([short_side_crop(x, self.image_size) for x in images])
+    elif preprocess.get('resize') == 'squash':
+      images = np.stack([squash(x, self.image_size, antialias=preprocess.get('antialias', True),
+                                floor=preprocess.get('rounding') == 'floor') for x in images])
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'encode_image takes uint8 images [N, H, W, 3], got shape {images.shape}.')
@@ -89,3 +94,16 @@ def short_side_crop(image, size):
     pil = pil.resize((new_w, new_h), Image.Resampling.BICUBIC)
   top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
   return np.asarray(pil.crop((left, top, left + size, top + size)), np.uint8)
+
+
+def squash(image, size, *, antialias=True, floor=False):
+  """uint8 [H, W, 3] -> [size, size, 3]: the whole image resized (bilinear, half-pixel
+  centres; without antialiasing as tf.image.resize's default), then cast to uint8 (truncated
+  with `floor`, as big_vision's float-to-uint8 cast; else rounded)."""
+  image = np.asarray(image)
+  if image.shape[:2] == (size, size):
+    return image.astype(np.uint8)
+  out = jax.image.resize(jnp.asarray(image, jnp.float32), (size, size, 3), 'linear',
+                         antialias=antialias)
+  out = jnp.clip(jnp.floor(out) if floor else jnp.round(out), 0, 255)
+  return np.asarray(out, np.uint8)

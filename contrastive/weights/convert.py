@@ -32,11 +32,13 @@ def _paths(tree, prefix=()):
   return [p for k in tree for p in _paths(tree[k], prefix + (k,))]
 
 
-def to_params(tensors, state, abstract, *, zero=(), skip=(), source='the checkpoint'):
+def to_params(tensors, state, abstract, *, zero=(), identity=(), skip=(),
+              source='the checkpoint'):
   """Our parameter tree (float32 numpy) from `state` ({key: array}, in the file's order).
 
   tensors: the format's [Tensor]; abstract: the model's params (anything with .shape);
-  zero: our paths without a counterpart, set to 0; skip: key suffixes to ignore (buffers).
+  zero / identity: our paths without a counterpart, set to 0 / the identity matrix (a square
+  projection the format does not have); skip: key suffixes to ignore (buffers).
   """
   spec = {t.key: t for t in tensors}
   params = {}
@@ -60,6 +62,12 @@ def to_params(tensors, state, abstract, *, zero=(), skip=(), source='the checkpo
                        f'{missing[:3]}.')
   for path in zero:
     _set(params, path, np.zeros(_get(abstract, path).shape, np.float32))
+  for path in identity:
+    shape = _get(abstract, path).shape
+    if len(shape) != 2 or shape[0] != shape[1]:
+      raise WeightsError(f'{"/".join(path)} {list(shape)} must be square to be the identity: '
+                         'set embed_dim to the tower\'s width.')
+    _set(params, path, np.eye(shape[0], dtype=np.float32))
   unfilled = [p for p in _paths(abstract) if not _has(params, p)]
   if unfilled:
     raise WeightsError(f'the architecture has parameters no tensor fills: {unfilled[:3]}.')
@@ -74,12 +82,15 @@ def _has(tree, path):
     return False
 
 
-def to_state(tensors, params, *, zero=()):
+def to_state(tensors, params, *, zero=(), identity=()):
   """{key: float32 array} in the format's order from our parameter tree; raises WeightsError
-  if a parameter the format cannot hold (`zero`) is not 0."""
-  for path in zero:
-    if np.any(np.asarray(_get(params, path))):
-      raise WeightsError(f'parameter {"/".join(path)} is not zero: the format has no place '
+  if a parameter the format cannot hold is not 0 (`zero`) or the identity (`identity`)."""
+  checks = [(p, 'zero', np.zeros_like) for p in zero] + [
+      (p, 'the identity', lambda x: np.eye(len(x), dtype=x.dtype)) for p in identity]
+  for path, name, want in checks:
+    value = np.asarray(_get(params, path))
+    if not np.array_equal(value, want(value)):
+      raise WeightsError(f'parameter {"/".join(path)} is not {name}: the format has no place '
                          'for it.')
   return {t.key: np.array(t.to_theirs([np.asarray(_get(params, p), np.float32)
                                          for p in t.paths]), order='C') for t in tensors}

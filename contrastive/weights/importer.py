@@ -24,10 +24,11 @@ from contrastive import run_config
 from contrastive.data import tokenizers
 from contrastive.models import two_tower
 from contrastive.recipes.two_tower_model import model_config as tower_config
+from contrastive.weights import big_vision_format
 from contrastive.weights import convert
 from contrastive.weights import open_clip_format
 
-FORMATS = {'open_clip': open_clip_format}
+FORMATS = {'open_clip': open_clip_format, 'big_vision': big_vision_format}
 TORCH_PICKLE = ('.pt', '.pth', '.bin')
 
 
@@ -48,7 +49,7 @@ def read_state(path):
         f'v in torch.load(\'{path}\', map_location=\'cpu\').items()}}, \'model.safetensors\')"')
   try:
     if path.endswith('.npz'):
-      with np.load(path) as f:
+      with np.load(path, allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     with safe_open(path, framework='numpy') as f:
@@ -61,11 +62,12 @@ def read_state(path):
 def workdir_config(fmt, arch, checkpoint_path, tokenizer_cfg, overrides=None):
   """The config.json of an imported workdir: the two-tower family, the architecture's model,
   its tokenizer and its image preprocessing. overrides: the format's model_config overrides,
-  plus 'image_size' and 'vocab_size' (another model size than the architecture's)."""
+  plus 'image_size', 'vocab_size' and 'context' (other sizes than the architecture's)."""
   overrides = dict(overrides or {})
-  image_size = overrides.pop('image_size', fmt.IMAGE_SIZE)
-  tokenizer_cfg = dict(tokenizer_cfg, vocab_size=overrides.pop('vocab_size',
-                                                               tokenizer_cfg['vocab_size']))
+  image_size = overrides.pop('image_size', fmt.image_size(arch))
+  tokenizer_cfg = dict(tokenizer_cfg,
+                       vocab_size=overrides.pop('vocab_size', tokenizer_cfg['vocab_size']),
+                       context=overrides.pop('context', tokenizer_cfg['context']))
   return ml_collections.ConfigDict(dict(
       family='two_tower', seed=0, model=fmt.model_config(arch, overrides),
       tokenizer=tokenizer_cfg, dataset=dict(name='imported', image_size=image_size),
@@ -100,12 +102,14 @@ def import_checkpoint(format_name, arch, checkpoint_path, tokenizer_path, workdi
     fmt.model_config(arch)
   except ValueError as e:
     raise convert.WeightsError(str(e)) from None
-  tokenizer, tokenizer_cfg = tokenizers.load_file(fmt.TOKENIZER, tokenizer_path)
+  tokenizer, tokenizer_cfg = tokenizers.load_file(fmt.TOKENIZER, tokenizer_path,
+                                                  fmt.tokenizer_config(arch))
   config = workdir_config(fmt, arch, checkpoint_path, tokenizer_cfg, overrides)
   module, abstract = _abstract_params(config)
   params = convert.to_params(fmt.tensors(module.tower_a, module.tower_b),
-                             read_state(checkpoint_path), abstract, zero=fmt.ZERO,
-                             skip=fmt.BUFFERS, source=checkpoint_path)
+                             fmt.normalize_state(read_state(checkpoint_path)), abstract,
+                             zero=fmt.ZERO, identity=fmt.IDENTITY, skip=fmt.BUFFERS,
+                             source=checkpoint_path)
   parent = os.path.dirname(os.path.abspath(workdir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.import-', dir=parent)
@@ -132,6 +136,11 @@ def export_workdir(workdir, format_name, out):
   config = inference.load_config(workdir)
   module = two_tower.build_two_tower(tower_config(config))
   params = checkpoint.read_state(checkpoint.latest_step_dir(workdir))['params']
-  state = convert.to_state(fmt.tensors(module.tower_a, module.tower_b), params, zero=fmt.ZERO)
+  try:
+    state = convert.to_state(fmt.tensors(module.tower_a, module.tower_b), params,
+                             zero=fmt.ZERO, identity=fmt.IDENTITY)
+  except (KeyError, AttributeError) as e:
+    raise convert.WeightsError(f'{workdir!r} is not a {format_name} architecture (no parameter '
+                               f'{e}).') from None
   fmt.write(state, out)
   return len(state)

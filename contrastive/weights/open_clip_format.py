@@ -57,6 +57,21 @@ def model_config(arch, overrides=None):
               logit_scale_init=1 / 0.07, **overrides)
 
 
+def image_size(arch):
+  del arch
+  return IMAGE_SIZE
+
+
+def tokenizer_config(arch):
+  """config.tokenizer of the architecture (the vocabulary's size comes from the file)."""
+  del arch
+  return dict(kind=TOKENIZER, context=77)
+
+
+def normalize_state(state):
+  return state
+
+
 def write(state, path):
   """Writes a state dict as open_clip reads it (`.safetensors`; torch not needed)."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
@@ -135,3 +150,4 @@ def tensors(image, text):
 
 
 ZERO = (('tower_a', 'embedding', 'bias'),)  # our parameters without a counterpart: must be 0
+IDENTITY = ()
