@@ -169,7 +169,7 @@ def main():
   p.add_argument('--workers', default='1', help='comma-separated worker counts')
   p.add_argument('--batch_size', type=int, default=64)
   p.add_argument('--image_size', type=int, default=224)
-  p.add_argument('--batches', type=int, default=20)
+  p.add_argument('--batches', type=int, default=30)
   p.add_argument('--warmup_batches', type=int, default=2)
   p.add_argument('--torch_python', default='')
   p.add_argument('--run', default='', help=argparse.SUPPRESS)  # a child: one measurement
