@@ -1,4 +1,8 @@
-"""Evaluation of frozen features: weighted kNN and a linear probe on a labelled test split."""
+"""Evaluation of frozen features: weighted kNN and a linear probe on a labelled test split.
+
+`python -m contrastive.evaluate --workdir W --tasks ...` runs the standard zero-shot and
+retrieval tasks on a two-tower workdir (contrastive/eval_tasks/runner.py).
+"""
 
 import functools
 
@@ -173,3 +177,8 @@ class Evaluator:
     return {'knn_top1': float(np.mean(np.asarray(knn) == self.test['label'])),
             'linear_top1': float(np.mean(np.asarray(lin) == self.test['label'])),
             'linear_train_top1': float(lin_train)}
+
+
+if __name__ == '__main__':
+  from contrastive.eval_tasks import runner  # pylint: disable=g-import-not-at-top
+  runner.main()

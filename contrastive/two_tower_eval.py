@@ -28,6 +28,8 @@ from contrastive.data import emoji
 from contrastive.data import pair_batches
 from contrastive.data import webdataset
 from contrastive.data import wordnet
+from contrastive.eval_tasks import runner
+from contrastive.eval_tasks import sources
 from contrastive.negatives import negclip
 
 EMOJI_TEMPLATES = ('an emoji of {}', '{}', 'a {} emoji', 'a picture of {}')
@@ -59,6 +61,17 @@ def zero_shot_classes(dataset_cfg, ev, pair_spec):
   return None
 
 
+def standard_tasks(eval_cfg):
+  """(parsed config.eval.tasks, templates): the standard benchmarks of the periodic evaluation
+  (comma-separated task names, eval.templates a file or '' for CLIP's 80; eval.data_dir);
+  ([], []) without tasks. EvalDataError (one line) if their data is not usable."""
+  names = [t.strip() for t in str(eval_cfg.get('tasks', '') or '').split(',') if t.strip()]
+  if not names:
+    return [], []
+  return ([sources.parse(t, eval_cfg.get('data_dir', '')) for t in names],
+          runner.load_templates(eval_cfg.get('templates', '')))
+
+
 def _unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -87,7 +100,7 @@ class TwoTowerEvaluator:
   """
 
   def __init__(self, config, model, mesh, source, pair_spec, tokenizer, a_tower='a', *,
-               order_probe=0):
+               order_probe=0, task_model=None):
     self.cfg, self.mesh, self.spec = config.eval, mesh, pair_spec
     self.ev = pair_batches.eval_pairs(source, pair_spec)
     context = config.tokenizer.context
@@ -109,6 +122,8 @@ class TwoTowerEvaluator:
     self.a_tower = a_tower
     self._encode = {'a': apply(f'encode_{a_tower}'), 'b': apply('encode_b')}
     self._ks = tuple(config.eval.get('ks', (1, 5, 10)))
+    self.task_model = task_model  # recipes.two_tower_model.TwoTowerModel, for eval.tasks
+    self.tasks, self.templates = standard_tasks(config.eval)
 
   def embed(self, state, side, items):
     """items [N, ...] through tower `side` ('a' | 'b') -> L2-normalised [N, D] (numpy); texts
@@ -161,7 +176,18 @@ class TwoTowerEvaluator:
     metrics['alignment'] = float(retrieval.alignment(za[links[:, 0]], zb[links[:, 1]]))
     metrics['uniformity_a'] = float(retrieval.uniformity(za))
     metrics['uniformity_b'] = float(retrieval.uniformity(zb))
+    metrics.update(self._standard_tasks(state))
     return metrics
+
+  def _standard_tasks(self, state):
+    """config.eval.tasks (contrastive/eval_tasks/runner.py) on the state's towers:
+    {'DATASET/METRIC': value}, e.g. 'imagefolder:val/acc1'."""
+    if not self.tasks:
+      return {}
+    self.task_model.variables = {'params': state.params}
+    results = runner.run(self.task_model, self.tasks, templates=self.templates,
+                         batch_size=self.cfg.batch_size)
+    return {f'{r["dataset"]}/{k}': v for r in results for k, v in r['metrics'].items()}
 
 
 class MixtureEvaluator:

@@ -213,11 +213,15 @@ def evaluator(s, model, mesh, source):
         s.shards['eval_shards']), s.shards), s.shards)
     print(f'Eval shards: {len(test)} usable samples ({test.skipped} left out).', flush=True)
     return two_tower_eval.TwoTowerEvaluator(config, model, eval_mesh, test, source.spec,
-                                            source.tokenizer)
+                                            source.tokenizer,
+                                            task_model=TwoTowerModel(config, None,
+                                                                     source.tokenizer, 0))
   if not s.is_mixture:
     test = pair_batches.get_source(config.dataset, split)
     return two_tower_eval.TwoTowerEvaluator(config, model, eval_mesh, test, source.spec,
-                                            source.tokenizer, order_probe=s.num_negclip)
+                                            source.tokenizer, order_probe=s.num_negclip,
+                                            task_model=TwoTowerModel(config, None,
+                                                                     source.tokenizer, 0))
   evaluators = {}
   for (name, dataset), part in zip(mixture.part_configs(config.dataset), source.parts):
     part_config = ml_collections.ConfigDict(dict(config.to_dict(), dataset=dataset.to_dict()))

@@ -4,12 +4,14 @@
 import os
 
 from contrastive import config_lib
+from contrastive import two_tower_eval
 from contrastive.batching import from_config as batching
 from contrastive.config_lib import ConfigError
 from contrastive.data import mixture
 from contrastive.data import pair_batches
 from contrastive.data import shard_index
 from contrastive.data import webdataset
+from contrastive.eval_tasks import sources
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
 from contrastive.recipes.two_tower_init import LOCKS
@@ -93,6 +95,10 @@ def validate(config):
   else:
     for _, dataset in mixture.part_configs(config.dataset):
       pair_batches.check_files(dataset)
+  try:  # the standard benchmarks of config.eval.tasks: their data, before anything compiles
+    two_tower_eval.standard_tasks(config.eval)
+  except sources.EvalDataError as e:
+    raise ConfigError(f'config.eval.tasks: {e}') from None
   init = config.get('model_init', {})
   if init.get('workdir') and not os.path.isdir(os.path.join(init.workdir, 'checkpoints')):
     raise ConfigError(f'config.model_init.workdir={init.workdir!r} has no checkpoints/.')

@@ -41,8 +41,19 @@ class TwoTowerModel:
                     for m in ('encode_a', 'encode_b')}
 
   def _batched(self, method, x, batch_size):
-    out = [np.asarray(self._encode[method](self.variables, x[i:i + batch_size]), np.float32)
-           for i in range(0, len(x), batch_size)]
+    """Rows of x through tower `method`, batch_size at a time, each batch split over the
+    local devices (padded to a multiple of their number)."""
+    devices = jax.local_devices()
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ('data',)),
+                                          jax.sharding.PartitionSpec('data'))
+    out = []
+    for i in range(0, len(x), batch_size):
+      chunk = np.asarray(x[i:i + batch_size])
+      pad = -len(chunk) % len(devices)
+      if pad:
+        chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+      z = self._encode[method](self.variables, jax.device_put(chunk, sharding))
+      out.append(np.asarray(z, np.float32)[:len(chunk) - pad])
     return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
 
   def encode_image(self, images, *, batch_size=256):
@@ -57,6 +68,8 @@ class TwoTowerModel:
     elif preprocess.get('resize') == 'squash':
       images = np.stack([squash(x, self.image_size, antialias=preprocess.get('antialias', True),
                                 floor=preprocess.get('rounding') == 'floor') for x in images])
+    elif not isinstance(images, np.ndarray) and len({np.shape(x) for x in images}) > 1:
+      images = np.stack([squash(x, self.image_size) for x in images])  # sizes differ
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'encode_image takes uint8 images [N, H, W, 3], got shape {images.shape}.')
@@ -73,6 +86,10 @@ class TwoTowerModel:
   def encode_text(self, texts, *, batch_size=256):
     """list[str] -> L2-normalised float32 [N, D] (tower b)."""
     return self._batched('encode_b', self.tokenize(texts), batch_size)
+
+  def encode_tokens(self, tokens, *, batch_size=256):
+    """tokens [N, L] (`tokenize`'s) -> L2-normalised float32 [N, D] (tower b)."""
+    return self._batched('encode_b', np.asarray(tokens, np.int32), batch_size)
 
   def encode_a(self, texts, *, batch_size=256):
     """Tower a on texts (text-text models such as siglip_wordnet: the word tower)."""
