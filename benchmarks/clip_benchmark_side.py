@@ -17,7 +17,9 @@ OUT/model.safetensors, and evaluates it with clip_benchmark's own functions, cal
   distinct images in first-appearance order, each with its captions in file order, batched
   with clip_benchmark's image_captions_collate_fn.
 
-Batches of 64 (the CLI's default), shuffle off, no workers, float32 unless --amp (the CLI
+clip_benchmark 1.6.2's `accuracy` fails under NumPy >= 2.4 (`float()` of a 1-element 1-d
+array: LAION-AI/CLIP_benchmark issue #147); `patch_accuracy` swaps in the same top-k count
+taken with `.item()`. Batches of 64 (the CLI's default), shuffle off, no workers, float32 unless --amp (the CLI
 default is amp on: bfloat16 autocast on CPU, float16 on CUDA). Prints one JSON line per task
 in CLIP_benchmark's result layout (dataset, model, pretrained, task, metrics, language);
 progress bars go to stderr.
@@ -59,6 +61,22 @@ class JsonlCaptions(torch.utils.data.Dataset):
     image, texts = self.items[i]
     pixels = Image.open(os.path.join(self.root, image)).convert('RGB')
     return self.transform(pixels), texts
+
+
+def accuracy(output, target, topk=(1,)):
+  """clip_benchmark's zeroshot_classification.accuracy, the scalar taken with .item()."""
+  pred = output.topk(max(topk), 1, True, True)[1].t()
+  correct = pred.eq(target.view(1, -1).expand_as(pred))
+  n = len(target)
+  return [correct[:k].reshape(-1).float().sum().item() / n for k in topk]
+
+
+def patch_accuracy():
+  """Its own accuracy where it still works (NumPy < 2.4), else the .item() form above."""
+  try:
+    zeroshot_classification.accuracy(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long))
+  except TypeError:
+    zeroshot_classification.accuracy = accuracy
 
 
 def read_templates(path):
@@ -109,6 +127,7 @@ def main():
   p.add_argument('--amp', action='store_true', help="autocast, as the CLI's default")
   args = p.parse_args()
   os.makedirs(args.out, exist_ok=True)
+  patch_accuracy()
   torch.set_num_threads(os.cpu_count())
   device = 'cuda' if torch.cuda.is_available() else 'cpu'
   model, preprocess, path = make_model(args.arch, args.out)

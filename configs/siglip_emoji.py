@@ -82,9 +82,11 @@ def base_config(loss_params='siglip'):
                           logit_lr_mult=10.0)
   # tasks: the standard zero-shot / retrieval benchmarks at every evaluation, e.g.
   # 'zeroshot:imagefolder:/data/val,retrieval:jsonl:/data/coco.jsonl' (contrastive/eval_tasks/);
-  # templates: a file of prompt templates ('': CLIP's 80); data_dir: tfds datasets' folder.
+  # templates: a file of prompt templates ('': CLIP's 80); classnames: a file of class names;
+  # data_dir: tfds datasets' folder.
   config.eval = dict(every=0, split='test', batch_size=512, ks=(1, 5, 10), block_size=1024,
-                     random_init_baseline=True, tasks='', templates='', data_dir='')
+                     random_init_baseline=True, tasks='', templates='', classnames='',
+                     data_dir='')
   config.log_every = 20
   # (first, last): a jax.profiler trace of these steps in WORKDIR/profile (process 0); () = off.
   config.profile_steps = ()

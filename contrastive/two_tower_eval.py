@@ -68,8 +68,8 @@ def standard_tasks(eval_cfg):
   names = [t.strip() for t in str(eval_cfg.get('tasks', '') or '').split(',') if t.strip()]
   if not names:
     return [], []
-  return ([sources.parse(t, eval_cfg.get('data_dir', '')) for t in names],
-          runner.load_templates(eval_cfg.get('templates', '')))
+  return ([sources.parse(t, eval_cfg.get('data_dir', ''), eval_cfg.get('classnames', ''))
+           for t in names], runner.load_templates(eval_cfg.get('templates', '')))
 
 
 def _unit(x):

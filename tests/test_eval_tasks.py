@@ -176,3 +176,30 @@ def test_periodic_evaluation_runs_the_tasks(imported, tmp_path):
   config.eval.tasks = 'zeroshot:imagefolder:/no/such/folder'
   with pytest.raises(config_lib.ConfigError, match='config.eval.tasks: image folder'):
     train.train_and_evaluate(config, str(tmp_path / 'run2'))
+
+
+def test_webdataset_linear_probe_and_class_names(imported, tmp_path, capsys):
+  from tests import webdataset_shards as ws  # pylint: disable=g-import-not-at-top
+  root = imported
+  ws.clean_shards(str(tmp_path / 'shards'), num_shards=2, per_shard=6)  # labels red/green/blue
+  (tmp_path / 'colours.txt').write_text('red\ngreen\nblue\n')
+  for split in ('train', 'test'):
+    for name in ('a', 'b'):
+      os.makedirs(tmp_path / 'probe' / split / name)
+      for i in range(4):
+        value = 40 if name == 'a' else 200
+        Image.fromarray(np.full((20 + i, 24, 3), value + i, np.uint8)).save(
+            tmp_path / 'probe' / split / name / f'{i}.png')
+  out = tmp_path / 'r.jsonl'
+  runner.main(['--workdir', str(root / 'w'), '--tasks',
+               f'zeroshot:wds:{tmp_path}/shards/*.tar,linear:imagefolder:{tmp_path / "probe"}',
+               '--classnames', str(tmp_path / 'colours.txt'), '--out', str(out)])
+  wds, probe = [json.loads(line) for line in out.read_text().splitlines()]
+  assert wds['task'] == 'zeroshot_classification' and wds['skipped_images'] == 0
+  assert probe['task'] == 'linear_probe' and probe['metrics']['lp_acc1'] == 1.0  # separable
+  assert len(sources.parse(f'zeroshot:wds:{tmp_path}/shards/*.tar', '',
+                           str(tmp_path / 'colours.txt')).images) == 12
+  (tmp_path / 'two.txt').write_text('x\ny\n')
+  with pytest.raises(sources.EvalDataError, match='has 3 classes; .*names 2'):
+    sources.parse(f'zeroshot:imagefolder:{root / "folder"}', '', str(tmp_path / 'two.txt'))
+  capsys.readouterr()

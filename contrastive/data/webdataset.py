@@ -117,12 +117,16 @@ class Shards:
       self._records[shard] = shard_index.load(self.paths[shard], *self._options)[0]
     return self._records[shard]
 
+  def shard_keys(self, shard):
+    """The KEYs of a shard's samples, in order."""
+    if shard not in self._keys:
+      self._keys[shard] = shard_index.load(self.paths[shard], *self._options)[1]['keys']
+    return self._keys[shard]
+
   def key(self, index):
     """The sample's KEY (for messages)."""
     shard, local = self.locate(index)
-    if shard not in self._keys:
-      self._keys[shard] = shard_index.load(self.paths[shard], *self._options)[1]['keys']
-    return self._keys[shard][local]
+    return self.shard_keys(shard)[local]
 
   def read(self, shard, offset, size):
     if shard not in self._files:

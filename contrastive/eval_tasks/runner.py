@@ -1,15 +1,16 @@
 r"""`python -m contrastive.evaluate`: the standard zero-shot and retrieval tasks on a workdir.
 
   python -m contrastive.evaluate --workdir W --tasks zeroshot:imagefolder:DIR,retrieval:jsonl:F \
-      [--templates FILE] [--data_dir D] [--out results.jsonl] [--batch_size 256]
+      [--templates FILE] [--classnames FILE] [--data_dir D] [--out results.jsonl]
 
 W is any two-tower workdir (trained here or imported by `python -m contrastive.weights`); its
 images go through the workdir's recorded preprocessing (`inference.load`). Each task prints a
 progress line and one JSON line in CLIP_benchmark's result layout:
 
-  {"dataset": NAME, "model": W, "task": "zeroshot_classification" | "zeroshot_retrieval",
-   "metrics": {"acc1", "acc5", "mean_per_class_recall"} or {"image_retrieval_recall@k",
-   "text_retrieval_recall@k"}, "skipped_images": n, "language": "en"}
+  {"dataset": NAME, "model": W, "task": "zeroshot_classification" | "zeroshot_retrieval" |
+   "linear_probe", "metrics": {"acc1", "acc5", "mean_per_class_recall"} or
+   {"image_retrieval_recall@k", "text_retrieval_recall@k"} or {"lp_acc1",
+   "lp_mean_per_class_recall"}, "skipped_images": n, "language": "en"}
 
 then a summary table. Templates: --templates (one per line, '{}' for the class name), else
 CLIP's 80 ImageNet templates (contrastive/eval_tasks/data/imagenet_templates.txt). During
@@ -81,6 +82,28 @@ def retrieval_task(model, task, batch_size):
           batches.skipped)
 
 
+def _features(model, task, batch_size):
+  """(L2-normalised image embeddings [N, D], labels [N], images skipped) of a task's images."""
+  batches, embs, labels = sources.Batches(task, batch_size), [], []
+  for images, y in batches:
+    embs.append(model.encode_image(images))
+    labels.append(y)
+  return np.concatenate(embs), np.concatenate(labels), batches.skipped
+
+
+def linear(model, task, batch_size, steps=500):
+  """A linear probe (`evaluate.linear_probe`) on the train images' embeddings, scored on the
+  test images: accuracy and mean per-class recall."""
+  from contrastive import evaluate  # pylint: disable=g-import-not-at-top
+  x, y, skipped = _features(model, task, batch_size)
+  x_test, y_test, skipped_test = _features(model, task.test, batch_size)
+  pred, _ = evaluate.linear_probe(x, y, x_test, num_classes=len(task.class_names), steps=steps)
+  hit = np.asarray(pred) == y_test
+  recall = [hit[y_test == c].mean() for c in np.unique(y_test)]
+  return ({'lp_acc1': float(hit.mean()), 'lp_mean_per_class_recall': float(np.mean(recall))},
+          skipped + skipped_test)
+
+
 def run(model, tasks, *, templates, batch_size=256, model_name=''):
   """[result dict] of `tasks` (parsed `sources.Task`s) with `model` (encode_image on lists of
   uint8 images, encode_text, tokenize and encode_tokens: `inference.load`'s)."""
@@ -89,6 +112,9 @@ def run(model, tasks, *, templates, batch_size=256, model_name=''):
     if task.kind == 'zeroshot':
       values, skipped = zero_shot(model, task, templates, batch_size)
       kind = 'zeroshot_classification'
+    elif task.kind == 'linear':
+      values, skipped = linear(model, task, batch_size)
+      kind = 'linear_probe'
     else:
       values, skipped = retrieval_task(model, task, batch_size)
       kind = 'zeroshot_retrieval'
@@ -112,13 +138,15 @@ def main(argv=None):
   p.add_argument('--workdir', required=True)
   p.add_argument('--tasks', required=True, help='comma-separated task names')
   p.add_argument('--templates', default='')
+  p.add_argument('--classnames', default='', help='class names, one per line (zero-shot)')
   p.add_argument('--data_dir', default='')
   p.add_argument('--out', default='')
   p.add_argument('--batch_size', type=int, default=256)
   args = p.parse_args(argv)
   from contrastive import inference  # pylint: disable=g-import-not-at-top
   try:  # every data check before the model is loaded
-    tasks = [sources.parse(t.strip(), args.data_dir) for t in args.tasks.split(',') if t.strip()]
+    tasks = [sources.parse(t.strip(), args.data_dir, args.classnames)
+             for t in args.tasks.split(',') if t.strip()]
     templates = load_templates(args.templates)
     model = inference.load(args.workdir)
     if not hasattr(model, 'encode_text'):

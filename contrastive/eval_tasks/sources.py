@@ -8,6 +8,13 @@ Task names (`parse`):
                              imagenet_v2, cifar10, cifar100, food101, ...): the standard class
                              names in contrastive/eval_tasks/data/ where the repo has them, else
                              tfds's label names
+  zeroshot:wds:PATTERN       webdataset shards (contrastive/data/webdataset.py) whose KEY.json
+                             holds 'label' (a class index or name); class names: --classnames
+  linear:imagefolder:DIR     a linear probe on the frozen image embeddings: DIR/train/CLASS/*
+                             and DIR/test/CLASS/* (or DIR/val/CLASS/*)
+
+--classnames FILE (one per line) names the classes of any zero-shot task; a dataset with
+another number of classes is an error.
   retrieval:jsonl:FILE       {"image": path (relative to FILE's folder), "text": caption} lines;
                              an image's captions are its lines (several lines, several captions)
   retrieval:karpathy:FILE    COCO / Flickr30k Karpathy-split JSON ('images' with 'filepath',
@@ -32,7 +39,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 CLASS_FILES = {'imagenet2012': 'imagenet_classes.txt', 'imagenet_v2': 'imagenet_classes.txt',
                'cifar10': 'cifar10_classes.txt', 'cifar100': 'cifar100_classes.txt'}
 SPLITS = {'imagenet2012': 'validation'}  # else 'test'
-KINDS = ('zeroshot', 'retrieval')
+KINDS = ('zeroshot', 'retrieval', 'linear')
 
 
 class EvalDataError(ValueError):
@@ -55,19 +62,24 @@ class Task:
   class_names: list = dataclasses.field(default_factory=list)
   captions: list = dataclasses.field(default_factory=list)
   tfds_source: object = None
+  shards: object = None  # webdataset.Shards of a 'wds' task
+  test: object = None  # a linear probe's test Task
 
 
-def parse(spec, data_dir=''):
+def parse(spec, data_dir='', classnames=''):
   """The Task of a task name (module docstring); EvalDataError if its data is not usable."""
   kind, _, rest = spec.partition(':')
   if kind not in KINDS or not rest:
     raise EvalDataError(f'unknown task {spec!r}: use zeroshot:imagefolder:DIR, zeroshot:NAME, '
-                        'retrieval:jsonl:FILE or retrieval:karpathy:FILE.')
+                        'zeroshot:wds:PATTERN, retrieval:jsonl:FILE, retrieval:karpathy:FILE or '
+                        'linear:imagefolder:DIR.')
   source, _, path = rest.partition(':')
-  if kind == 'zeroshot' and source == 'imagefolder':
-    return _image_folder(path)
+  if kind == 'linear':
+    return _linear(spec, source, path)
   if kind == 'zeroshot':
-    return _tfds(rest, data_dir)
+    task = (_image_folder(path) if source == 'imagefolder' else
+            _shards(path, classnames) if source == 'wds' else _tfds(rest, data_dir))
+    return _named(task, classnames)
   if source == 'jsonl':
     return _jsonl_captions(path)
   if source == 'karpathy':
@@ -90,6 +102,56 @@ def _image_folder(root):
     images += [(os.path.join(root, name, f), label) for f in files]
   return Task('zeroshot', f'imagefolder:{os.path.basename(os.path.normpath(root))}', images,
               class_names=[c.replace('_', ' ') for c in classes])
+
+
+def _named(task, classnames):
+  """The task with --classnames' names, which must be as many as its classes."""
+  if not classnames:
+    return task
+  if not os.path.isfile(classnames):
+    raise EvalDataError(f'class names file {classnames!r} not found.')
+  names = read_lines(classnames)
+  if len(names) != len(task.class_names):
+    raise EvalDataError(f'{task.name} has {len(task.class_names)} classes; {classnames} names '
+                        f'{len(names)}.')
+  return dataclasses.replace(task, class_names=names)
+
+
+def _linear(spec, source, root):
+  splits = [s for s in ('test', 'val') if os.path.isdir(os.path.join(root, s))]
+  if source != 'imagefolder' or not os.path.isdir(os.path.join(root, 'train')) or not splits:
+    raise EvalDataError(f'{spec!r}: a linear probe reads linear:imagefolder:DIR with '
+                        'DIR/train/CLASS/* and DIR/test/CLASS/* (or val).')
+  train, test = _image_folder(os.path.join(root, 'train')), _image_folder(
+      os.path.join(root, splits[0]))
+  if train.class_names != test.class_names:
+    raise EvalDataError(f'{root}: train and {splits[0]} have other class folders.')
+  return dataclasses.replace(train, kind='linear', name=f'linear:{os.path.basename(root)}',
+                             test=test)
+
+
+def _shards(pattern, classnames):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from contrastive.data import shard_index  # pylint: disable=g-import-not-at-top
+  from contrastive.data import webdataset  # pylint: disable=g-import-not-at-top
+  if not classnames:
+    raise EvalDataError('zeroshot:wds:PATTERN needs --classnames FILE (config.eval.classnames).')
+  try:
+    cfg = webdataset.settings(ml_collections.ConfigDict(dict(name='webdataset')))
+    shards = webdataset.Shards(shard_index.expand(pattern), cfg)
+  except (FileNotFoundError, ValueError) as e:
+    raise EvalDataError(str(e)) from None
+  names = read_lines(classnames) if os.path.isfile(classnames) else []
+  index = {n: i for i, n in enumerate(names)}
+  items = []
+  for s, path in enumerate(shards.paths):
+    labels = webdataset._labels(path, 'label', index)  # pylint: disable=protected-access
+    items += [(int(shards.starts[s]) + i, labels[k]) for i, k in enumerate(shards.shard_keys(s))
+              if labels.get(k, -1) >= 0]
+  if not items:
+    raise EvalDataError(f'{pattern}: no sample has a \'label\' in its JSON naming a class.')
+  return Task('zeroshot', f'wds:{os.path.basename(pattern)}', items,
+              class_names=names or [''], shards=shards)
 
 
 def _tfds(name, data_dir):
@@ -162,6 +224,12 @@ class Batches:
     if self.task.tfds_source is not None:
       record = self.task.tfds_source[item[0]]
       return np.asarray(record['image'], np.uint8), int(record['label'])
+    if self.task.shards is not None:
+      image = self.task.shards.sample(item[0])[0]
+      if image is None:
+        raise ValueError('unusable sample')
+      with Image.open(io.BytesIO(image)) as decoded:
+        return np.asarray(decoded.convert('RGB'), np.uint8), item[1]
     path = item[0] if isinstance(item, tuple) else item
     with open(path, 'rb') as f:
       data = f.read()
