@@ -19,10 +19,10 @@ OUT/model.safetensors, and evaluates it with clip_benchmark's own functions, cal
 
 clip_benchmark 1.6.2's `accuracy` fails under NumPy >= 2.4 (`float()` of a 1-element 1-d
 array: LAION-AI/CLIP_benchmark issue #147); `patch_accuracy` swaps in the same top-k count
-taken with `.item()`. Batches of 64 (the CLI's default), shuffle off, no workers, float32 unless --amp (the CLI
-default is amp on: bfloat16 autocast on CPU, float16 on CUDA). Prints one JSON line per task
-in CLIP_benchmark's result layout (dataset, model, pretrained, task, metrics, language);
-progress bars go to stderr.
+taken with `.item()`. Batches of 64 (the CLI's default), shuffle off, no workers, float32
+unless --amp (the CLI's default is amp on: bfloat16 autocast on CPU, float16 on CUDA).
+Prints one JSON line per task in CLIP_benchmark's result layout (dataset, model, pretrained,
+task, metrics, language); progress bars go to stderr.
 """
 
 import argparse

@@ -187,7 +187,8 @@ class TwoTowerEvaluator:
     self.task_model.variables = {'params': state.params}
     results = runner.run(self.task_model, self.tasks, templates=self.templates,
                          batch_size=self.cfg.batch_size)
-    return {f'{r["dataset"]}/{k}': v for r in results for k, v in r['metrics'].items()}
+    return {f'{r["dataset"]}/{k}': v for r in results for k, v in r['metrics'].items()
+            if v is not None}
 
 
 class MixtureEvaluator:

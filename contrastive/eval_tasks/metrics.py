@@ -7,8 +7,9 @@ to each class. Over N images with labels y and top-k sets T_k(i):
     acc1 = 1/N sum_i [y_i = argmax_c s_ic]        acc5 = 1/N sum_i [y_i in T_5(i)]
     mean_per_class_recall = 1/|C'| sum_{c in C'} (1/N_c) sum_{i: y_i = c} [y_i = argmax s_i]
 
-C' the classes present among the labels (CLIP_benchmark: sklearn's balanced accuracy). Equal
-scores: the lower class index first. `ZeroShot` accumulates these over batches, so a dataset
+C' the classes present among the labels (CLIP_benchmark: sklearn's balanced accuracy); acc5 is
+None with fewer than 5 classes (CLIP_benchmark: NaN). Equal scores: the lower class index
+first. `ZeroShot` accumulates these over batches, so a dataset
 of any size streams through it.
 
 Retrieval, images with several captions each (CLIP_benchmark's `zeroshot_retrieval`):
@@ -49,7 +50,8 @@ class ZeroShot:
     present = self.per_class[1] > 0
     recall = self.per_class[0][present] / self.per_class[1][present]
     n = max(self.count, 1)
-    return {'acc1': self.correct1 / n, 'acc5': self.correct5 / n,
+    return {'acc1': self.correct1 / n,
+            'acc5': self.correct5 / n if len(self.class_emb) >= 5 else None,
             'mean_per_class_recall': float(recall.mean()) if present.any() else 0.0}
 
 

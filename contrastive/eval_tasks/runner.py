@@ -7,12 +7,13 @@ W is any two-tower workdir (trained here or imported by `python -m contrastive.w
 images go through the workdir's recorded preprocessing (`inference.load`). Each task prints a
 progress line and one JSON line in CLIP_benchmark's result layout:
 
-  {"dataset": NAME, "model": W, "task": "zeroshot_classification" | "zeroshot_retrieval" |
-   "linear_probe", "metrics": {"acc1", "acc5", "mean_per_class_recall"} or
+  {"dataset": NAME, "model": W's name, "pretrained": W, "task": "zeroshot_classification" |
+   "zeroshot_retrieval" |
+   "linear_probe", "metrics": {"acc1", "acc5" (null below 5 classes), "mean_per_class_recall"} or
    {"image_retrieval_recall@k", "text_retrieval_recall@k"} or {"lp_acc1",
    "lp_mean_per_class_recall"}, "skipped_images": n, "language": "en"}
 
-then a summary table. Templates: --templates (one per line, '{}' for the class name), else
+then a summary table. Templates: --templates (one per line, '{}' or CLIP_benchmark's '{c}' for the class name), else
 CLIP's 80 ImageNet templates (contrastive/eval_tasks/data/imagenet_templates.txt). During
 training the same tasks run with the periodic evaluation (`config.eval.tasks`,
 `config.eval.templates`).
@@ -39,7 +40,7 @@ def load_templates(path=''):
   path = path or DEFAULT_TEMPLATES
   if not os.path.isfile(path):
     raise sources.EvalDataError(f'templates file {path!r} not found.')
-  templates = sources.read_lines(path)
+  templates = [t.replace('{c}', '{}') for t in sources.read_lines(path)]  # CLIP_benchmark's too
   bad = [t for t in templates if t.count('{}') != 1]
   if not templates or bad:
     raise sources.EvalDataError(f'{path}: every line must hold one template with \'{{}}\' once'
@@ -118,7 +119,8 @@ def run(model, tasks, *, templates, batch_size=256, model_name=''):
     else:
       values, skipped = retrieval_task(model, task, batch_size)
       kind = 'zeroshot_retrieval'
-    results.append(dict(dataset=task.name, model=model_name, task=kind, metrics=values,
+    results.append(dict(dataset=task.name, model=os.path.basename(model_name.rstrip('/')),
+                        pretrained=model_name, task=kind, metrics=values,
                         skipped_images=skipped, language='en'))
   return results
 
@@ -127,7 +129,7 @@ def summary(results):
   """A table of the results: one row per task, its metrics in columns."""
   lines = []
   for r in results:
-    cells = ' | '.join(f'{k} {v:.4f}' for k, v in r['metrics'].items())
+    cells = ' | '.join(f'{k} {v:.4f}' for k, v in r['metrics'].items() if v is not None)
     lines.append(f'{r["dataset"]} ({r["task"]}): {cells}'
                  + (f' | skipped {r["skipped_images"]}' if r['skipped_images'] else ''))
   return '\n'.join(lines)
