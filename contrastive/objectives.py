@@ -158,8 +158,8 @@ def text_negatives(z, batch):
   - a mined negative (contrastive/negatives/corpus_index.py): its text's group id
     ('b_hard_id'), so it is kept from any row of its group;
   - an invalid entry (`<name>_valid` False: a text of < 2 distinct words, or no mined
-    negative yet; its tokens are the row's own text) takes its row's id, so the id mask keeps
-    it from its own row and group.
+    negative yet; its tokens are the row's own text, embedded but unused) takes the id
+    `blockwise.NO_NEGATIVE`, so it is a negative of no row at all.
   """
   ids = batch['id']
   extra = z[2] if len(z) > 2 else {}
@@ -170,7 +170,8 @@ def text_negatives(z, batch):
     b, n, d = extra[name].shape
     own = (batch[name + '_id'].reshape(-1) if name + '_id' in batch else
            -1 - (offset + jnp.arange(b * n, dtype=ids.dtype)))
-    neg_ids.append(jnp.where(batch[name + '_valid'].reshape(-1), own, jnp.repeat(ids, n)))
+    neg_ids.append(jnp.where(batch[name + '_valid'].reshape(-1), own,
+                             jnp.asarray(blockwise.NO_NEGATIVE, ids.dtype)))
     rows.append(extra[name].reshape(b * n, d))
     offset += b * n
   if not rows:

@@ -176,12 +176,13 @@ def test_a_refresh_mines_the_rows_of_the_batches_before_the_next_one():
 def siglip_with_mined_numpy(za, zb, zhard, valid, hard_ids, ids, t, bias):
   """-(1/B) sum_i sum_j log sigmoid(y_ij (s_ij / t + b)) over the columns zb_1..zb_B and the
   B K mined texts; y = +1 only for (i, i). Dropped: in-batch j != i with ids_j = ids_i; a
-  mined text of group g for every row of group g; an invalid one (row k's own text) for every
-  row of row k's group."""
+  mined text of group g for every row of group g; an invalid one (row k's own text, before a
+  refresh) for every row."""
   b, k, _ = zhard.shape
-  col_id = np.concatenate([ids, np.where(valid, hard_ids, ids[:, None]).reshape(-1)])
-  return reference.sigmoid_loss(za, zb, t, bias, extra=zhard.reshape(b * k, -1),
-                                mask=col_id[None, :] != ids[:, None])
+  col_id = np.concatenate([ids, hard_ids.reshape(-1)])
+  keep = col_id[None, :] != ids[:, None]
+  keep[:, b:] &= valid.reshape(1, -1)
+  return reference.sigmoid_loss(za, zb, t, bias, extra=zhard.reshape(b * k, -1), mask=keep)
 
 
 @pytest.mark.parametrize('block_size', [None, 4])

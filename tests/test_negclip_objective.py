@@ -17,12 +17,12 @@ from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse
 
 def siglip_with_negclip_numpy(za, zb, zneg, valid, ids, t, bias):
   """-(1/B) sum_i sum_j log sigmoid(y_ij (s_ij / t + b)) over the columns zb_1..zb_B and the
-  B P perturbations; y = +1 only for (i, i). Dropped: in-batch j != i with ids_j = ids_i, and a
-  perturbation of row k that is invalid for rows i with ids_i = ids_k (it is text b_k itself);
-  a valid perturbation is a negative of every row, its own included."""
+  B P perturbations; y = +1 only for (i, i). Dropped: in-batch j != i with ids_j = ids_i, and
+  every invalid perturbation (it is text b_k itself: a negative of no row); a valid
+  perturbation is a negative of every row, its own included."""
   b, p, _ = zneg.shape
   other_group = ids[None, :] != ids[:, None]  # [B, B]: ids_k != ids_i
-  keep_neg = valid.reshape(1, b * p) | np.repeat(other_group, p, axis=1)  # [B, B P]
+  keep_neg = np.broadcast_to(valid.reshape(1, b * p), (b, b * p))  # [B, B P]
   return reference.sigmoid_loss(za, zb, t, bias, extra=zneg.reshape(b * p, -1),
                                 mask=np.concatenate([other_group, keep_neg], axis=1))
 
@@ -48,6 +48,30 @@ def test_negclip_negatives_in_sigmoid_loss_match_numpy(block_size):
   bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0,
                         negative_mask=blockwise.distinct_ids, **wrong, **args)
   assert abs(float(bad) - want) > 0.1
+
+
+@pytest.mark.parametrize('block_size', [None, 2])
+@pytest.mark.parametrize('name', ['b_neg', 'b_hard'])
+def test_invalid_extra_negatives_are_no_negative_of_any_row(name, block_size):
+  """B = 4, K = 2 extra texts per row, all invalid (NegCLIP's one-word captions; ANCE before its
+  first refresh): the loss is the plain loss, as if there were no extras."""
+  rng = np.random.default_rng(1)
+  za, zb = rng.standard_normal((2, 4, 3))
+  ids = jnp.arange(4)
+  batch = {'id': ids, name + '_valid': jnp.zeros((4, 2), bool)}
+  if name == 'b_hard':
+    batch['b_hard_id'] = jnp.repeat(ids, 2).reshape(4, 2)
+  own_text = np.repeat(zb[:, None], 2, axis=1)  # an invalid entry's tokens: the row's text
+  z = (jnp.asarray(za), jnp.asarray(zb), {name: jnp.asarray(own_text)})
+  args = dict(temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_ids)
+  args.update({} if block_size is None else dict(block_size=block_size))
+  loss, _ = sigmoid_loss(za, zb, **objectives.text_negatives(z, batch), **args)
+  plain, _ = sigmoid_loss(za, zb, mask_ids=(ids, ids), **args)
+  np.testing.assert_allclose(loss, plain, rtol=1e-12)
+  # Counterexample: the row ids the invalid entries had made them negatives of the other rows.
+  old = dict(objectives.text_negatives(z, batch))
+  old['mask_ids'] = (ids, jnp.concatenate([ids, jnp.repeat(ids, 2)]))
+  assert float(sigmoid_loss(za, zb, **old, **args)[0]) - float(plain) > 0.1
 
 
 def test_without_negclip_only_the_ids():

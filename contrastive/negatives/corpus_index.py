@@ -210,8 +210,9 @@ class CorpusIndex:
     """This process's batch rows with their mined texts; 'row' is removed.
 
     batch: host arrays with 'row' [b] int32. Adds 'b_hard' [b, K, L] int32 tokens,
-    'b_hard_valid' [b, K] bool (False: no negative; the token row is the row's own text, which
-    the id mask keeps from its group) and 'b_hard_id' [b, K] int32 (each candidate's group).
+    'b_hard_valid' [b, K] bool (False: no negative yet; the token row is the row's own text,
+    which `objectives.text_negatives` makes a negative of no row) and 'b_hard_id' [b, K]
+    int32 (each candidate's group).
     """
     batch = dict(batch)
     row = np.asarray(batch.pop('row'))

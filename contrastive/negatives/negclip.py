@@ -108,7 +108,8 @@ def negative_captions(captions, num, seed, indices=None):
   whatever the other captions are. Perturbations of one caption may repeat
   (short captions have few orders). A caption with < 2 distinct words has no valid negative:
   its entries are the caption itself, marked False in the mask, so the whole grid can go
-  through `Tokenizer.encode` and the mask to the loss's `query_negative_mask`.
+  through `Tokenizer.encode`; an entry marked False is then a negative of no row
+  (`objectives.text_negatives`).
 
   Args:
     captions: N strings.
