@@ -242,6 +242,9 @@ def _full_config(**changes):
     ({'loss.name': 'clip_loss'}, r"does not go with config.model.loss_params='siglip'"),
     ({'dataset.image_size': 30}, r'image_size=30 is not a multiple of the ViT patch size 8'),
     ({'tokenizer.context': 1}, r'context=1 must be >= 2'),
+    ({'model.logit_scale_init': 0.0}, r'logit_scale_init=0.0 must be a finite number > 0'),
+    ({'model.logit_scale_init': -1.0}, r'logit_scale_init=-1.0 must be a finite number > 0'),
+    ({'model.logit_bias_init': float('nan')}, r'logit_bias_init=nan must be a finite number'),
     ({'model_init.workdir': '/nonexistent'}, r'has no checkpoints'),
 ])
 def test_bad_two_tower_configs_fail_before_compiling(changes, match):

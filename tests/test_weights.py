@@ -229,3 +229,17 @@ def test_scanned_big_vision_blocks_are_unstacked():
   np.testing.assert_array_equal(out['img/Transformer/encoderblock_2/LayerNorm_0/scale'], [4, 5])
   bf16 = np.array([0x3F80, 0xC000], np.uint16).view('V2')  # bfloat16 1.0 and -2.0 as voids
   np.testing.assert_array_equal(big_vision_format.normalize_state({'b': bf16})['b'], [1, -2])
+
+
+def test_encode_image_takes_floats_in_0_1_and_encode_text_a_string(tmp_path):
+  _import('vit_b_32', tmp_path / 'w')
+  model = inference.load(str(tmp_path / 'w'))
+  images = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 3)).astype(np.uint8)
+  np.testing.assert_array_equal(model.encode_image(images / 255.0), model.encode_image(images))
+  with pytest.raises(ValueError, match=r'float images must be in \[0, 1\]'):
+    model.encode_image(images.astype(np.float32))  # 0..255 floats: not silently clipped
+  with pytest.raises(ValueError, match='uint8 or float'):
+    model.encode_image(images.astype(np.int64))
+  np.testing.assert_array_equal(model.tokenize('a cat'), model.tokenize(['a cat']))
+  with pytest.raises(TypeError, match='texts must be strings'):
+    model.encode_text(['a cat', 3])

@@ -67,7 +67,11 @@ class LogitParams(nn.Module):
     if self.kind not in LOSS_PARAMS:
       raise ValueError(f'loss_params must be one of {LOSS_PARAMS}, got {self.kind!r}.')
     default = 1 / 0.07 if self.kind == 'clip' else 10.0
-    log_init = math.log(self.scale_init or default)
+    scale = default if self.scale_init is None else self.scale_init
+    if not scale > 0 or not math.isfinite(scale):
+      raise ValueError(f'logit_scale_init={self.scale_init} must be a finite number > 0 (the '
+                       'initial scale exp(t)); None gives the default.')
+    log_init = math.log(scale)
     log_scale = self.param('log_scale', nn.initializers.constant(log_init), ())
     if self.kind == 'clip':
       return {'temperature': jnp.exp(-jnp.minimum(log_scale, math.log(CLIP_MAX_SCALE)))}

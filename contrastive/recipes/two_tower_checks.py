@@ -1,6 +1,7 @@
 """The two-tower config checks that run before any data is read or anything compiled, each a
 `ConfigError` naming the field (`validate`)."""
 
+import math
 import os
 
 from contrastive import config_lib
@@ -59,6 +60,13 @@ def validate(config):
     model = two_tower_lib.build_two_tower(model_config(config))
   except (ValueError, TypeError) as e:
     raise ConfigError(f'config.model: {e}') from None
+  for field in ('logit_scale_init', 'logit_bias_init'):
+    value = config.model.get(field)
+    if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or
+                              (field == 'logit_scale_init' and value <= 0)):
+      raise ConfigError(f'config.model.{field}={value!r} must be a finite number'
+                        + (' > 0 (the initial scale exp(t))' if field == 'logit_scale_init'
+                           else '') + '; None gives the default.')
   loss = LOSS_OF_PARAMS[config.model.loss_params]
   if config.loss.name != loss:
     raise ConfigError(

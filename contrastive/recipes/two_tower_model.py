@@ -57,11 +57,13 @@ class TwoTowerModel:
     return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
 
   def encode_image(self, images, *, batch_size=256):
-    """uint8 images [N, H, W, 3] (any H, W; or a list of [H, W, 3] of different sizes) ->
-    L2-normalised float32 [N, D]."""
+    """Images [N, H, W, 3] (any H, W; or a list of [H, W, 3] of different sizes), uint8 or
+    float in [0, 1] (rounded to uint8) -> L2-normalised float32 [N, D]."""
     if self.image_size is None:
       raise ValueError('This model has no image tower (a text-text model): use encode_text / '
                        'encode_a.')
+    images = [as_uint8(x) for x in images] if isinstance(images, (list, tuple)) else \
+        as_uint8(images)
     preprocess = self.config.get('preprocess') or {}
     if preprocess.get('resize') == 'short_side_crop':
       images = np.stack([short_side_crop(x, self.image_size) for x in images])
@@ -80,8 +82,12 @@ class TwoTowerModel:
     return self._batched('encode_a', images.astype(np.uint8), batch_size)
 
   def tokenize(self, texts):
-    """list[str] -> [N, L] int32 ids, as in training."""
-    return self.tokenizer.encode(list(texts), self.config.tokenizer.context)[0]
+    """A string or a list of strings -> [N, L] int32 ids, as in training."""
+    texts = [texts] if isinstance(texts, (str, bytes)) else list(texts)
+    bad = [t for t in texts if not isinstance(t, (str, bytes))]
+    if bad:
+      raise TypeError(f'texts must be strings; got {type(bad[0]).__name__} {bad[0]!r:.40}.')
+    return self.tokenizer.encode(texts, self.config.tokenizer.context)[0]
 
   def encode_text(self, texts, *, batch_size=256):
     """list[str] -> L2-normalised float32 [N, D] (tower b)."""
@@ -94,6 +100,21 @@ class TwoTowerModel:
   def encode_a(self, texts, *, batch_size=256):
     """Tower a on texts (text-text models such as siglip_wordnet: the word tower)."""
     return self._batched('encode_a', self.tokenize(texts), batch_size)
+
+
+def as_uint8(images):
+  """uint8 images as they are; float images in [0, 1] as round(255 x); anything else a
+  ValueError in one line."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images
+  if np.issubdtype(images.dtype, np.floating):
+    if images.size and (np.nanmin(images) < 0 or np.nanmax(images) > 1 or
+                        np.isnan(images).any()):
+      raise ValueError(f'float images must be in [0, 1]; got values in [{np.nanmin(images)}, '
+                       f'{np.nanmax(images)}] (uint8 images: pass them as uint8).')
+    return np.round(images * 255).astype(np.uint8)
+  raise ValueError(f'images must be uint8 or float in [0, 1]; got {images.dtype}.')
 
 
 def short_side_crop(image, size):
