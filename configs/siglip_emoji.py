@@ -65,7 +65,7 @@ def base_config(loss_params='siglip'):
   config.negclip = dict(num_negatives=0)
   # ANCE / STAR corpus-mined negatives (contrastive/negatives/corpus_index.py): num_hard > 0
   # hardest texts b of each row, re-mined from the whole training split every refresh_every
-  # steps, from step 0 with from_start (sigmoid_loss; with lit.lock=text the index is fixed:
+  # steps, from step 0 with from_start (sigmoid_loss; with lit.locked_tower=text the index is fixed:
   # ADORE); same_part: a mixture's rows mine their own dataset's texts only (MM-Embed).
   # The interval is the recipe's: a refresh re-embeds the corpus (emoji: ~6 s, 3% of a run at
   # 100 steps; siglip_wordnet's 110k glosses take ~70 s through its transformer, so that
@@ -75,7 +75,7 @@ def base_config(loss_params='siglip'):
   # m^3-Mix (objectives.geodesic_mixup_loss): alpha > 0 adds slerp(za_j, zb_j, lam), lam ~
   # Beta(alpha, alpha), as negatives of both sides' rows (sigmoid_loss).
   config.geodesic_mixup = dict(alpha=0.0)
-  config.lit = dict(lock='')  # 'image' (or 'a') / 'text' (or 'b'): that tower is frozen
+  config.lit = dict(locked_tower='')  # 'image' (or 'a') / 'text' (or 'b'): that tower is frozen
   config.model_init = dict(workdir='', mapping='')  # e.g. 'tower_a:tower_a,proj_a:proj_a'
   config.optimizer = dict(name='adamw', lr=1e-3, scale_lr_by_batch=False, warmup_steps=50,
                           weight_decay=1e-4, momentum=0.9, grad_clip_norm=1.0,
@@ -110,7 +110,7 @@ def apply_variants(config, variants):
     config.model.image = dict(name='resnet', stage_sizes=(1, 1, 1), width=32, block='basic',
                               stem_strides=1)
   if 'lit' in variants:
-    config.lit.lock = 'a'
+    config.lit.locked_tower = 'a'
   if 'pod' in variants:
     if config.model.get('image') is not None:
       config.model.image = dict(name='vit', preset='B/16', pool='map')

@@ -243,7 +243,7 @@ def _config(**dataset):
     (dict(fractions=(0.3, 0.7)), r'must be a whole number'),
     (dict(parts=('emoji_cldr',), fractions=(1.0,)), r'needs >= 2 distinct datasets'),
     (dict(parts=('emoji_cldr', 'imagenet')), r"\['imagenet'\] are not pair datasets"),
-    ({'lit.lock': 'text'}, r'the text tower \(tower b\) also embeds the mixture'),
+    ({'lit.locked_tower': 'text'}, r'the text tower \(tower b\) also embeds the mixture'),
     ({'model.share': True}, r'cannot be shared with the image tower'),
 ])
 def test_bad_mixtures_fail_before_reading_data(changes, match):
@@ -278,7 +278,7 @@ def test_aot_batch_has_the_loaders_fields():
     part.negclip = 2
   source = mixture.MixturePairs(['emoji_cldr', 'wordnet_gloss'], parts, (4, 4, 3))
   config = ml_collections.ConfigDict(dict(
-      loss=dict(name='sigmoid_loss'), lit=dict(lock=''), negclip=dict(num_negatives=2), model={},
+      loss=dict(name='sigmoid_loss'), lit=dict(locked_tower=''), negclip=dict(num_negatives=2), model={},
       hard_negatives=dict(corpus_index.DEFAULTS, num_hard=2, refresh_every=1)))
   index = corpus_index.CorpusIndex(source, parallel.make_mesh([('data', -1)]),
                                    two_tower_checks.hard_negatives(config))

@@ -5,6 +5,8 @@ Device-count comparisons run in float64 (tests/float64.py): every parameter, the
 and the bias after 3 AdamW steps agree to rtol 1e-9.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,7 +34,7 @@ RUNS = tuple((i * B // 4, (i + 1) * B // 4, i % 2 == 1) for i in range(4))  # mi
 
 def _config(loss_params='siglip', lock=''):
   return ml_collections.ConfigDict(dict(
-      batch_size=B, lit=dict(lock=lock), tokenizer=dict(vocab_size=VOCAB, context=L),
+      batch_size=B, lit=dict(locked_tower=lock), tokenizer=dict(vocab_size=VOCAB, context=L),
       model=dict(image=dict(name='vit', patch=4, width=16, depth=1, heads=2, mlp_dim=32,
                             pool='gap'),
                  text=dict(name='text', width=16, depth=1, heads=2, mlp_dim=32, pool='eos'),
@@ -238,7 +240,7 @@ def _full_config(**changes):
 
 @pytest.mark.parametrize('changes, match', [
     ({'model.image.name': 'vitt'}, r"unknown tower name 'vitt'"),
-    ({'lit.lock': 'both'}, r"config.lit.lock='both'.*locking both towers"),
+    ({'lit.locked_tower': 'both'}, r"config.lit.locked_tower='both'.*locking both towers"),
     ({'loss.name': 'clip_loss'}, r"does not go with config.model.loss_params='siglip'"),
     ({'dataset.image_size': 30}, r'image_size=30 is not a multiple of the ViT patch size 8'),
     ({'tokenizer.context': 1}, r'context=1 must be >= 2'),
@@ -266,3 +268,22 @@ def test_model_init_copies_groups_and_checks_shapes(one_device, tmp_path):
   assert not np.array_equal(params['proj_a']['kernel'], trained.params['proj_a']['kernel'])
   with pytest.raises(ConfigError, match='shapes of the checkpoint'):  # a ViT into the text tower
     two_tower_init.init_from_checkpoint(initial.params, {}, str(tmp_path), 'tower_a:tower_b')
+
+
+def test_lit_tower_is_set_from_the_command_line():
+  """`--config.lit.locked_tower=image` parses as contrastive.main parses its flags (the old
+  field name `lock` is a ConfigDict method, which config_flags cannot override) and locks
+  tower a."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  program = (
+      'from absl import app, flags\n'
+      'from ml_collections import config_flags\n'
+      'from contrastive.recipes import two_tower_checks, two_tower_init\n'
+      "config_flags.DEFINE_config_file('config', None, 'c', lock_config=True)\n"
+      'app.run(lambda _: print(two_tower_init.LOCKS[two_tower_checks.lit_lock(flags.FLAGS.config)]))\n')
+  out = subprocess.run([sys.executable, '-c', program, '--config=configs/siglip_emoji.py:runlocal',
+                        '--config.lit.locked_tower=image'], capture_output=True, text=True,
+                       cwd=os.path.join(os.path.dirname(__file__), '..'), timeout=120)
+  assert out.returncode == 0, out.stderr[-1000:]
+  assert out.stdout.strip() == "('tower_a', 'proj_a')"

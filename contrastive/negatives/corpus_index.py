@@ -32,7 +32,7 @@ A mixture of datasets (contrastive/data/mixture.py): with `same_part` (default) 
 candidates are its own dataset's texts only (an emoji's names, a word's glosses: MM-Embed's
 modality-aware hard negatives, Lin et al. 2024); False mines from every part's texts.
 
-ADORE (Zhan et al. 2021): lock the document tower (`--config.lit.lock=text`, or `b`) and
+ADORE (Zhan et al. 2021): lock the document tower (`--config.lit.locked_tower=text`, or `b`) and
 the candidate embeddings are computed once; each refresh re-embeds only the queries, so the
 query tower is trained against hard negatives of a fixed index. (ADORE re-retrieves at every
 step; here it is every R steps.)

@@ -19,7 +19,7 @@ from contrastive.recipes.two_tower_init import LOCKS
 from contrastive.recipes.two_tower_model import model_config
 
 LOSS_OF_PARAMS = {'clip': 'clip_loss', 'siglip': 'sigmoid_loss'}
-MIXED_TOWERS = ('config.model.share / config.lit.lock: the text tower (tower b) also embeds '
+MIXED_TOWERS = ('config.model.share / config.lit.locked_tower: the text tower (tower b) also embeds '
                 'the mixture\'s text queries, so it cannot be shared with the image tower or '
                 'locked.')
 
@@ -43,8 +43,11 @@ def num_negclip(config):
 
 
 def lit_lock(config):
-  """config.lit.lock: '' (none) or the tower LiT locks, a key of LOCKS."""
-  return config.get('lit', {}).get('lock', '')
+  """config.lit.locked_tower: '' (none) or the tower LiT locks, a key of LOCKS (`lock`, its
+  name in configs and workdirs before: `--config.lit.lock` is a ConfigDict method, which
+  the flag parser cannot set)."""
+  lit = config.get('lit') or {}
+  return lit.get('locked_tower', lit.get('lock', ''))
 
 
 def check_mixed_towers(config):
@@ -74,10 +77,10 @@ def validate(config):
         f'{config.model.loss_params!r} (its learned parameters); use {loss!r}.')
   lock = lit_lock(config)
   if lock not in LOCKS:
-    raise ConfigError(f'config.lit.lock={lock!r}: choose one tower, one of {tuple(LOCKS)}'
+    raise ConfigError(f'config.lit.locked_tower={lock!r}: choose one tower, one of {tuple(LOCKS)}'
                       ' (locking both towers would leave nothing to train).')
   if 'tower_b' in LOCKS[lock] and model.tower_b is None:
-    raise ConfigError('config.lit.lock: the towers are shared (model.share); lock none.')
+    raise ConfigError('config.lit.locked_tower: the towers are shared (model.share); lock none.')
   if config.tokenizer.context < 2 or config.tokenizer.vocab_size < 300:
     raise ConfigError(
         f'config.tokenizer: context={config.tokenizer.context} must be >= 2 and vocab_size='

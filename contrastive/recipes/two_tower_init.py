@@ -14,7 +14,7 @@ from contrastive import checkpoint
 from contrastive import optim
 from contrastive.config_lib import ConfigError
 
-# config.lit.lock -> the parameter groups it freezes.
+# config.lit.locked_tower -> the parameter groups it freezes.
 LOCKS = {'': (), 'a': ('tower_a', 'proj_a'), 'b': ('tower_b', 'proj_b'),
          'image': ('tower_a', 'proj_a'), 'text': ('tower_b', 'proj_b')}
 
