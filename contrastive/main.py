@@ -83,4 +83,6 @@ def run(config, workdir_path):
 
 
 if __name__ == '__main__':
+  if set(sys.argv[1:]) & {'--help', '-h', '-?', '--helpshort'}:  # absl's help flags exit 1
+    app.usage(shorthelp=True, exitcode=0)
   app.run(main)

@@ -202,3 +202,10 @@ def test_sigkill_then_rerun_is_bitwise_identical(siglip_run, data_dir, tmp_path,
   ref_losses = {r['step']: r['loss'] for r in _rows(ref_workdir) if 'loss' in r}
   losses = {r['step']: r['loss'] for r in _rows(workdir) if 'loss' in r}
   assert losses == ref_losses
+
+
+def test_help_exits_0():
+  out = subprocess.run([sys.executable, '-m', 'contrastive.main', '--help'], capture_output=True,
+                       text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)) or '.')
+  assert out.returncode == 0, out.stderr[-500:]
+  assert '--workdir' in out.stdout + out.stderr and 'Traceback' not in out.stderr
