@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 
+from contrastive import probe
 from contrastive import retrieval
 from contrastive.eval_tasks import metrics
 from contrastive.eval_tasks import sources
@@ -93,12 +94,11 @@ def _features(model, task, batch_size):
 
 
 def linear(model, task, batch_size, steps=500):
-  """A linear probe (`evaluate.linear_probe`) on the train images' embeddings, scored on the
+  """A linear probe (`probe.linear_probe`) on the train images' embeddings, scored on the
   test images: accuracy and mean per-class recall."""
-  from contrastive import evaluate  # pylint: disable=g-import-not-at-top
   x, y, skipped = _features(model, task, batch_size)
   x_test, y_test, skipped_test = _features(model, task.test, batch_size)
-  pred, _ = evaluate.linear_probe(x, y, x_test, num_classes=len(task.class_names), steps=steps)
+  pred, _ = probe.linear_probe(x, y, x_test, num_classes=len(task.class_names), steps=steps)
   hit = np.asarray(pred) == y_test
   recall = [hit[y_test == c].mean() for c in np.unique(y_test)]
   return ({'lp_acc1': float(hit.mean()), 'lp_mean_per_class_recall': float(np.mean(recall))},
