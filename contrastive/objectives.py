@@ -159,7 +159,8 @@ def text_negatives(z, batch):
     ('b_hard_id'), so it is kept from any row of its group;
   - an invalid entry (`<name>_valid` False: a text of < 2 distinct words, or no mined
     negative yet; its tokens are the row's own text, embedded but unused) takes the id
-    `blockwise.NO_NEGATIVE`, so it is a negative of no row at all.
+    `blockwise.NO_NEGATIVE`, so it is a negative of no row at all (under the loss's
+    `blockwise.distinct_valid_ids`).
   """
   ids = batch['id']
   extra = z[2] if len(z) > 2 else {}
@@ -283,8 +284,11 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
                                            negative_mask=blockwise.distinct_ids,
                                            **blockwise_args)
     else:
-      value, metrics = loss_fn(*z[:2], **logit, **text_negatives(z, batch),
-                               negative_mask=blockwise.distinct_ids, **blockwise_args)
+      negatives = text_negatives(z, batch)
+      keep = (blockwise.distinct_valid_ids if 'extra_negatives' in negatives else
+              blockwise.distinct_ids)  # (without extras: the plain rule, the same program)
+      value, metrics = loss_fn(*z[:2], **logit, **negatives, negative_mask=keep,
+                               **blockwise_args)
     metrics = dict(metrics, temperature=logit['temperature'],
                    truncated_texts=jnp.sum(batch['truncated']))
     if 'bias' in logit:

@@ -198,14 +198,14 @@ def test_mined_negatives_in_sigmoid_loss_match_numpy(block_size):
            'b_hard_id': jnp.asarray(hard_ids)}
   z = (jnp.asarray(za), jnp.asarray(zb), {'b_hard': jnp.asarray(zhard)})
   args = {} if block_size is None else dict(block_size=block_size)
-  loss, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_ids,
+  loss, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_valid_ids,
                          **objectives.text_negatives(z, batch), **args)
   want = siglip_with_mined_numpy(za, zb, zhard, valid, hard_ids, ids, 0.5, -1.0)
   np.testing.assert_allclose(loss, want, rtol=1e-12)
   # Counterexample: without their group ids the mined texts of a row's group stay negatives.
   wrong = dict(batch)
   del wrong['b_hard_id']
-  bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_ids,
+  bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_valid_ids,
                         **objectives.text_negatives(z, wrong), **args)
   assert abs(float(bad) - want) > 0.1
 

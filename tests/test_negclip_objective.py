@@ -38,7 +38,7 @@ def test_negclip_negatives_in_sigmoid_loss_match_numpy(block_size):
   batch = {'id': jnp.asarray(ids), 'b_neg_valid': jnp.asarray(valid)}
   z = (jnp.asarray(za), jnp.asarray(zb), {'b_neg': jnp.asarray(zneg)})
   args = {} if block_size is None else dict(block_size=block_size)
-  loss, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_ids,
+  loss, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_valid_ids,
                          **objectives.text_negatives(z, batch), **args)
   want = siglip_with_negclip_numpy(za, zb, zneg, valid, ids, 0.5, -1.0)
   np.testing.assert_allclose(loss, want, rtol=1e-12)
@@ -46,7 +46,7 @@ def test_negclip_negatives_in_sigmoid_loss_match_numpy(block_size):
   wrong = dict(objectives.text_negatives(z, batch))
   wrong['mask_ids'] = (batch['id'], jnp.concatenate([batch['id'], jnp.repeat(batch['id'], p)]))
   bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0,
-                        negative_mask=blockwise.distinct_ids, **wrong, **args)
+                        negative_mask=blockwise.distinct_valid_ids, **wrong, **args)
   assert abs(float(bad) - want) > 0.1
 
 
@@ -63,7 +63,7 @@ def test_invalid_extra_negatives_are_no_negative_of_any_row(name, block_size):
     batch['b_hard_id'] = jnp.repeat(ids, 2).reshape(4, 2)
   own_text = np.repeat(zb[:, None], 2, axis=1)  # an invalid entry's tokens: the row's text
   z = (jnp.asarray(za), jnp.asarray(zb), {name: jnp.asarray(own_text)})
-  args = dict(temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_ids)
+  args = dict(temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_valid_ids)
   args.update({} if block_size is None else dict(block_size=block_size))
   loss, _ = sigmoid_loss(za, zb, **objectives.text_negatives(z, batch), **args)
   plain, _ = sigmoid_loss(za, zb, mask_ids=(ids, ids), **args)
@@ -89,7 +89,7 @@ def test_gradients_reach_the_perturbations():
 
   def loss(zneg):
     z = (jnp.asarray(za), jnp.asarray(zb), {'b_neg': zneg})
-    return sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_ids,
+    return sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_valid_ids,
                         **objectives.text_negatives(z, batch))[0]
   g = jax.grad(loss)(jnp.asarray(zneg))
   assert np.all(np.abs(np.asarray(g)).max(axis=-1) > 1e-4)

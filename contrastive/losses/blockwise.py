@@ -69,14 +69,19 @@ NO_NEGATIVE = np.iinfo(np.int32).min  # a column id that is no row's negative
 
 
 def distinct_ids(row_ids, col_ids, sim):
-  """keep(row_ids, col_ids, sim): a pair is a negative only if its ids differ, and a column
-  whose id is NO_NEGATIVE (an extra negative marked invalid) is no row's negative.
+  """keep(row_ids, col_ids, sim): a pair is a negative only if its ids differ.
 
   With class labels as `mask_ids`, candidates of the query's class are not negatives
   (supervised false-negative elimination).
   """
   del sim
-  return (row_ids[:, None] != col_ids[None, :]) & (col_ids[None, :] != NO_NEGATIVE)
+  return row_ids[:, None] != col_ids[None, :]
+
+
+def distinct_valid_ids(row_ids, col_ids, sim):
+  """`distinct_ids`, and a column whose id is NO_NEGATIVE (an extra negative marked invalid)
+  is no row's negative."""
+  return distinct_ids(row_ids, col_ids, sim) & (col_ids[None, :] != NO_NEGATIVE)
 
 
 def check_args(block_size, mesh, collective, negative_mask):
