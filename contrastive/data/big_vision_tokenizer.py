@@ -11,16 +11,16 @@ position and pools the last (models/text.py `pool='last'`, `pad_mask=False`), so
 id is part of the model's input.
 """
 
-import os
-
 import numpy as np
 import sentencepiece as spm
 
+from contrastive.data import tokenizer as tokenizer_lib
 from contrastive.data.tokenizer import _as_str  # pylint: disable=protected-access
 
 
-class BigVisionTokenizer:
-  """A SentencePiece model with big_vision's sticky-EOS layout (see the module docstring)."""
+class BigVisionTokenizer(tokenizer_lib.Tokenizer):
+  """A SentencePiece model with big_vision's sticky-EOS layout (see the module docstring);
+  `save` and `vocab_size` as the SentencePiece tokenizer's, whose fixed ids it does not need."""
 
   def __init__(self, model_proto, *, pad_id, lower=True):
     self.model_proto, self.pad_id, self.lower = bytes(model_proto), int(pad_id), bool(lower)
@@ -40,33 +40,17 @@ class BigVisionTokenizer:
     with open(path, 'rb') as f:
       return cls(f.read(), pad_id=pad_id, lower=lower)
 
-  def save(self, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'wb') as f:
-      f.write(self.model_proto)
-
-  @property
-  def vocab_size(self):
-    return self._sp.get_piece_size()
-
   def pieces(self, text):
     text = _as_str(text)
     return self._sp.encode(text.lower() if self.lower else text, out_type=str)
 
   def encode(self, texts, length, *, per_row=False):
     """(ids [N, L] int32, number of texts cut (with per_row: [N] flags)), as the module doc."""
-    if length < 2:
-      raise ValueError(f'length must be >= 2 (room for a piece and EOS), got {length}.')
     texts = [_as_str(t) for t in texts]
     pieces = self._sp.encode([t.lower() if self.lower else t for t in texts], out_type=int,
                              num_threads=1)
-    ids = np.full((len(pieces), length), self.pad_id, np.int32)
-    truncated = np.zeros(len(pieces), np.int32)
-    for n, (row, p) in enumerate(zip(ids, pieces)):
-      truncated[n] = len(p) > length - 1
-      p = p[:length - 1]
-      row[:len(p)], row[len(p)] = p, self.eos_id
-    return ids, (truncated if per_row else int(truncated.sum()))
+    return tokenizer_lib.fixed_length(pieces, length, eos_id=self.eos_id, pad_id=self.pad_id,
+                                      per_row=per_row)
 
   def decode(self, ids):
     """ids [N, L] (or [L]) -> N strings (or one): the pieces before the first EOS."""

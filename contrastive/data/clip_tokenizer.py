@@ -30,6 +30,8 @@ import ftfy
 import numpy as np
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
+from contrastive.data import tokenizer as tokenizer_lib
+
 PAD_ID, SOT_ID, EOT_ID, VOCAB_SIZE, NUM_MERGES = 0, 49406, 49407, 49408, 48894
 SPECIALS = ('<start_of_text>', '<end_of_text>')
 DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'assets',
@@ -128,16 +130,8 @@ class ClipTokenizer:
       (ids [N, L] int32, num_truncated): the number of texts that lost pieces (with per_row:
       [N] int32, 1 for each text that lost pieces).
     """
-    if length < 2:
-      raise ValueError(f'length must be >= 2 (room for SOT and EOT), got {length}.')
-    pieces = self._ids(texts)
-    ids = np.full((len(pieces), length), PAD_ID, np.int32)
-    truncated = np.zeros(len(pieces), np.int32)
-    for n, (row, p) in enumerate(zip(ids, pieces)):
-      truncated[n] = len(p) > length - 2
-      p = p[:length - 2]
-      row[0], row[1:len(p) + 1], row[len(p) + 1] = SOT_ID, p, EOT_ID
-    return ids, (truncated if per_row else int(truncated.sum()))
+    return tokenizer_lib.fixed_length(self._ids(texts), length, eos_id=EOT_ID, pad_id=PAD_ID,
+                                      sot_id=SOT_ID, per_row=per_row)
 
   def decode(self, ids):
     """ids [N, L] (or [L]) -> N strings (or one): the pieces between SOT and the first EOT.

@@ -26,6 +26,27 @@ def _as_str(text):
   return text.decode('utf-8') if isinstance(text, (bytes, np.bytes_)) else str(text)
 
 
+def fixed_length(pieces, length, *, eos_id, pad_id, sot_id=None, per_row=False):
+  """N lists of piece ids -> (ids [N, L] int32, texts cut): each row [SOT,] pieces, EOS, then
+  pad_id to L; a text with more pieces than fit keeps its first ones and ends in EOS. The
+  count of texts cut is an int, or with per_row [N] int32 flags. Every tokenizer's layout
+  (this SentencePiece one, clip_tokenizer's, big_vision_tokenizer's)."""
+  if length < 2:
+    needs = 'a piece and EOS' if sot_id is None else 'SOT and EOT'
+    raise ValueError(f'length must be >= 2 (room for {needs}), got {length}.')
+  first = 0 if sot_id is None else 1
+  room = length - first - 1  # pieces that fit
+  ids = np.full((len(pieces), length), pad_id, np.int32)
+  truncated = np.zeros(len(pieces), np.int32)
+  for n, (row, p) in enumerate(zip(ids, pieces)):
+    truncated[n] = len(p) > room
+    p = p[:room]
+    if sot_id is not None:
+      row[0] = sot_id
+    row[first:first + len(p)], row[first + len(p)] = p, eos_id
+  return ids, (truncated if per_row else int(truncated.sum()))
+
+
 def train(texts, vocab_size, *, model_type='unigram', seed=0, normalization='identity',
           character_coverage=1.0, **trainer_options):
   """Trains a tokenizer on `texts` (str or UTF-8 bytes; e.g. a dataset's training texts only).
@@ -112,18 +133,9 @@ class Tokenizer:
       (ids [N, L] int32, num_truncated): the number of texts that lost pieces (with per_row:
       [N] int32, 1 for each text that lost pieces).
     """
-    if length < 2:
-      raise ValueError(f'length must be >= 2 (room for a piece and EOS), got {length}.')
     # One thread: no pool started per call (~3 ms), and the caller's process is one core.
     pieces = self._sp.encode([_as_str(t) for t in texts], out_type=int, num_threads=1)
-    ids = np.full((len(pieces), length), PAD_ID, np.int32)
-    truncated = np.zeros(len(pieces), np.int32)
-    for n, (row, p) in enumerate(zip(ids, pieces)):
-      truncated[n] = len(p) > length - 1
-      p = p[:length - 1]
-      row[:len(p)] = p
-      row[len(p)] = EOS_ID
-    return ids, (truncated if per_row else int(truncated.sum()))
+    return fixed_length(pieces, length, eos_id=EOS_ID, pad_id=PAD_ID, per_row=per_row)
 
   def decode(self, ids):
     """ids [N, L] (or [L]) -> N strings (or one): pieces up to the first EOS, PAD_ID dropped."""
