@@ -147,23 +147,31 @@ EXTRA_TEXTS = ('b_neg', 'b_hard')  # NegCLIP's perturbations, corpus-mined hard 
 
 
 def text_negatives(z, batch):
-  """The loss's extra negatives and mask ids from z = (za, zb, extra): {'b_neg': [B, P, D],
-  'b_hard': [B, K, D]} (either, both or none). All B P (+ B K) rows are extra text negatives of
-  every row of the batch (`extra_negatives`; as NegCLIP adds its perturbations to the batch and
-  STAR / DPR share mined negatives across it). Their mask ids:
+  """The loss's extra negatives, mask ids and mask from z = (za, zb, extra): {'b_neg':
+  [B, P, D], 'b_hard': [B, K, D]} (either, both or none). All B P (+ B K) rows are extra text
+  negatives of every row of the batch (`extra_negatives`; as NegCLIP adds its perturbations to
+  the batch and STAR / DPR share mined negatives across it). Their mask ids:
 
   - a NegCLIP perturbation (Yuksekgonul et al. 2023): -1 - its position, equal to no row's
     group id (>= 0), so it is a negative of its own row (its point: the same words in another
     order);
   - a mined negative (contrastive/negatives/corpus_index.py): its text's group id
-    ('b_hard_id'), so it is kept from any row of its group;
+    ('b_hard_id'), so it is kept from any row of its group; with 'b_group_texts' (every
+    row's group's texts, which `CorpusIndex.attach` adds) the ids are (group, text) pairs
+    and `blockwise.distinct_group_texts` keeps every text of a row's group from being its
+    negative, in the batch or mined, also when the text belongs to several groups;
   - an invalid entry (`<name>_valid` False: a text of < 2 distinct words, or no mined
     negative yet; its tokens are the row's own text, embedded but unused) takes the id
-    `blockwise.NO_NEGATIVE`, so it is a negative of no row at all (under the loss's
-    `blockwise.distinct_valid_ids`).
+    `blockwise.NO_NEGATIVE`, so it is a negative of no row at all.
+
+  Returns:
+    {'mask_ids': ([B], [B + M]) or ([B, 1 + E], [B + M, 2]), 'negative_mask': the keep
+    function for them, and 'extra_negatives': [M, D] when there are extra texts}.
   """
   ids = batch['id']
   extra = z[2] if len(z) > 2 else {}
+  shared = 'b_group_texts' in batch  # (group, text) ids: texts shared by groups
+  col = lambda group, text: jnp.stack([group, text], axis=1) if shared else group
   rows, neg_ids, offset = [], [], 0
   for name in EXTRA_TEXTS:  # at most two kinds: not a loop over rows or devices
     if name not in extra:
@@ -171,14 +179,25 @@ def text_negatives(z, batch):
     b, n, d = extra[name].shape
     own = (batch[name + '_id'].reshape(-1) if name + '_id' in batch else
            -1 - (offset + jnp.arange(b * n, dtype=ids.dtype)))
-    neg_ids.append(jnp.where(batch[name + '_valid'].reshape(-1), own,
-                             jnp.asarray(blockwise.NO_NEGATIVE, ids.dtype)))
+    group = jnp.where(batch[name + '_valid'].reshape(-1), own,
+                      jnp.asarray(blockwise.NO_NEGATIVE, ids.dtype))
+    text = (batch[name + '_text'].reshape(-1) if name + '_text' in batch else
+            jnp.full(b * n, -2, ids.dtype))  # a perturbation: a text of no corpus
+    neg_ids.append(col(group, text))
     rows.append(extra[name].reshape(b * n, d))
     offset += b * n
-  if not rows:
-    return dict(mask_ids=(ids, ids))
-  return dict(extra_negatives=jnp.concatenate(rows),
-              mask_ids=(ids, jnp.concatenate([ids] + neg_ids)))
+  if shared:
+    row_ids = jnp.concatenate([ids[:, None], batch['b_group_texts']], axis=1)
+    out = dict(mask_ids=(row_ids, jnp.concatenate([col(ids, batch['b_text'])] + neg_ids)),
+               negative_mask=blockwise.distinct_group_texts)
+  elif rows:
+    out = dict(mask_ids=(ids, jnp.concatenate([ids] + neg_ids)),
+               negative_mask=blockwise.distinct_valid_ids)
+  else:  # without extras: the plain rule, the same program as a run without the option
+    out = dict(mask_ids=(ids, ids), negative_mask=blockwise.distinct_ids)
+  if rows:
+    out['extra_negatives'] = jnp.concatenate(rows)
+  return out
 
 
 def geodesic_mixup_loss(loss_fn, za, zb, ids, lam, **kwargs):
@@ -221,7 +240,8 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
   'truncated': [B] int (texts cut at the context length, summed into the metrics)}, and with
   NegCLIP (config.negclip) 'b_neg': [B, P, L] int32 perturbed texts, 'b_neg_valid': [B, P]
   bool, and with corpus-mined negatives (config.hard_negatives) 'b_hard': [B, K, L],
-  'b_hard_valid': [B, K], 'b_hard_id': [B, K]: extra negatives of the loss (`text_negatives`).
+  'b_hard_valid': [B, K], 'b_hard_id': [B, K], 'b_hard_text': [B, K], 'b_text': [B],
+  'b_group_texts': [B, E]: extra negatives of the loss and their masks (`text_negatives`).
   A mixture of image and text queries (contrastive/data/mixture.py) adds 'a_text': [B, L]
   int32 and 'a_is_text': [B] bool: za_i = tower b's embedding of a_text_i where a_is_text_i,
   else tower a's of image a_i (with `query_runs` each tower embeds only its rows).
@@ -284,11 +304,7 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
                                            negative_mask=blockwise.distinct_ids,
                                            **blockwise_args)
     else:
-      negatives = text_negatives(z, batch)
-      keep = (blockwise.distinct_valid_ids if 'extra_negatives' in negatives else
-              blockwise.distinct_ids)  # (without extras: the plain rule, the same program)
-      value, metrics = loss_fn(*z[:2], **logit, **negatives, negative_mask=keep,
-                               **blockwise_args)
+      value, metrics = loss_fn(*z[:2], **logit, **text_negatives(z, batch), **blockwise_args)
     metrics = dict(metrics, temperature=logit['temperature'],
                    truncated_texts=jnp.sum(batch['truncated']))
     if 'bias' in logit:

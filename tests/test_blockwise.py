@@ -211,7 +211,8 @@ def test_bad_blockwise_arguments_raise():
     losses.sigmoid_loss(x, x, temperature=0.1, bias=0.0, block_size=0)
   with pytest.raises(ValueError, match="collective must be one of"):
     losses.clip_loss(x, x, temperature=0.1, block_size=2, collective='tree')
-  with pytest.raises(ValueError, match=r'mask_ids must be \(\[B\], \[B \+ M\]\)'):
+  with pytest.raises(ValueError, match=r'mask_ids must be \(\[B, \.\.\.\], \[B \+ M, \.\.\.\]\) '
+                     r'with B = 6, B \+ M = 6'):
     losses.info_nce(x, x, temperature=0.1, negative_mask=blockwise.distinct_ids,
                     mask_ids=(jnp.zeros(6, int), jnp.zeros(5, int)), block_size=2)
   with pytest.raises(ValueError, match='beta must be a Python float >= 0'):

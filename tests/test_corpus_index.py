@@ -6,6 +6,7 @@ tests/test_two_tower_main.py (slow)."""
 
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import ml_collections
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from contrastive import objectives
 from contrastive import parallel
 from contrastive import step as step_lib
+from contrastive.data import pair_batches
 from contrastive.losses import blockwise
 from contrastive.losses import sigmoid_loss
 from contrastive.negatives import corpus_index
@@ -72,20 +74,23 @@ def embed_fn(text_emb):
   return embed
 
 
-def brute_force(rows, text_of_row, text_emb, k):
+def brute_force(rows, text_of_row, text_emb, k, first_group_only=False):
   """Each row's k highest-cosine texts (sorted by text name, as np.unique does: 't0', 't1',
-  't10', 't11', 't2', ...) that are not its own text and not a text of its group."""
+  't10', 't11', 't2', ...) that are not a text of its group (its own text included). With
+  `first_group_only` (the counterexample) a text counts only for the group of its first row."""
   names = sorted(set(rows.texts))
   emb = text_emb[[int(n[1:]) for n in names]]
   emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-  group_texts = {}
+  groups_of_text = {}
   for t, g in zip(rows.texts, rows.ids):
-    group_texts.setdefault(names.index(t), g)  # the group of a text's first row
+    groups = groups_of_text.setdefault(names.index(t), [])
+    if not (first_group_only and groups):
+      groups.append(g)
   out = []
   for i in range(len(rows)):
     q = rows.a[i] / np.linalg.norm(rows.a[i])
     keep = [j for j in range(len(names)) if names[j] != rows.texts[i]
-            and group_texts[j] != rows.ids[i]]
+            and rows.ids[i] not in groups_of_text[j]]
     scores = emb[keep] @ q
     order = np.argsort(-scores, kind='stable')[:k]
     out.append([keep[o] for o in order] + [-1] * (k - len(order)))
@@ -124,6 +129,29 @@ def test_mined_table_equals_a_brute_force_and_the_batch_carries_its_texts():
   for r in range(len(rows)):  # never the row's own text or a text of its group
     assert index.text_of_row[r] not in want[r]
     assert rows.ids[r] not in index.candidate_ids[want[r]]
+  # A text of two groups: text 4 is in groups 4 and 7. Mined deep enough (9 of 12 texts),
+  # group 7's rows would get it if a text counted only for its first row's group.
+  deep = corpus_index.CorpusIndex(rows, mesh, hard(num_hard=9, refresh_every=3, block_size=5))
+  assert deep.width == 2  # group 7: texts 7 and 4
+  raw = [{'image_id': g, 'text': t.encode()} for g, t in zip(rows.ids, rows.texts)]
+  raw_source = type('Raw', (), dict(__len__=lambda self: len(raw),
+                                    __getitems__=lambda self, i: [raw[j] for j in i]))()
+  spec = pair_batches.SPECS['emoji_cldr']  # the AOT batch's width, from the records alone
+  assert corpus_index.group_width([raw_source], [spec]) == 2
+  deep.sync(state.replace(mined=jax.device_put(deep.empty(), parallel.replicated(mesh))))
+  deep.refresh(embed_fn(text_emb), state.replace(mined=jnp.asarray(deep.empty())), 0)
+  want9, _ = brute_force(rows, text_of_row, text_emb, 9)
+  np.testing.assert_array_equal(deep.table, want9)
+  old, _ = brute_force(rows, text_of_row, text_emb, 9, first_group_only=True)
+  shared, group7 = names.index('t4'), np.flatnonzero(rows.ids == 7)  # rows 8, 16 and 21
+  assert [r for r in group7 if shared in old[r]] == [8, 16]
+  assert not any(shared in deep.table[r] for r in group7)
+  shared_rows = deep.attach({'row': np.array([8, 21, 5]), 'id': rows.ids[[8, 21, 5]]})
+  np.testing.assert_array_equal(shared_rows['b_group_texts'],
+                                [sorted([names.index('t4'), names.index('t7')])] * 2
+                                + [[names.index('t4'), -1]])
+  np.testing.assert_array_equal(shared_rows['b_text'], [names.index(n) for n in
+                                                        ('t7', 't4', 't4')])
   # Counterexample: ranking by similarity alone puts the own text first for most rows.
   za = embed_fn(text_emb)(None, 'a', rows.a)
   top1 = np.argmax(za @ embed_fn(text_emb)(None, 'b', index.tokens).T, axis=1)
@@ -198,15 +226,66 @@ def test_mined_negatives_in_sigmoid_loss_match_numpy(block_size):
            'b_hard_id': jnp.asarray(hard_ids)}
   z = (jnp.asarray(za), jnp.asarray(zb), {'b_hard': jnp.asarray(zhard)})
   args = {} if block_size is None else dict(block_size=block_size)
-  loss, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_valid_ids,
+  loss, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0,
                          **objectives.text_negatives(z, batch), **args)
   want = siglip_with_mined_numpy(za, zb, zhard, valid, hard_ids, ids, 0.5, -1.0)
   np.testing.assert_allclose(loss, want, rtol=1e-12)
   # Counterexample: without their group ids the mined texts of a row's group stay negatives.
   wrong = dict(batch)
   del wrong['b_hard_id']
-  bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_valid_ids,
+  bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0,
                         **objectives.text_negatives(z, wrong), **args)
+  assert abs(float(bad) - want) > 0.1
+
+
+def siglip_shared_texts_numpy(za, zb, zhard, valid, text, hard_text, group_texts, ids, t, bias):
+  """The same loss when texts belong to several groups: column j (an in-batch text b_j or a
+  mined one, of text index text_j) is a negative of row i only if it is not i's positive, its
+  text is none of the texts of i's group, its (first) group differs and it is valid."""
+  b, k, _ = zhard.shape
+  col_text = np.concatenate([text, hard_text.reshape(-1)])
+  keep = np.array([[col_text[j] not in group_texts[i] for j in range(b + b * k)]
+                   for i in range(b)])
+  keep[:, :b] &= ids[None, :] != ids[:, None]
+  keep[:, b:] &= valid.reshape(1, -1)
+  return reference.sigmoid_loss(za, zb, t, bias, extra=zhard.reshape(b * k, -1), mask=keep)
+
+
+@pytest.mark.parametrize('block_size, devices', [(None, 1), (4, 1), (2, 2), (1, 8)])
+def test_texts_of_several_groups_are_no_negative_of_any_of_them(block_size, devices):
+  # 8 rows, 4 groups; text 3 ("face") belongs to groups 0 and 2, text 5 to groups 1 and 3.
+  rng = np.random.default_rng(4)
+  b, k, d = 8, 2, 5
+  za, zb = rng.standard_normal((2, b, d))
+  zhard = rng.standard_normal((b, k, d))
+  ids = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+  text = np.array([0, 3, 4, 5, 3, 6, 5, 7])
+  group_texts = np.array([[0, 3], [4, 5], [3, 6], [5, 7]])[ids]
+  hard_text = np.array([[4, 3], [6, 7], [3, 0], [7, 1], [5, 1], [2, 0], [3, 4], [0, 6]])
+  first_group = {0: 0, 3: 0, 4: 1, 5: 1, 6: 2, 7: 3, 1: 4, 2: 5}  # 1, 2: texts of no row
+  hard_ids = np.vectorize(first_group.get)(hard_text)
+  valid = np.ones((b, k), bool)
+  valid[6, 1] = False
+  batch = {'id': ids, 'b_hard_valid': valid, 'b_hard_id': hard_ids, 'b_hard_text': hard_text,
+           'b_text': text, 'b_group_texts': group_texts}
+  batch = {key: jnp.asarray(v) for key, v in batch.items()}
+  z = (jnp.asarray(za), jnp.asarray(zb), {'b_hard': jnp.asarray(zhard)})
+  args = {} if block_size is None else dict(block_size=block_size)
+  if devices > 1:
+    args['mesh'] = parallel.make_mesh([('data', -1)], devices=jax.devices()[:devices])
+  negatives = objectives.text_negatives(z, batch)
+  assert negatives['negative_mask'] is blockwise.distinct_group_texts
+  loss_fn = lambda za, zb, extra: sigmoid_loss(
+      za, zb, temperature=0.5, bias=-1.0, **dict(negatives, extra_negatives=extra), **args)[0]
+  want = siglip_shared_texts_numpy(za, zb, zhard, valid, text, hard_text, group_texts, ids,
+                                   0.5, -1.0)
+  extra = negatives['extra_negatives']
+  np.testing.assert_allclose(loss_fn(z[0], z[1], extra), want, rtol=1e-12)
+  check_grads(loss_fn, (z[0], z[1], extra), order=1, modes=['rev'])
+  # Counterexample: one group id per text keeps "face" a negative of group 2's rows.
+  first_only = {key: v for key, v in batch.items() if key not in ('b_group_texts', 'b_text')}
+  bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0,
+                        **objectives.text_negatives(z, first_only), **args)
   assert abs(float(bad) - want) > 0.1
 
 

@@ -33,7 +33,7 @@ def np_mine(queries, candidates, num_hard, positive, query_ids=None, candidate_i
   n, m = scores.shape
   idx, top = np.full((n, num_hard), -1), np.full((n, num_hard), -np.inf)
   for i in range(n):
-    keep = np.arange(m) != positive[i]
+    keep = ~np.isin(np.arange(m), np.atleast_1d(positive[i]))  # one positive or a set
     if query_ids is not None:
       keep &= candidate_ids != query_ids[i]
     if query_modality is not None:
@@ -105,6 +105,25 @@ def test_ties_keep_lower_index_and_exclusions_never_returned():
                                     candidate_ids=np.array([0, 0, 0, 7, 0, 0]), block_size=4)
   np.testing.assert_array_equal(idx, [[0, 5, 4, 2], [0, 1, 3, 5]])  # row 0: not 1 (positive), 3
   np.testing.assert_array_equal(scores, [[1., 1., .6, 0.], [1., 1., 1., 1.]])
+
+
+def test_several_positives_per_query_are_all_excluded():
+  # A text of several groups: each query excludes every candidate of its group's set [N, E]
+  # (-1 padding), not only its own positive.
+  rng = np.random.default_rng(5)
+  q, c, _, query_ids, candidate_ids = tied_problem(rng)
+  positives = rng.integers(-1, len(c), size=(len(q), 4))
+  positives[0] = [3, 20, -1, -1]
+  for block_size in (7, 64):
+    got = mine_hard_negatives(q, c, num_hard=9, positive=positives, query_ids=query_ids,
+                              candidate_ids=candidate_ids, block_size=block_size)
+    assert_matches(got, np_mine(q, c, 9, positives, query_ids, candidate_ids))
+    for row, excluded in zip(np.asarray(got[0]), positives):
+      assert not set(row) & set(excluded) - {-1}
+  # Counterexample: the first column alone leaves the others of the set among the negatives.
+  first = mine_hard_negatives(q, c, num_hard=9, positive=positives[:, 0], query_ids=query_ids,
+                              candidate_ids=candidate_ids, block_size=7)[0]
+  assert sum(bool(set(r) & set(e[1:]) - {-1}) for r, e in zip(np.asarray(first), positives)) > 4
 
 
 def test_fewer_kept_candidates_than_num_hard_pads_with_minus_one():
@@ -211,8 +230,11 @@ def test_rejects_bad_arguments_with_one_line_errors():
       (dict(num_hard=6), r'num_hard must be an int in \[1, M - 1 = 5\]'),
       (dict(num_hard=2.0), 'num_hard must be an int'),
       (dict(block_size=0), 'block_size must be an int >= 1'),
-      (dict(positive=np.zeros(3, np.int32)), r'positive must be int \[N\] = \(4,\)'),
-      (dict(positive=np.zeros(4)), r'positive must be int \[N\] = \(4,\); got float64'),
+      (dict(positive=np.zeros(3, np.int32)),
+       r'positive must be int \[N\] or \[N, E\] with N = 4; got int32 \(3,\)'),
+      (dict(positive=np.zeros(4)),
+       r'positive must be int \[N\] or \[N, E\] with N = 4; got float64'),
+      (dict(positive=np.zeros((4, 2, 1), np.int32)), r'got int32 \(4, 2, 1\)'),
       (dict(positive=np.array([0, 1, 6, -1])), r'positive must be in \[-1, M = 6\)'),
       (dict(query_ids=ids), 'query_ids and candidate_ids must be given together'),
       (dict(query_ids=ids[:3], candidate_ids=cids), r'query_ids must be int \[N\] = \(4,\)'),

@@ -285,7 +285,8 @@ def test_aot_batch_has_the_loaders_fields():
   index.table = index.empty()
   batch = index.attach(pipeline._stack(source.__getitems__([0, 7, 3])))  # pylint: disable=protected-access
   inputs = (np.zeros((2, 4, 4, 3), np.uint8), np.zeros((2, 4), np.int32))
-  fields = two_tower.batch_fields(two_tower.settings(config), inputs, [p.spec for p in parts])
+  fields = two_tower.batch_fields(two_tower.settings(config), inputs, [p.spec for p in parts],
+                                  index.width)
   assert set(fields) == set(batch)
   for name, (shape, dtype) in fields.items():
     assert batch[name].shape[1:] == tuple(shape) and batch[name].dtype == dtype, name

@@ -38,15 +38,15 @@ def test_negclip_negatives_in_sigmoid_loss_match_numpy(block_size):
   batch = {'id': jnp.asarray(ids), 'b_neg_valid': jnp.asarray(valid)}
   z = (jnp.asarray(za), jnp.asarray(zb), {'b_neg': jnp.asarray(zneg)})
   args = {} if block_size is None else dict(block_size=block_size)
-  loss, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_valid_ids,
-                         **objectives.text_negatives(z, batch), **args)
+  negatives = objectives.text_negatives(z, batch)
+  assert negatives['negative_mask'] is blockwise.distinct_valid_ids
+  loss, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, **negatives, **args)
   want = siglip_with_negclip_numpy(za, zb, zneg, valid, ids, 0.5, -1.0)
   np.testing.assert_allclose(loss, want, rtol=1e-12)
   # Counterexample: giving the perturbations their rows' ids would drop each from its own row.
   wrong = dict(objectives.text_negatives(z, batch))
   wrong['mask_ids'] = (batch['id'], jnp.concatenate([batch['id'], jnp.repeat(batch['id'], p)]))
-  bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0,
-                        negative_mask=blockwise.distinct_valid_ids, **wrong, **args)
+  bad, _ = sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, **wrong, **args)
   assert abs(float(bad) - want) > 0.1
 
 
@@ -63,10 +63,11 @@ def test_invalid_extra_negatives_are_no_negative_of_any_row(name, block_size):
     batch['b_hard_id'] = jnp.repeat(ids, 2).reshape(4, 2)
   own_text = np.repeat(zb[:, None], 2, axis=1)  # an invalid entry's tokens: the row's text
   z = (jnp.asarray(za), jnp.asarray(zb), {name: jnp.asarray(own_text)})
-  args = dict(temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_valid_ids)
+  args = dict(temperature=0.5, bias=-1.0)
   args.update({} if block_size is None else dict(block_size=block_size))
   loss, _ = sigmoid_loss(za, zb, **objectives.text_negatives(z, batch), **args)
-  plain, _ = sigmoid_loss(za, zb, mask_ids=(ids, ids), **args)
+  plain, _ = sigmoid_loss(za, zb, mask_ids=(ids, ids), negative_mask=blockwise.distinct_ids,
+                          **args)
   np.testing.assert_allclose(loss, plain, rtol=1e-12)
   # Counterexample: the row ids the invalid entries had made them negatives of the other rows.
   old = dict(objectives.text_negatives(z, batch))
@@ -77,7 +78,8 @@ def test_invalid_extra_negatives_are_no_negative_of_any_row(name, block_size):
 def test_without_negclip_only_the_ids():
   batch = {'id': jnp.arange(3)}
   out = objectives.text_negatives((jnp.zeros((3, 2)), jnp.zeros((3, 2))), batch)
-  assert set(out) == {'mask_ids'}
+  assert set(out) == {'mask_ids', 'negative_mask'}
+  assert out['negative_mask'] is blockwise.distinct_ids
 
 
 @pytest.mark.slow  # make test-all; CI keeps the suite under 10 min
@@ -89,7 +91,7 @@ def test_gradients_reach_the_perturbations():
 
   def loss(zneg):
     z = (jnp.asarray(za), jnp.asarray(zb), {'b_neg': zneg})
-    return sigmoid_loss(za, zb, temperature=0.5, bias=-1.0, negative_mask=blockwise.distinct_valid_ids,
+    return sigmoid_loss(za, zb, temperature=0.5, bias=-1.0,
                         **objectives.text_negatives(z, batch))[0]
   g = jax.grad(loss)(jnp.asarray(zneg))
   assert np.all(np.abs(np.asarray(g)).max(axis=-1) > 1e-4)

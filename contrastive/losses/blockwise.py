@@ -21,7 +21,9 @@ Masks live in the tiles: `negative_mask` is a function keep(row_ids [b], col_ids
 sim [b, c]) -> bool [b, c] (False: the candidate is not a negative of the row; the positive is
 always kept), called on each tile with the ids of its rows and columns: the global positions
 (rows 0..B-1, keys 0..B-1, extra negatives B..B+M-1) unless `mask_ids` gives others, e.g. class
-labels with `distinct_ids` to drop same-label false negatives.
+labels with `distinct_ids` to drop same-label false negatives. Ids may carry trailing axes
+(row_ids [B, ...], col_ids [B + M, ...]): they are sliced, padded and passed around the ring
+along their leading axis only, e.g. `distinct_group_texts`'s (group id, texts) rows.
 
 Precision: q, k and extra come in the compute dtype (`common.normalize`). bfloat16 tiles are
 multiplied in bfloat16 with float32 accumulation, and the ring passes bfloat16 key chunks (half
@@ -84,6 +86,19 @@ def distinct_valid_ids(row_ids, col_ids, sim):
   return distinct_ids(row_ids, col_ids, sim) & (col_ids[None, :] != NO_NEGATIVE)
 
 
+def distinct_group_texts(row_ids, col_ids, sim):
+  """keep(row_ids [b, 1 + E], col_ids [c, 2], sim) for texts shared by several groups.
+
+  A row is (its group id g_i, the E texts of its group, -1 padded); a column is (its group id
+  g_j or NO_NEGATIVE, its text t_j, -2 for a text of no corpus). Column j is a negative of row
+  i only if g_j != g_i, g_j != NO_NEGATIVE and t_j is none of the row's group's texts: a text
+  shared by several groups (an emoji name such as "face", "light skin tone") is no negative of
+  any of them, which one group id per text cannot say.
+  """
+  own_text = jnp.any(row_ids[:, None, 1:] == col_ids[None, :, 1:2], axis=-1)  # [b, c]
+  return distinct_valid_ids(row_ids[:, 0], col_ids[:, 0], sim) & ~own_text
+
+
 def check_args(block_size, mesh, collective, negative_mask):
   """Raises ValueError for arguments the blockwise path cannot take."""
   if block_size is None:
@@ -122,9 +137,9 @@ def _ids(mask_ids, b, n):
   if mask_ids is None:
     return jnp.arange(b, dtype=jnp.int32), jnp.arange(n, dtype=jnp.int32)
   row_ids, col_ids = mask_ids
-  if np.shape(row_ids) != (b,) or np.shape(col_ids) != (n,):
-    raise ValueError(f'mask_ids must be ([B], [B + M]) = ({(b,)}, {(n,)}); got '
-                     f'({np.shape(row_ids)}, {np.shape(col_ids)}).')
+  if np.shape(row_ids)[:1] != (b,) or np.shape(col_ids)[:1] != (n,):
+    raise ValueError(f'mask_ids must be ([B, ...], [B + M, ...]) with B = {b}, B + M = {n}; '
+                     f'got ({np.shape(row_ids)}, {np.shape(col_ids)}).')
   return jnp.asarray(row_ids), jnp.asarray(col_ids)
 
 

@@ -17,16 +17,19 @@ and every candidate with the current towers (sharded and jitted, `TwoTowerEvalua
 and mines each training row i's K hardest candidates (`corpus_mining.mine_hard_negatives`,
 an exact tiled top-k: never an N x M matrix):
 
-  hard(i) = top-K_j  s(za_i, zb_j)  over  j != text_of(i)  and  id_j != id_i
+  hard(i) = top-K_j  s(za_i, zb_j)  over  j not in texts(group(i))
 
 (the positive text and every text of the row's group — same emoji, same synset — are left
-out; identical texts are one candidate). The [N, K] table is a field of the train state
+out; identical texts are one candidate, and a text of several groups, such as the emoji
+names "face" or "light skin tone", is left out for each of them). The [N, K] table is a field of the train state
 (`TrainState.mined`), so it is saved with each checkpoint and a resumed run reads the same
 negatives: resume stays exact. Each batch row then carries its K mined texts as tokens
 ('b_hard' [B, K, L], 'b_hard_valid', 'b_hard_id'); the objective embeds them with tower b and
 adds all B K of them to SigLIP's global loss as extra negatives of every row, beside the
 random in-batch ones (STAR's mix; DPR shares mined negatives across the batch the same way),
-each masked from the rows of its own group (`objectives.text_negatives`).
+each masked from the rows of every group that has its text (`objectives.text_negatives`:
+each row carries its group's texts, each column its text, `blockwise.distinct_group_texts`;
+the same rule then also keeps an in-batch text of the row's group from being its negative).
 
 A mixture of datasets (contrastive/data/mixture.py): with `same_part` (default) a row's
 candidates are its own dataset's texts only (an emoji's names, a word's glosses: MM-Embed's
@@ -134,6 +137,8 @@ class CorpusIndex:
     self.tokens = source.tokenizer.encode(list(texts), source.context)[0]  # [M, L]
     self.candidate_ids = np.empty(len(texts), np.int32)  # the group of a text's first row
     self.candidate_ids[self.text_of_row[::-1]] = self.row_ids[::-1]
+    self.group_of_row, self.group_texts = group_texts(self.task, self.row_ids,
+                                                      self.text_of_row)
     self.fixed_b = fixed_b  # ADORE
     self._zb = None
     self.table = None
@@ -186,8 +191,10 @@ class CorpusIndex:
     modality = {} if self.candidate_task is None else dict(  # each row's own part's texts
         query_modality=padded(self.task[rows]), candidate_modality=self.candidate_task)
     queries = np.concatenate([za, np.zeros((pad, za.shape[1]), za.dtype)])
+    excluded = self.group_texts[self.group_of_row[rows]]  # [n, E]: every text of the group
+    excluded = np.concatenate([excluded, np.full((pad, excluded.shape[1]), -1, np.int32)])
     table, _ = corpus_mining.mine_hard_negatives(
-        queries, self._zb, num_hard=self.k, positive=padded(self.text_of_row[rows]),
+        queries, self._zb, num_hard=self.k, positive=excluded,
         query_ids=padded(self.row_ids[rows]), candidate_ids=self.candidate_ids,
         block_size=self.block, mesh=self.mesh, **modality)
     return np.asarray(jax.device_get(table))[:n]
@@ -211,8 +218,10 @@ class CorpusIndex:
 
     batch: host arrays with 'row' [b] int32. Adds 'b_hard' [b, K, L] int32 tokens,
     'b_hard_valid' [b, K] bool (False: no negative yet; the token row is the row's own text,
-    which `objectives.text_negatives` makes a negative of no row) and 'b_hard_id' [b, K]
-    int32 (each candidate's group).
+    which `objectives.text_negatives` makes a negative of no row), 'b_hard_id' [b, K] int32
+    (each candidate's first group) and 'b_hard_text' [b, K] int32 (its text index); and for
+    the mask of texts shared by groups, 'b_text' [b] int32 (the row's own text index) and
+    'b_group_texts' [b, E] int32 (its group's texts, -1 padded; E = `width`).
     """
     batch = dict(batch)
     row = np.asarray(batch.pop('row'))
@@ -222,4 +231,46 @@ class CorpusIndex:
     batch['b_hard'] = self.tokens[text]
     batch['b_hard_valid'] = valid
     batch['b_hard_id'] = np.where(valid, self.candidate_ids[text], self.row_ids[row][:, None])
+    batch['b_hard_text'] = text.astype(np.int32)
+    batch['b_text'] = self.text_of_row[row].astype(np.int32)
+    batch['b_group_texts'] = self.group_texts[self.group_of_row[row]]
     return batch
+
+  @property
+  def width(self):
+    """E: the most distinct texts b of one group (the width of 'b_group_texts')."""
+    return self.group_texts.shape[1]
+
+
+def group_texts(part, group, text):
+  """Each row's group and every group's distinct texts.
+
+  Args:
+    part, group, text: [N] ints per row: its dataset part, group id and text index.
+
+  Returns:
+    (group_of_row [N] int64 into the groups, texts [G, E] int32: group g's distinct text
+    indices in increasing order, -1 padded; E the most of any group).
+  """
+  keys = np.stack([np.asarray(part, np.int64), np.asarray(group, np.int64)], axis=1)
+  _, group_of_row = np.unique(keys, axis=0, return_inverse=True)
+  group_of_row = group_of_row.reshape(-1)
+  pairs = np.unique(np.stack([group_of_row, np.asarray(text, np.int64)], axis=1), axis=0)
+  starts = np.searchsorted(pairs[:, 0], np.arange(group_of_row.max() + 1))
+  slot = np.arange(len(pairs)) - starts[pairs[:, 0]]  # each text's place in its group
+  out = np.full((len(starts), slot.max() + 1), -1, np.int32)
+  out[pairs[:, 0], slot] = pairs[:, 1]
+  return group_of_row, out
+
+
+def group_width(sources, specs):
+  """E of a training set without building its index (the AOT compile's batch): the most
+  distinct texts b of one group. sources: raw pair sources (records); specs: their PairSpecs."""
+  part, group, text = [], [], []
+  for k, (source, spec) in enumerate(zip(sources, specs)):
+    records = source.__getitems__(range(len(source)))
+    part += [k] * len(records)
+    group += [int(r[spec.group]) for r in records]
+    text += [(k, r[spec.b]) for r in records]
+  _, text_index = np.unique(np.array([f'{k}:{t!r}' for k, t in text]), return_inverse=True)
+  return group_texts(np.array(part), np.array(group), text_index.reshape(-1))[1].shape[1]

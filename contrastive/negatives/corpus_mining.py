@@ -4,11 +4,13 @@ are neither its positive nor a false negative, by exact tiled top-k.
 For query i with embedding q_i and candidates c_j (both L2-normalised, so s_ij = q_i . c_j is
 the cosine similarity), the kept candidates are
 
-  K(i) = {j : j != positive_i  and  candidate_ids_j != query_ids_i}
+  K(i) = {j : j not in positive_i  and  candidate_ids_j != query_ids_i}
 
 and the hard negatives are the num_hard j in K(i) of highest s_ij, in decreasing order. Equal
 ids mark false negatives: the same synset, the same emoji, an identical text under another
-index. This is the selection ANCE refreshes from an asynchronously rebuilt ANN index and STAR /
+index. positive_i is one candidate, or several (every text of the query's group, when one text
+belongs to several groups: then no single group id per candidate can exclude it from all of
+them). This is the selection ANCE refreshes from an asynchronously rebuilt ANN index and STAR /
 ADORE take from the whole corpus (here exact rather than approximate).
 
 No N x M matrix is built: `retrieval.blockwise_topk` streams blocks of `block_size` candidates
@@ -71,7 +73,11 @@ def _check(queries, candidates, num_hard, positive, query_ids, candidate_ids, bl
                      f'{np.shape(candidates)}); got {num_hard!r}.')
   if not _is_int(block_size) or block_size < 1:
     raise ValueError(f'block_size must be an int >= 1; got {block_size!r}.')
-  _check_int_vector('positive', positive, n, 'N')
+  pos_shape = np.shape(positive)
+  pos_dtype = positive.dtype if hasattr(positive, 'dtype') else np.asarray(positive).dtype
+  if pos_shape[:1] != (n,) or len(pos_shape) > 2 or not np.issubdtype(pos_dtype, np.integer):
+    raise ValueError(f'positive must be int [N] or [N, E] with N = {n}; got {pos_dtype} '
+                     f'{pos_shape}.')
   if (query_ids is None) != (candidate_ids is None):
     raise ValueError('query_ids and candidate_ids must be given together (or both None); got '
                      f'query_ids: {np.shape(query_ids) if query_ids is not None else None}, '
@@ -104,7 +110,8 @@ def _mine_rows(q, candidates, positive, query_ids, candidate_ids, query_modality
   m = candidates.shape[0]
 
   def drop(col):  # (block,) global candidate indices -> (n, block), True: excluded
-    out = col[None, :] == positive[:, None]  # the positive's column (-1: none)
+    # the positives' columns (-1: none): [n, block, E] reduced over E
+    out = jnp.any(col[None, :, None] == positive.reshape(positive.shape[0], 1, -1), axis=-1)
     safe = jnp.minimum(col, m - 1)  # padding (col >= M) is -inf already
     if query_ids is not None:
       out |= candidate_ids[safe][None, :] == query_ids[:, None]  # false negatives: equal ids
@@ -146,7 +153,8 @@ def mine_hard_negatives(queries, candidates, *, num_hard, positive, query_ids=No
     queries: [N, D] L2-normalised query embeddings (float32 or float64).
     candidates: [M, D] L2-normalised corpus embeddings (cosine = dot product).
     num_hard: negatives per query, 1 <= num_hard <= M - 1.
-    positive: [N] int, the index into candidates of each query's positive, -1 for none.
+    positive: [N] int, the index into candidates of each query's positive, -1 for none; or
+      [N, E] int: each query's E excluded candidates (-1 padding), e.g. every text of its group.
     query_ids: optional [N] int; with candidate_ids [M] int, every candidate whose id equals
       the query's is excluded (a false negative). Both or neither.
     query_modality, candidate_modality: optional [N] and [M] ints (both or neither): only the

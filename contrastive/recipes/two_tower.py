@@ -260,10 +260,11 @@ def tables(s, source, mesh, plan, steps):
   return out
 
 
-def batch_fields(s, inputs, specs):
+def batch_fields(s, inputs, specs, group_width=1):
   """{field: (per-row shape, dtype)} of the step's batch (pair_batches, objectives.two_tower):
   side a, b, ids, and the extra texts of the config (NegCLIP's P, the K mined; a mixture's
-  part index and text queries). specs: the datasets' PairSpecs."""
+  part index and text queries). specs: the datasets' PairSpecs; group_width: the most texts
+  of one group (`corpus_index.CorpusIndex.width`, with mined negatives)."""
   length = inputs[1].shape[1]
   fields = {'a': (inputs[0].shape[1:], inputs[0].dtype), 'b': ((length,), np.int32),
             'id': ((), np.int32), 'truncated': ((), np.int32)}
@@ -271,7 +272,9 @@ def batch_fields(s, inputs, specs):
     if num:
       fields.update({name: ((num, length), np.int32), name + '_valid': ((num,), np.bool_)})
   if s.hard.num_hard:
-    fields['b_hard_id'] = ((s.hard.num_hard,), np.int32)
+    fields.update(b_hard_id=((s.hard.num_hard,), np.int32),
+                  b_hard_text=((s.hard.num_hard,), np.int32), b_text=((), np.int32),
+                  b_group_texts=((group_width,), np.int32))
   if s.shards:
     fields['skipped'] = ((), np.int32)
   if len(specs) > 1:  # a mixture (contrastive/data/mixture.py)
@@ -284,14 +287,16 @@ def batch_fields(s, inputs, specs):
 def abstract_parts(s, mesh, steps, rng):
   """(abstract state, jitted step, abstract global batch) from the config alone (a JSON-lines
   dataset's first rows are read for its kinds of sides)."""
-  specs = [pair_batches.spec(d, pair_batches.get_source(d, 'train')
-                             if d.name == 'jsonl_pairs' else None)
-           for _, d in mixture.part_configs(s.config.dataset)]
+  datasets = [d for _, d in mixture.part_configs(s.config.dataset)]
+  raws = [pair_batches.get_source(d, 'train') if d.name == 'jsonl_pairs' or s.hard.num_hard
+          else None for d in datasets]
+  specs = [pair_batches.spec(d, raw) for d, raw in zip(datasets, raws)]
   inputs = example_inputs(s.config, next((p for p in specs if p.a_is_image), specs[0]))
   _, state, step_fn = step(s, mesh, inputs, steps, rng, abstract=True)
   data, b = parallel.data_sharding(mesh), s.config.batch_size
+  width = corpus_index.group_width(raws, specs) if s.hard.num_hard else 1
   batch = {k: jax.ShapeDtypeStruct((b, *shape), np.dtype(dtype), sharding=data)
-           for k, (shape, dtype) in batch_fields(s, inputs, specs).items()}
+           for k, (shape, dtype) in batch_fields(s, inputs, specs, width).items()}
   return state, step_fn, batch
 
 
