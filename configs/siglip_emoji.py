@@ -75,7 +75,9 @@ def base_config(loss_params='siglip'):
   # m^3-Mix (objectives.geodesic_mixup_loss): alpha > 0 adds slerp(za_j, zb_j, lam), lam ~
   # Beta(alpha, alpha), as negatives of both sides' rows (sigmoid_loss).
   config.geodesic_mixup = dict(alpha=0.0)
-  config.lit = dict(locked_tower='')  # 'image' (or 'a') / 'text' (or 'b'): that tower is frozen
+  # 'image' (or 'a') / 'text' (or 'b'): that tower is frozen; it must be loaded by model_init
+  # unless allow_random_locked (a random frozen tower learns nothing: a baseline only)
+  config.lit = dict(locked_tower='', allow_random_locked=False)
   config.model_init = dict(workdir='', mapping='')  # e.g. 'tower_a:tower_a,proj_a:proj_a'
   config.optimizer = dict(name='adamw', lr=1e-3, scale_lr_by_batch=False, warmup_steps=50,
                           weight_decay=1e-4, momentum=0.9, grad_clip_norm=1.0,

@@ -44,7 +44,7 @@ RUNS = (
     ('siglip_emoji', 'siglip_emoji.py:runlocal', ()),
     ('siglip_emoji_dense', 'siglip_emoji.py:runlocal,dense', ()),
     ('clip_emoji', 'clip_emoji.py:runlocal', ()),
-    ('siglip_lit', 'siglip_emoji.py:runlocal,lit', ()),
+    ('siglip_lit', 'siglip_emoji.py:runlocal,lit', ('--config.lit.allow_random_locked=True',)),
     ('siglip_lit_init', 'siglip_emoji.py:runlocal,lit',
      ('--config.model_init.workdir={siglip_emoji}',
       '--config.model_init.mapping=tower_a:tower_a,proj_a:proj_a')),

@@ -76,6 +76,10 @@ def _two_tower_config_builds(config):
   inputs = two_tower.example_inputs(config, pair_batches.SPECS[name])
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
   assert {'tower_a', 'proj_a', 'logit'} <= set(shapes['params'])
+  if config.lit.locked_tower:  # the :lit variants load the locked tower with model_init
+    with pytest.raises(config_lib.ConfigError, match='loads nothing into it'):
+      validate.validate_config(config, num_devices=8, num_processes=1)
+    config.lit.allow_random_locked = True
   validate.validate_config(config, num_devices=8, num_processes=1)
   if config.batch_size == 32768:  # pod: ViT-B/16 (~86M) or text B (~110M), + text B (~110M)
     n = sum(x.size for x in jax.tree.leaves(shapes['params']))

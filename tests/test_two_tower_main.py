@@ -209,3 +209,67 @@ def test_help_exits_0():
                        text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)) or '.')
   assert out.returncode == 0, out.stderr[-500:]
   assert '--workdir' in out.stdout + out.stderr and 'Traceback' not in out.stderr
+
+
+def _last_error(command):
+  out = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  errors = [line for line in out.stderr.splitlines() if line.startswith('ERROR: ')]
+  assert out.returncode == 1 and errors and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  return errors[-1]
+
+
+def _params(workdir):
+  return checkpoint.read_state(checkpoint.latest_step_dir(workdir))['params']
+
+
+def test_lit_command_trains_with_the_locked_tower_loaded(siglip_run, data_dir, tmp_path):
+  """docs/two_towers.md's LiT command (at :runlocal size): the locked tower is the loaded one,
+  bitwise, after training; the text tower trains."""
+  source, _ = siglip_run
+  workdir = str(tmp_path / 'lit')
+  out = main('siglip_emoji.py', workdir, data_dir, '--config.lit.locked_tower=image',
+             f'--config.model_init.workdir={source}',
+             '--config.model_init.mapping=tower_a:tower_a,proj_a:proj_a')
+  assert 'step 6/6' in out
+  before, after = _params(source), _params(workdir)
+  for group in ('tower_a', 'proj_a'):
+    for a, b in zip(jax.tree.leaves(before[group]), jax.tree.leaves(after[group])):
+      np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before['tower_b']),
+                                                      jax.tree.leaves(after['tower_b'])))
+
+
+def test_lit_and_model_init_that_load_nothing_are_refused(siglip_run, data_dir, tmp_path):
+  """A locked tower nothing loads (it would stay random), a mapping that copies nothing or
+  into no group of the model, and a text tower from a run with another tokenizer: one line
+  each, before training."""
+  source, _ = siglip_run
+  run = str(tmp_path / 'run')
+  assert _last_error(_command('siglip_emoji.py', run, data_dir, '--config.lit.locked_tower=a')) \
+      .startswith('ERROR: ConfigError: config.lit locks tower_a, but config.model_init loads '
+                  'nothing into it')
+  from contrastive import config_lib  # pylint: disable=g-import-not-at-top
+  from contrastive import validate  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(os.path.join(REPO, 'configs', 'siglip_emoji.py'), 'runlocal')
+  config.dataset.data_dir = data_dir
+  config.model_init.workdir = source
+  for mapping, message in (('', 'with no mapping copies nothing'),
+                           ('tower_a:encoder', r"\['encoder'\] is not a parameter group")):
+    config.model_init.mapping = mapping
+    with pytest.raises(config_lib.ConfigError, match=message):
+      validate.validate_config(config, num_devices=2, num_processes=1)
+  config.lit.locked_tower, config.lit.allow_random_locked = 'a', True  # a random baseline
+  config.model_init.workdir = ''
+  validate.validate_config(config, num_devices=2, num_processes=1)
+  # A copy of the source run whose tokenizer was trained on other texts.
+  from contrastive.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  other = tmp_path / 'other_tokenizer'
+  os.makedirs(other)
+  os.symlink(os.path.join(source, 'checkpoints'), other / 'checkpoints')
+  tokenizer_lib.train([f'word{i} other text {i % 7}' for i in range(400)], 300,
+                      hard_vocab_limit=False).save(str(other / pair_batches.TOKENIZER_NAME))
+  error = _last_error(_command('siglip_emoji.py', run, data_dir,
+                               f'--config.model_init.workdir={other}',
+                               '--config.model_init.mapping=tower_b:tower_b'))
+  assert 'ConfigError: config.model_init copies the text tower tower_b' in error
+  assert 'trained with another tokenizer' in error

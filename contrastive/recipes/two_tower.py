@@ -194,6 +194,9 @@ def parts(s, mesh, source, steps, rng, *, clusters=None):
                                tables=state_tables(s, len(source)))
   init = config.get('model_init', {})
   if init.get('workdir'):
+    shared = model.tower_b is None
+    text_groups = {'tower_b'} | ({'tower_a'} if shared or not source.spec.a_is_image else set())
+    two_tower_init.check_same_tokenizer(config, source.tokenizer, text_groups)
     params, batch_stats = two_tower_init.init_from_checkpoint(
         jax.device_get(state.params), jax.device_get(state.batch_stats), init.workdir,
         init.mapping)

@@ -15,6 +15,7 @@ from contrastive.data import webdataset
 from contrastive.eval_tasks import sources
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
+from contrastive.recipes import two_tower_init
 from contrastive.recipes.two_tower_init import LOCKS
 from contrastive.recipes.two_tower_model import model_config
 
@@ -113,6 +114,8 @@ def validate(config):
   init = config.get('model_init', {})
   if init.get('workdir') and not os.path.isdir(os.path.join(init.workdir, 'checkpoints')):
     raise ConfigError(f'config.model_init.workdir={init.workdir!r} has no checkpoints/.')
+  groups = ('tower_a', 'proj_a', 'logit') + (('tower_b', 'proj_b') if model.tower_b else ())
+  two_tower_init.check_init(config, groups, LOCKS[lock])
 
 
 def _check_extra_negatives(config, num_hard):

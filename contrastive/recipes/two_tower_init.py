@@ -5,6 +5,9 @@ LiT (Zhai et al. 2022, "LiT: Zero-Shot Transfer with Locked-image text Tuning") 
 it and its projection get no gradient step and no optimizer state.
 """
 
+import os
+import tempfile
+
 import jax
 import ml_collections
 import numpy as np
@@ -13,6 +16,7 @@ import optax
 from contrastive import checkpoint
 from contrastive import optim
 from contrastive.config_lib import ConfigError
+from contrastive.data import tokenizers
 
 # config.lit.locked_tower -> the parameter groups it freezes.
 LOCKS = {'': (), 'a': ('tower_a', 'proj_a'), 'b': ('tower_b', 'proj_b'),
@@ -39,6 +43,58 @@ def parse_mapping(text):
   if any(len(p) != 2 for p in pairs):
     raise ConfigError(f'config.model_init.mapping={text!r}: expected src:dst,... pairs.')
   return [(a.strip(), b.strip()) for a, b in pairs]
+
+
+def check_init(config, groups, lock):
+  """Raises ConfigError, before anything is read or compiled, for a `config.model_init` that
+  copies nothing (no mapping, or a destination that is none of the model's parameter groups
+  `groups`) and for a LiT lock (`lock`: the groups of config.lit.locked_tower) whose encoder
+  nothing loads: a random frozen tower learns nothing, so it needs
+  `config.lit.allow_random_locked=True` (e.g. a baseline)."""
+  init = config.get('model_init') or {}
+  mapping = parse_mapping(init.get('mapping') or '') if init.get('workdir') else []
+  if init.get('workdir') and not mapping:
+    raise ConfigError(f'config.model_init.workdir={init.workdir!r} with no mapping copies '
+                      'nothing: set --config.model_init.mapping=src:dst,... (e.g. '
+                      'tower_a:tower_a,proj_a:proj_a).')
+  unknown = sorted({dst for _, dst in mapping} - set(groups))
+  if unknown:
+    raise ConfigError(f'config.model_init.mapping={init.mapping!r}: {unknown} is not a '
+                      f'parameter group of this model (it has {sorted(groups)}).')
+  encoder = [g for g in lock if g.startswith('tower_')]
+  loaded = {dst for _, dst in mapping}
+  if encoder and not set(encoder) <= loaded and not (config.get('lit') or {}).get(
+      'allow_random_locked', False):
+    raise ConfigError(f'config.lit locks {encoder[0]}, but config.model_init loads nothing '
+                      'into it, so it would stay random: set --config.model_init.workdir=W '
+                      f'--config.model_init.mapping={encoder[0]}:{encoder[0]},... (a trained '
+                      'or imported run), or --config.lit.allow_random_locked=True.')
+
+
+def check_same_tokenizer(config, tokenizer, text_groups):
+  """Raises ConfigError if `config.model_init` copies a text tower (a group of `text_groups`)
+  from a workdir whose tokenizer differs from this run's `tokenizer` (the token embeddings
+  would be read with other pieces' ids)."""
+  init = config.get('model_init') or {}
+  copied = [dst for _, dst in parse_mapping(init.get('mapping') or '') if dst in text_groups]
+  if not init.get('workdir') or not copied:
+    return
+  kind = (config.get('tokenizer') or {}).get('kind', 'sentencepiece')
+  theirs = os.path.join(init.workdir, tokenizers.FILES[kind])
+  if not os.path.isfile(theirs):
+    raise ConfigError(f'config.model_init copies the text tower {copied[0]} from '
+                      f'{init.workdir!r}, which has no {tokenizers.FILES[kind]}: its token '
+                      'ids cannot be matched to this run\'s tokenizer.')
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizers.save_to_workdir(tokenizer, tmp)
+    with open(os.path.join(tmp, tokenizers.FILES[kind]), 'rb') as f:
+      ours = f.read()
+  with open(theirs, 'rb') as f:
+    same = f.read() == ours
+  if not same:
+    raise ConfigError(f'config.model_init copies the text tower {copied[0]} from '
+                      f'{init.workdir!r}, trained with another tokenizer than this run\'s: copy '
+                      f'{theirs} into this workdir before the first start to use its pieces.')
 
 
 def init_from_checkpoint(params, batch_stats, workdir, mapping):
