@@ -11,11 +11,29 @@ same command. Call `initialize` before anything touches a jax backend.
   off / a single process with no cluster: nothing happens.
 """
 
+import glob
 import os
 
 import jax
 
 MODES = ('auto', 'on', 'off')
+# Device files of the accelerators jax has backends for: TPU (v2-v4 /dev/accel*, v5e and later
+# through VFIO) and NVIDIA GPUs.
+ACCELERATOR_FILES = ('/dev/accel*', '/dev/vfio/[0-9]*', '/dev/nvidia[0-9]*')
+
+
+def cpu_only_platform(env=None, find=glob.glob):
+  """'cpu' when this host has no accelerator device file and the user has not named the
+  platforms (JAX_PLATFORMS), else None.
+
+  Selecting the CPU platform before any backend starts keeps jax from probing libtpu, which
+  (installed for `contrastive.aot`) prints "unexpected worker hostname" errors on every start
+  of a host without a TPU.
+  """
+  env = os.environ if env is None else env
+  if env.get('JAX_PLATFORMS') or any(find(pattern) for pattern in ACCELERATOR_FILES):
+    return None
+  return 'cpu'
 
 
 def detect_cluster(env=None):

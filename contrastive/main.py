@@ -69,6 +69,8 @@ def main(argv):
 def run(config, workdir_path):
   """Starts jax.distributed if needed, picks the CPU device count and trains `config`."""
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  if distributed.cpu_only_platform():  # no libtpu probing (and its errors) on a CPU host
+    jax.config.update('jax_platforms', 'cpu')
   multi_process = distributed.initialize(
       _DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)

@@ -5,6 +5,7 @@ Black-box tests start the entry point in subprocesses on a copy of one finished 
 (`finished`); each refusal happens before compiling, so most take a few seconds.
 """
 
+import fnmatch
 import json
 import os
 import re
@@ -183,6 +184,34 @@ def test_nonsense_values_fail_before_anything_runs(flag, match, tfds_dir, tmp_pa
   rc, out = main(str(tmp_path / 'run'), tfds_dir, flag)
   assert rc == 1 and re.search(match, last_error(out)), out[-3000:]
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_a_cpu_host_prints_one_error_line_without_libtpu_noise(tfds_dir, tmp_path):
+  """Without JAX_PLATFORMS on a host with no accelerator device file, the run selects the CPU
+  platform before any backend starts: libtpu (installed for contrastive.aot) does not probe
+  for TPU workers, so a config error is the run's only output line on stderr."""
+  from contrastive import distributed  # pylint: disable=g-import-not-at-top
+  if not distributed.cpu_only_platform(env={}):
+    pytest.skip('this host has an accelerator device file')
+  cmd = [sys.executable, '-m', 'contrastive.main', f'--config={CONFIG}:runlocal',
+         f'--workdir={tmp_path / "run"}', f'--config.dataset.data_dir={tfds_dir}',
+         "--config.mesh=(('data', 3),)"]
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  out = subprocess.run(cmd, cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines() == [last_error(out.stderr)], out.stderr[-3000:]
+  assert 'has 3 devices' in out.stderr
+
+
+def test_only_a_host_without_accelerators_or_a_choice_gets_the_cpu_platform():
+  from contrastive import distributed  # pylint: disable=g-import-not-at-top
+  none = lambda pattern: []
+  assert distributed.cpu_only_platform(env={}, find=none) == 'cpu'
+  assert distributed.cpu_only_platform(env={'JAX_PLATFORMS': 'tpu'}, find=none) is None
+  for device in ('/dev/accel0', '/dev/vfio/0', '/dev/nvidia0'):
+    find = lambda pattern, d=device: fnmatch.filter([d], pattern)
+    assert distributed.cpu_only_platform(env={}, find=find) is None, device
 
 
 def test_sigterm_during_start_up_exits_with_a_message(tfds_dir, tmp_path):

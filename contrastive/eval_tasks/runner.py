@@ -25,6 +25,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 from contrastive import probe
@@ -145,7 +146,10 @@ def main(argv=None):
   p.add_argument('--out', default='')
   p.add_argument('--batch_size', type=int, default=256)
   args = p.parse_args(argv)
+  from contrastive import distributed  # pylint: disable=g-import-not-at-top
   from contrastive import inference  # pylint: disable=g-import-not-at-top
+  if distributed.cpu_only_platform():  # no libtpu probing on a CPU host
+    jax.config.update('jax_platforms', 'cpu')
   try:  # every data check before the model is loaded
     tasks = [sources.parse(t.strip(), args.data_dir, args.classnames)
              for t in args.tasks.split(',') if t.strip()]
