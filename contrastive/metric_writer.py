@@ -35,6 +35,18 @@ class MetricWriter:
         print('WARNING: tensorboardX is not installed: metrics go to metrics.jsonl only '
               '(pip install -r requirements.txt).', flush=True)
 
+  def drop_replayed(self, start, redone=()):
+    """On resuming from the checkpoint of step `start`: removes the lines a killed run wrote
+    for the steps it will run again (step > start, and at step `start` lines holding only the
+    keys `redone`, e.g. a table refresh before update start + 1), so the file holds each step
+    once. Returns the number of lines removed."""
+    if self._file is None:
+      return 0
+    self._file.close()
+    removed = drop_lines_after(self.path, start, set(redone))
+    self._file = open(self.path, 'a', encoding='utf-8')
+    return removed
+
   def write(self, step, metrics):
     if self._file is None:
       return
@@ -103,6 +115,28 @@ def repair_partial_line(path):
   print(f'WARNING: removed a partial last line of {path} ({len(data) - keep} bytes, left by an '
         'interrupted run).', flush=True)
   return len(data) - keep
+
+
+def drop_lines_after(path, start, redone):
+  """Rewrites `path` without its lines of step > start or of step == start with only keys in
+  `redone`; returns how many were removed (with a message if any)."""
+  if not os.path.exists(path):
+    return 0
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  def replayed(line):
+    row = json.loads(line)
+    keys = set(row) - {'step'}
+    return row['step'] > start or (row['step'] == start and keys and keys <= redone)
+  keep = [line for line in lines if not replayed(line)]
+  if len(keep) == len(lines):
+    return 0
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    f.writelines(keep)
+  os.replace(path + '.tmp', path)
+  print(f'Resuming from step {start}: removed {len(lines) - len(keep)} line(s) of {path} '
+        'written for the steps run again.', flush=True)
+  return len(lines) - len(keep)
 
 
 def _scalar(v):

@@ -165,6 +165,8 @@ def _start(config, workdir, *, clusters, preemption, profiler):
   tables = recipe.tables(s, source, mesh, plan, steps)
   for table in tables:
     table.sync(state, start)
+  if resuming:  # a killed run's lines of the steps run again
+    writer.drop_replayed(start, {f'{t.metric}/refresh_seconds' for t in tables if t.due(start)})
   return _Loop(config=config, workdir=workdir, state=state, step_fn=parts.step_fn,
                evaluator=parts.evaluator, batch_iter=batch_iter, tables=tables, ckpt=ckpt,
                writer=writer, preemption=preemption, profiler=profiler,

@@ -93,6 +93,23 @@ class _Writer:
     self.rows.append((step, metrics))
 
 
+def test_resume_drops_the_lines_of_the_steps_run_again(tmp_path, capsys):
+  """Resuming from step 3: the killed run's lines of steps 4, 5 and its refresh before update
+  4 (logged at step 3) are removed; step 3's training and evaluation lines stay."""
+  rows = [dict(step=2, loss=1.0), dict(step=3, loss=0.9), dict(step=3, knn_top1=0.5),
+          {'step': 3, 'hard_negatives/refresh_seconds': 1.0}, dict(step=4, loss=0.8),
+          dict(step=5, loss=0.7)]
+  with open(tmp_path / 'metrics.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in rows)
+  writer = metric_writer.MetricWriter(str(tmp_path), tensorboard=False)
+  assert writer.drop_replayed(3, {'hard_negatives/refresh_seconds'}) == 3
+  writer.write(4, dict(loss=0.8))
+  writer.close()
+  with open(tmp_path / 'metrics.jsonl') as f:
+    assert [json.loads(line) for line in f] == rows[:3] + [dict(step=4, loss=0.8)]
+  assert 'removed 3 line(s)' in capsys.readouterr().out
+
+
 def test_device_memory_max_over_devices_and_none(capsys):
   gib = 2**30
   devices = [_Device(dict(bytes_in_use=1 * gib, peak_bytes_in_use=3 * gib, bytes_limit=16 * gib)),

@@ -77,10 +77,16 @@ def run_and_signal(workdir, tfds_dir, sig, at_step=STOP_AT):
 
 
 def losses(workdir):
-  """{step: loss}; a step logged twice (before a kill and after resuming) keeps the last."""
+  """{step: loss} (a step logged twice would keep the last)."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   return {r['step']: r['loss'] for r in rows if 'loss' in r}
+
+
+def metric_keys(workdir):
+  """[(step, sorted keys)] of every metrics.jsonl line, in order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [(r['step'], sorted(r)) for r in map(json.loads, f)]
 
 
 def saved_steps(workdir):
@@ -133,6 +139,10 @@ def test_sigkill_then_rerun_is_bitwise_identical(reference, tfds_dir, tmp_path):
   out = run(workdir, tfds_dir)
   assert 'Resumed from step' in out
   assert losses(workdir) == ref_losses
+  # Each step once: the killed run's lines of the replayed steps were removed on resume, so
+  # the file has the uninterrupted run's lines (clock readings aside).
+  assert 'line(s) of' in out and 'written for the steps run again' in out
+  assert metric_keys(workdir) == metric_keys(reference[0])
   # A save cut short by the kill leaves an orbax tmp folder; the rerun removes it.
   assert not [d for d in os.listdir(os.path.join(workdir, 'checkpoints')) if not d.isdigit()]
   state = final_state(workdir)
