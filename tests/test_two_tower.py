@@ -248,6 +248,9 @@ def _full_config(**changes):
     ({'model.logit_scale_init': -1.0}, r'logit_scale_init=-1.0 must be a finite number > 0'),
     ({'model.logit_bias_init': float('nan')}, r'logit_bias_init=nan must be a finite number'),
     ({'model_init.workdir': '/nonexistent'}, r'has no checkpoints'),
+    ({'model.text.pool': 'max'}, r"config.model: pool must be one of \('eos', 'mean', 'map'"),
+    ({'model.image.pool': 'max'}, r"config.model: pool must be one of \('gap', 'cls', 'map'\)"),
+    ({'model.image.posemb': 'rope'}, r"posemb must be one of \('learn', 'sincos2d'\)"),
 ])
 def test_bad_two_tower_configs_fail_before_compiling(changes, match):
   with pytest.raises(validate.ConfigError, match=match):

@@ -101,6 +101,11 @@ class ResNet(nn.Module):
   remat: str = ''
   pool: str = 'avg'
 
+  def __post_init__(self):  # a wrong name fails when the tower is built, not at its first call
+    if self.pool not in POOLS:
+      raise ValueError(f'pool={self.pool!r} is unknown; choose one of {list(POOLS)}.')
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, x, *, train: bool):
     block_cls = compute.maybe_remat(BLOCKS[self.block], self.remat, static_argnums=(2,))
@@ -112,8 +117,6 @@ class ResNet(nn.Module):
         strides = 2 if i > 0 and j == 0 else 1
         x = block_cls(self.width * 2**i, strides, self.dtype,
                       name=f'stage{i + 1}_block{j + 1}')(x, train)
-    if self.pool not in POOLS:
-      raise ValueError(f'pool={self.pool!r} is unknown; choose one of {list(POOLS)}.')
     if self.pool == 'flatten':
       return x.reshape(x.shape[0], -1)  # [N, H' W' C], in the compute dtype
     return jnp.mean(x, axis=(1, 2))  # global average pool: [N, F], in the compute dtype

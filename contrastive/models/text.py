@@ -100,10 +100,13 @@ class TextTransformer(nn.Module):
   ln_eps: float = 1e-6
   pad_mask: bool = True
 
-  @nn.compact
-  def __call__(self, tokens, *, train: bool = False):
+  def __post_init__(self):  # a wrong name fails when the tower is built, not at its first call
     if self.pool not in POOLS:
       raise ValueError(f'pool must be one of {POOLS}, got {self.pool!r}.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, tokens, *, train: bool = False):
     if tokens.ndim != 2 or tokens.shape[1] > self.context:
       raise ValueError(f'tokens must be [N, L] with L <= context={self.context}, '
                        f'got shape {tuple(tokens.shape)}.')

@@ -143,12 +143,15 @@ class ViT(nn.Module):
       x = (x - jnp.asarray(self.pixel_mean, x.dtype)) / jnp.asarray(self.pixel_std, x.dtype)
     return x
 
-  @nn.compact
-  def __call__(self, images, *, train: bool = False):
+  def __post_init__(self):  # a wrong name fails when the tower is built, not at its first call
     if self.pool not in POOLS:
       raise ValueError(f'pool must be one of {POOLS}, got {self.pool!r}.')
     if self.posemb not in POSEMBS:
       raise ValueError(f'posemb must be one of {POSEMBS}, got {self.posemb!r}.')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False):
     if images.ndim != 4:
       raise ValueError(f'images must be [N, H, W, C], got shape {tuple(images.shape)}.')
     x = patchify(self.normalized(images), self.patch)  # (N, T, p*p*C)
