@@ -75,6 +75,11 @@ def base_config(loss_params='siglip'):
   # m^3-Mix (objectives.geodesic_mixup_loss): alpha > 0 adds slerp(za_j, zb_j, lam), lam ~
   # Beta(alpha, alpha), as negatives of both sides' rows (sigmoid_loss).
   config.geodesic_mixup = dict(alpha=0.0)
+  # The training images' augmentation, on device (contrastive/recipes/two_tower_augment.py):
+  # SimCLR's crop, flip, colour jitter, greyscale and blur, and line drawings; these values: off.
+  config.augment = dict(crop_scale=(1.0, 1.0), flip=False, jitter_prob=0.0, brightness=0.4,
+                        contrast=0.4, saturation=0.4, hue=0.1, gray_prob=0.0, blur_prob=0.0,
+                        sketch_prob=0.0)
   # 'image' (or 'a') / 'text' (or 'b'): that tower is frozen; it must be loaded by model_init
   # unless allow_random_locked (a random frozen tower learns nothing: a baseline only)
   config.lit = dict(locked_tower='', allow_random_locked=False)

@@ -13,6 +13,10 @@ classification, alignment and uniformity.
   balanced top-1 (mean per-class recall; chance = 1 / classes). Where a class has several
   names (an emoji group and its subgroups), `zero_shot_subclass/` also classifies by the
   nearest name (each name's templates averaged): a class scores its best subclass.
+- Cross-style zero-shot (emoji): the held-out emoji drawn as monochrome glyphs of another font
+  (contrastive/data/emoji_styles.py), classified by the same class embeddings:
+  `zero_shot_cross_style/` (and `noto_top1` / `noto_balanced_top1`: the same emoji in the
+  training font), `zero_shot_cross_style_seen/` (the training split's emoji in that font).
 - Alignment / uniformity (Wang & Isola 2020) of the normalised embeddings.
 """
 
@@ -25,9 +29,11 @@ from contrastive import evaluate
 from contrastive import parallel
 from contrastive import retrieval
 from contrastive.data import emoji
+from contrastive.data import emoji_styles
 from contrastive.data import pair_batches
 from contrastive.data import webdataset
 from contrastive.data import wordnet
+from contrastive.data.fashion_mnist import MissingDatasetError
 from contrastive.eval_tasks import runner
 from contrastive.eval_tasks import sources
 from contrastive.negatives import negclip
@@ -59,6 +65,33 @@ def zero_shot_classes(dataset_cfg, ev, pair_spec):
     return 'b', labels, names, WORDNET_TEMPLATES
   del pair_spec
   return None
+
+
+def cross_style_sets(dataset_cfg, split):
+  """{metric prefix: (images [N, S, S, 3] uint8, labels [N])} of the cross-style zero-shot
+  (module doc): emoji_cldr's `split` drawn in the monochrome font, with its Noto renders as
+  'noto', and (for a held-out split) the training split's; {} for other datasets, or without
+  the font (one printed line names its Debian package)."""
+  if dataset_cfg.name != 'emoji_cldr':
+    return {}
+  try:
+    font = emoji_styles.check_font(emoji_styles.SYMBOLA_PATH)
+  except MissingDatasetError as e:
+    print(f'{e} No zero_shot_cross_style metrics.', flush=True)
+    return {}
+  size, subset = dataset_cfg.image_size, dataset_cfg.get('max_examples', 0)
+  out = {}
+  for prefix, part in (('zero_shot_cross_style', split), ('zero_shot_cross_style_seen', 'train')):
+    if prefix.endswith('seen') and split == 'train':
+      continue
+    drawn = emoji_styles.cross_style_split(part, image_size=size, max_emoji=subset,
+                                           font_path=font)
+    print(f'{prefix}: {len(drawn["group"])} of the {drawn["num_distinct"]} distinct {part} '
+          'emoji drawn in the cross-style font.', flush=True)
+    out[prefix] = drawn['image'], drawn['group']
+    if part == split:  # the same emoji in the training font: the style's share of the gap
+      out[prefix + '/noto'] = emoji.render(drawn['sequence'], size)[0], drawn['group']
+  return out
 
 
 def standard_tasks(eval_cfg):
@@ -114,6 +147,8 @@ class TwoTowerEvaluator:
       name_class = np.repeat(np.arange(len(names)), [len(c) for c in names])  # [names]
       self.prompts, self.name_class = encode(prompts), name_class
     self.order = _order_probe(self.ev, order_probe, config.seed, encode)
+    self.cross_style = (cross_style_sets(config.dataset, config.eval.get('split', 'test'))
+                        if self.zero_shot and pair_spec.a_is_image else {})
     repl = parallel.replicated(mesh)
     apply = lambda method: jax.jit(
         lambda variables, x: evaluate.widen(model.apply(variables, x, method=method,
@@ -167,6 +202,11 @@ class TwoTowerEvaluator:
         scores = retrieval.zero_shot_accuracy(items, _unit(per_name), labels,
                                               class_of=self.name_class)
         metrics.update({f'zero_shot_subclass/{k}': float(v) for k, v in scores.items()})
+      for name, (images, labels) in self.cross_style.items():  # other drawings, same classes
+        scores = retrieval.zero_shot_accuracy(self.embed(state, 'a', images), _unit(classes),
+                                              labels)
+        prefix, noto = name.removesuffix('/noto'), 'noto_' * name.endswith('/noto')
+        metrics.update({f'{prefix}/{noto}{k}': float(v) for k, v in scores.items()})
     if self.order is not None:  # NegCLIP: does the model tell a text from its reorderings?
       a_idx, b_idx, tokens, valid = self.order
       zneg = self.embed(state, 'b', tokens).reshape(*valid.shape, -1)

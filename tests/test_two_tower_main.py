@@ -19,6 +19,7 @@ from contrastive import inference
 from contrastive import parallel
 from contrastive import two_tower_eval
 from contrastive.data import emoji
+from contrastive.data import emoji_styles
 from contrastive.data import pair_batches
 from tests import xla_flags
 
@@ -73,6 +74,13 @@ def test_siglip_emoji_runlocal_trains_and_evaluates(siglip_run):
               'uniformity_a'):
     assert key in final and np.isfinite(final[key]), key
   assert final['zero_shot/chance'] == pytest.approx(1 / 9)
+  if os.path.exists(emoji_styles.SYMBOLA_PATH):  # the held-out emoji drawn in Symbola
+    for key in ('zero_shot_cross_style/balanced_top1', 'zero_shot_cross_style/noto_top1',
+                'zero_shot_cross_style_seen/balanced_top1'):
+      assert key in final and 0 <= final[key] <= 1, key
+    assert 'zero_shot_cross_style: ' in out
+  else:
+    assert 'apt-get install fonts-symbola' in out
   assert 'bias' in rows[0] and 'temperature' in rows[0] and 'truncated_texts' in rows[0]
   assert os.path.exists(os.path.join(workdir, pair_batches.TOKENIZER_NAME))
 

@@ -88,6 +88,16 @@ def gaussian_blur(key, image, *, sigma=(0.1, 2.0), kernel_frac=0.1):
   return jnp.tensordot(k, windows_w, axes=1)
 
 
+def line_drawing(image, *, gain=8.0):
+  """The image's edges as dark lines on white, like a monochrome glyph: 1 - gain |Sobel(luma)|,
+  clipped to [0, 1], in every channel."""
+  x = jnp.pad(_gray(image)[..., 0], 1, mode='edge')
+  gx = (x[:-2, 2:] + 2 * x[1:-1, 2:] + x[2:, 2:]) - (x[:-2, :-2] + 2 * x[1:-1, :-2] + x[2:, :-2])
+  gy = (x[2:, :-2] + 2 * x[2:, 1:-1] + x[2:, 2:]) - (x[:-2, :-2] + 2 * x[:-2, 1:-1] + x[:-2, 2:])
+  lines = jnp.clip(1.0 - gain / 8 * jnp.sqrt(gx**2 + gy**2), 0.0, 1.0)  # no gradient taken
+  return jnp.broadcast_to(lines[..., None], image.shape)
+
+
 def _maybe(key, p, fn, image):
   """Applies fn(image) with probability p."""
   return jnp.where(jax.random.bernoulli(key, p), fn(image), image)
@@ -126,6 +136,26 @@ def two_views(rng, images, cfg, indices=None):
   view_keys = jax.vmap(lambda k: jax.random.split(k, 2))(example_keys)  # (B, 2) keys
   view = jax.vmap(lambda k, im: simclr_view(k, im, cfg))
   return view(view_keys[:, 0], images), view(view_keys[:, 1], images)
+
+
+def one_view(rng, images, cfg, indices=None):
+  """One augmented view of each image (`simclr_view`, then with probability cfg.sketch_prob
+  `line_drawing`): [B, H, W, C] uint8 -> float32 in [0, 1].
+
+  Example b's key is fold_in(rng, indices[b]) (default b), as in `two_views`: a view depends only
+  on (rng, its row's number in the global batch).
+  """
+  indices = jnp.arange(images.shape[0]) if indices is None else indices
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
+  sketch = cfg.get('sketch_prob', 0.0)
+
+  def view(key, image):
+    x = simclr_view(key, image, cfg)
+    if sketch > 0:
+      x = _maybe(jax.random.fold_in(key, 1), sketch, line_drawing, x)
+    return x
+
+  return jax.vmap(view)(keys, images)
 
 
 def center_view(images):

@@ -18,6 +18,7 @@ The step is the shared `step.update` with `objectives.two_tower`. Config fields
              checkpoint), mapping: 'src:dst,...' parameter groups (e.g. 'encoder:tower_a' takes a
              SimCLR encoder as the image tower)
   optimizer  as the other recipes, plus logit_lr_mult (the temperature/bias learning rate factor)
+  augment    the training images' augmentation (two_tower_augment.py; off by default)
   batching, negclip, hard_negatives, geodesic_mixup: which rows share a batch, NegCLIP's
              reordered texts, corpus-mined negatives, m^3-Mix negatives (alpha > 0)
              (contrastive/batching/from_config.py, contrastive/negatives/negclip.py,
@@ -46,6 +47,7 @@ from contrastive.data import webdataset_loader
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
 from contrastive.recipes import base
+from contrastive.recipes import two_tower_augment
 from contrastive.recipes import two_tower_checks
 from contrastive.recipes import two_tower_init
 from contrastive.recipes.two_tower_model import model_config
@@ -179,6 +181,7 @@ def step(s, mesh, inputs, steps, rng, *, abstract=False, tables=None):
       mesh=parallel.batch_mesh(mesh) if block_size else None,
       collective=config.loss.get('collective'), mixup_alpha=s.mixup_alpha,
       query_runs=s.query_runs)
+  objective = two_tower_augment.wrap(objective, two_tower_augment.settings(config))
   step_fn = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule,
                                     nonfinite=s.common.nonfinite,
                                     micro_batch_size=s.common.micro_batch_size)

@@ -15,6 +15,7 @@ from contrastive.data import webdataset
 from contrastive.eval_tasks import sources
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
+from contrastive.recipes import two_tower_augment
 from contrastive.recipes import two_tower_init
 from contrastive.recipes.two_tower_init import LOCKS
 from contrastive.recipes.two_tower_model import model_config
@@ -99,6 +100,7 @@ def validate(config):
       raise ConfigError(f'config.dataset.image_size={size} is not a '
                         f'multiple of the ViT patch size {patch}.')
   batching.check(config)
+  two_tower_augment.settings(config)
   hard = hard_negatives(config)
   corpus_index.check(hard, config.loss.name)
   _check_extra_negatives(config, hard.num_hard)
