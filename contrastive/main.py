@@ -25,6 +25,7 @@ from contrastive import train
 from contrastive import workdir
 from contrastive.config_lib import ConfigError
 from contrastive.data import fashion_mnist
+from contrastive.data import pairs
 from contrastive.data import webdataset_loader
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -41,7 +42,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 # checks before compiling, or later ones that need the data or another workdir).
 USER_ERRORS = (ConfigError, workdir.WorkdirError, workdir.WorkdirLockedError,
                fashion_mnist.MissingDatasetError, checkpoint.CheckpointError,
-               train.NonFiniteLossError, webdataset_loader.SkippedSamplesError)
+               train.NonFiniteLossError, webdataset_loader.SkippedSamplesError,
+               pairs.PairsDataError)
 
 
 def _exit_on_error(error):

@@ -25,6 +25,7 @@ VARIANTS = {
     'siglip_wordnet.py': [None, 'runlocal', 'lit', 'pod', 'transformer', 'runlocal,transformer'],
     'clip_emoji_wordnet.py': [None, 'runlocal,lit', 'transformer'],
     'siglip_emoji_wordnet.py': [None, 'bag', 'runlocal,bag'],
+    'siglip_pairs.py': [None, 'runlocal', 'lit', 'pod', 'resnet,runlocal'],
 }
 
 
@@ -52,7 +53,7 @@ def test_config_builds_and_model_inits(path, tmp_path):
   for arg in VARIANTS.get(os.path.basename(path), [None]):
     config = load_config(path, arg)
     if config.get('family') == 'two_tower':
-      _two_tower_config_builds(config)
+      _two_tower_config_builds(config, tmp_path)
       continue
     config.dataset.idx_dir = fashion_mnist.DEBIAN_IDX_DIR
     model = build_model(config.model)
@@ -64,15 +65,25 @@ def test_config_builds_and_model_inits(path, tmp_path):
     validate.validate_config(config, num_devices=8, num_processes=1)
 
 
-def _two_tower_config_builds(config):
+def _two_tower_config_builds(config, tmp_path):
   """The model initialises (shapes only: the pod variant is ViT-B/16 + text B) and the config
-  validates, its dataset's Debian files included (make install provides them)."""
+  validates, its dataset's Debian files included (make install provides them). A JSON-lines
+  config is refused without its file, then validated on a text-text file (its image tower
+  becomes a text tower)."""
   from contrastive.recipes import two_tower  # pylint: disable=g-import-not-at-top
   from contrastive.data import mixture  # pylint: disable=g-import-not-at-top
   from contrastive.data import pair_batches  # pylint: disable=g-import-not-at-top
   from contrastive.models import build_two_tower  # pylint: disable=g-import-not-at-top
   model = build_two_tower(two_tower.model_config(config))
   name, _ = mixture.part_configs(config.dataset)[0]  # a mixture: its first part's kind
+  if name == 'jsonl_pairs':
+    name = 'jsonl_pairs:image_text'
+    with pytest.raises(config_lib.ConfigError, match='--config.dataset.jsonl_path=FILE'):
+      validate.validate_config(config, num_devices=8, num_processes=1)
+    config.dataset.jsonl_path = str(tmp_path / 'words.jsonl')
+    if not os.path.exists(config.dataset.jsonl_path):  # records for the pod's batch of 32,768
+      with open(config.dataset.jsonl_path, 'w', encoding='utf-8') as f:
+        f.writelines(f'{{"text_a": "w{i}", "text_b": "g{i}"}}\n' for i in range(40000))
   inputs = two_tower.example_inputs(config, pair_batches.SPECS[name])
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
   assert {'tower_a', 'proj_a', 'logit'} <= set(shapes['params'])
@@ -81,6 +92,8 @@ def _two_tower_config_builds(config):
       validate.validate_config(config, num_devices=8, num_processes=1)
     config.lit.allow_random_locked = True
   validate.validate_config(config, num_devices=8, num_processes=1)
+  if config.dataset.name == 'jsonl_pairs':
+    assert 'image' not in config.model and config.model.a.name == 'text'
   if config.batch_size == 32768:  # pod: ViT-B/16 (~86M) or text B (~110M), + text B (~110M)
     n = sum(x.size for x in jax.tree.leaves(shapes['params']))
     if config.model.get('share'):  # one text B (WordNet) for both sides

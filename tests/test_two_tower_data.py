@@ -215,16 +215,18 @@ def test_jsonl_text_text_and_errors(tmp_path):
                                                for i in range(5)])
   builder = pairs.convert_jsonl(jsonl, tmp_path / 'tfds')
   assert builder.builder_config.kind == 'text_text'
-  train = _records(pairs.load_split(builder, 'train'))
-  assert sorted((int(r['id']), _text(r['text_a']), _text(r['text_b'])) for r in train) == [
-      (i, f'w{i}', f'gloss {i}') for i in range(5)]
+  rows = {s: _records(pairs.load_split(builder, s)) for s in ('train', 'test')}
+  assert [_text(r['text_a']) for r in rows['test']] == ['w2']  # no "split" keys: the hash split
+  assert sorted((int(r['id']), _text(r['text_a']), _text(r['text_b']))
+                for r in rows['train'] + rows['test']) == [(i, f'w{i}', f'gloss {i}')
+                                                          for i in range(5)]
   bad = _write_jsonl(tmp_path / 'bad.jsonl', [{'text_a': 'a', 'text_b': 'b'}, {'text_a': 'c'}])
   with pytest.raises(ValueError, match='bad.jsonl:2'):
     pairs.read_jsonl(bad)
   with pytest.raises(MissingDatasetError, match='none.jsonl'):
     pairs.convert_jsonl(str(tmp_path / 'none.jsonl'), tmp_path / 'tfds2', kind='text_text')
   missing_image = _write_jsonl(tmp_path / 'mi.jsonl', [{'image': 'gone.png', 'text': 't'}])
-  with pytest.raises(FileNotFoundError, match='gone.png'):
+  with pytest.raises(pairs.PairsDataError, match=r'mi.jsonl:1: image .gone.png. not found'):
     pairs.convert_jsonl(missing_image, tmp_path / 'tfds3', image_size=8)
 
 

@@ -23,7 +23,10 @@ import grain
 import jax
 import numpy as np
 
+from contrastive import workdir as workdir_lib
+from contrastive.config_lib import ConfigError
 from contrastive.data import emoji
+from contrastive.data import jsonl_records
 from contrastive.data import pairs
 from contrastive.data import tokenizer as tokenizer_lib
 from contrastive.data import wordnet
@@ -52,7 +55,7 @@ SPECS = {
 
 def builder(cfg):
   """The tfds builder of `cfg` (config.dataset: name, data_dir, and per dataset image_size,
-  languages, max_examples or jsonl_path/kind)."""
+  languages, max_examples or jsonl_path and test_fraction)."""
   data_dir = os.path.expanduser(cfg.get('data_dir') or os.path.join('~', 'tensorflow_datasets'))
   if cfg.name == 'emoji_cldr':
     return emoji.EmojiCldr(data_dir=data_dir, image_size=cfg.image_size,
@@ -62,8 +65,9 @@ def builder(cfg):
     return wordnet.WordnetGloss(data_dir=data_dir, max_synsets=cfg.get('max_examples', 0),
                                 config='full' if cfg.get('examples', True) else 'definitions')
   if cfg.name == 'jsonl_pairs':
-    return pairs.JsonlPairs(data_dir=data_dir, jsonl_path=cfg.jsonl_path,
-                            image_size=cfg.get('image_size', 64))
+    return pairs.JsonlPairs(data_dir=data_dir, jsonl_path=jsonl_path(cfg),
+                            image_size=cfg.get('image_size', 64),
+                            test_fraction=cfg.get('test_fraction', jsonl_records.TEST_FRACTION))
   raise ValueError(f'config.dataset.name={cfg.name!r} is not a pair dataset; choose one of '
                    "('emoji_cldr', 'wordnet_gloss', 'jsonl_pairs').")
 
@@ -76,20 +80,40 @@ def spec(cfg, source=None):
   return SPECS['jsonl_pairs:' + ('image_text' if 'image' in record else 'text_text')]
 
 
-def check_files(cfg):
-  """Raises MissingDatasetError (naming the Debian package or path) before any work."""
+def jsonl_path(cfg):
+  """config.dataset.jsonl_path; ConfigError naming the flag where it is absent or empty."""
+  path = cfg.get('jsonl_path')
+  if not path or not str(path).strip():
+    raise ConfigError('config.dataset.jsonl_path is empty: give your JSON-lines file of pairs '
+                      'with --config.dataset.jsonl_path=FILE (configs/siglip_pairs.py).')
+  return os.path.expanduser(str(path))
+
+
+def jsonl_records_of(cfg):
+  """The checked records of a jsonl_pairs config (`jsonl_records.read`)."""
+  return jsonl_records.read(jsonl_path(cfg),
+                            test_fraction=cfg.get('test_fraction', jsonl_records.TEST_FRACTION))
+
+
+def check_files(cfg, *, batch_size=None, eval_split=None):
+  """Raises MissingDatasetError (naming the Debian package or path) before any work; for a
+  JSON-lines file also PairsDataError for a bad record or too few records for one batch of
+  `batch_size` or for evaluating on `eval_split` (None: not checked), and prints its counts."""
   if cfg.name == 'emoji_cldr':
     emoji.check_files(languages=tuple(cfg.get('languages', ('en',))))
   elif cfg.name == 'wordnet_gloss':
     wordnet.check_files()
   elif cfg.name == 'jsonl_pairs':
-    pairs.read_jsonl(cfg.jsonl_path)
+    records = jsonl_records_of(cfg)
+    jsonl_records.check_counts(records, batch_size=batch_size, eval_split=eval_split)
+    print(records.describe(), flush=True)
 
 
 def get_source(cfg, split):
-  """The raw records of `split` (random access), converting on first use in process 0."""
+  """The raw records of `split` (random access), converting on first use (and when the
+  source changed) in process 0."""
   b = builder(cfg)
-  if not b.is_prepared():
+  if not pairs.is_current(b):
     if jax.process_index() == 0:
       pairs.prepare(b)
     if jax.process_count() > 1:
@@ -97,6 +121,54 @@ def get_source(cfg, split):
       multihost_utils.sync_global_devices('prepare_' + cfg.name)
     b = builder(cfg)
   return b.as_data_source(split=split)
+
+
+SOURCE_RECORD = 'pairs_source.json'  # in the workdir: {JSON-lines path: its fingerprint}
+
+
+def check_run_source(cfg, workdir, allow_changes=()):
+  """Refuses to resume a run on a JSON-lines file that changed since the run started.
+
+  The workdir records the file's `jsonl_records.fingerprint` at the first start. A later start
+  whose file differs raises WorkdirError naming the file and the workdir where the workdir
+  holds a run trained on it (a checkpoint or its tokenizer), unless `allow_changes`
+  (config.allow_config_changes, parsed) names 'dataset' or 'dataset.jsonl_path'; else the
+  record is rewritten (process 0). Other datasets: nothing to do.
+  """
+  if cfg.name != 'jsonl_pairs':
+    return
+  new = jsonl_records.fingerprint(jsonl_records_of(cfg))
+  record_path = os.path.join(workdir, SOURCE_RECORD)
+  saved = _read_json(record_path)
+  old = saved.get(new['path'])
+  if jsonl_records.same_source(old, new):
+    return
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  trained = os.path.exists(os.path.join(workdir, TOKENIZER_NAME)) or (
+      os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)))
+  allowed = any(rule in ('dataset', 'dataset.jsonl_path') for rule in allow_changes)
+  if old and trained and not allowed:
+    raise workdir_lib.WorkdirError(
+        f'{workdir} holds a run trained on {new["path"]} as it was before '
+        f'({jsonl_records.describe_change(old, new)}): use a new --workdir, restore the file, '
+        'or resume on the new data with --config.allow_config_changes=dataset.jsonl_path.')
+  if old and trained:
+    print(f'Resuming on changed data (config.allow_config_changes): '
+          f'{jsonl_records.describe_change(old, new)}.', flush=True)
+  if jax.process_index() == 0:
+    saved[new['path']] = new
+    with open(record_path + '.tmp', 'w', encoding='utf-8') as f:
+      json.dump(saved, f, indent=1, sort_keys=True)
+    os.replace(record_path + '.tmp', record_path)
+
+
+def _read_json(path):
+  """The JSON object of `path`, or {} (absent or unreadable)."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
 
 
 def texts(source, fields):

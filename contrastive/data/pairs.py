@@ -2,56 +2,127 @@
 shared by the pair builders (`emoji.EmojiCldr`, `wordnet.WordnetGloss`), and `JsonlPairs`, which
 converts a JSON-lines file of pairs into array_record shards read like any other tfds source.
 
-A JSON-lines file holds one record per line, all of one kind:
+A JSON-lines file holds one record per line, all of one kind (contrastive/data/jsonl_records.py
+reads and checks it: each bad record is a `PairsDataError` naming FILE:LINE):
 
     {"image": "imgs/cat.png", "text": "a photo of a cat"}        # kind 'image_text'
     {"text_a": "dog", "text_b": "a domesticated canid"}          # kind 'text_text'
 
 Image paths are absolute or relative to the .jsonl file's folder; any Pillow format is read, made RGB
 (transparency over white), centre-cropped to a square and resized to `image_size`. An optional
-"split" key names the record's split (default 'train'). Convert once, then read with random access:
+"split" key names the record's split (records without one are 'train'); where no record has one,
+`test_fraction` (0.1) of them are 'test' by a hash of the image path or text a. Records of one image
+(or text a) share a group id, the first one's line index. Convert once, then read with random
+access:
 
     builder = convert_jsonl('pairs.jsonl', data_dir=tmp, image_size=64, num_shards=4)
     train = builder.as_data_source(split='train')
-    train[i] -> {'image': [64, 64, 3] uint8, 'text': bytes, 'id': int32}   # 'id': the line index
+    train[i] -> {'image': [64, 64, 3] uint8, 'text': bytes, 'id': int32}   # 'id': the group id
                 {'text_a': bytes, 'text_b': bytes, 'id': int32}            # kind 'text_text'
 
-A builder keeps one converted file per (kind, image size) in its data_dir: convert different files
-into different data_dirs (`load_split` raises if the data_dir holds another file's conversion).
+The conversion records its source (`jsonl_records.fingerprint`: the file's size, mtime and SHA-256,
+its images' sizes and mtimes) as source.json beside the shards: an edited file is converted again
+(and the tokenizer cached there dropped). A builder keeps one converted file per (kind, image size)
+in its data_dir: convert different files into different data_dirs (`prepare` raises if the
+data_dir holds another file's conversion).
 """
 
+import contextlib
 import dataclasses
-import hashlib
-import json
+import io
+import logging
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from contrastive.data import freshness
+from contrastive.data import jsonl_records
 from contrastive.data.fashion_mnist import MissingDatasetError
 
-KINDS = {'image_text': ('image', 'text'), 'text_text': ('text_a', 'text_b')}
+KINDS = jsonl_records.KINDS
+PairsDataError = jsonl_records.PairsDataError
+in_test_split = jsonl_records.in_test_split
 
 
-def in_test_split(key, test_fraction):
-  """Deterministic hash split: True for about `test_fraction` of keys, the same on every run and
-  machine (SHA-256 of the UTF-8 key, not Python's salted `hash`)."""
-  digest = hashlib.sha256(key.encode('utf-8')).digest()
-  return int.from_bytes(digest[:8], 'big') < test_fraction * 2.0**64
+@contextlib.contextmanager
+def quiet():
+  """Silences tfds while it builds or converts a local dataset: its absl warnings (custom
+  configs, variant folders without dataset_info.json), the "Downloading and preparing dataset
+  Unknown size" lines it prints and its progress bars. Callers print one line of their own."""
+  absl_logger = logging.getLogger('absl')
+  level = absl_logger.level
+  progress = tfds.core.utils.tqdm_utils._active  # pylint: disable=protected-access
+  absl_logger.setLevel(logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logger.setLevel(level)
+    tfds.display_progress_bar(progress)
 
 
-def prepare(builder, **prepare_kwargs):
-  """Converts `builder`'s dataset to array_record on first use (a no-op afterwards); raises if its
-  data_dir holds a conversion of another source file. Single-process: a multi-process job prepares on
-  process 0 first (`pipeline.get_source`)."""
-  if not builder.is_prepared():
-    builder.download_and_prepare(file_format='array_record', **prepare_kwargs)
+def is_prepared(builder):
+  """builder.is_prepared(), without tfds' warning about a variant folder that has no
+  dataset_info.json yet (tfds creates the folder before it converts)."""
+  with quiet():
+    return builder.is_prepared()
+
+
+def _check_same_file(builder):
+  """Raises PairsDataError if `builder`'s data_dir holds a conversion of another file."""
   expected = getattr(builder, 'source_path', None)
   found = builder.info.metadata.get('source') if builder.info.metadata else None
   if expected and found and found != expected:
-    raise ValueError(f'{builder.data_dir!r} holds a conversion of {found!r}, not {expected!r}: '
-                     'use another data_dir.')
+    raise PairsDataError(f'{builder.data_dir!r} holds a conversion of {found!r}, not {expected!r}: '
+                         'use another data_dir (config.dataset.data_dir).')
+
+
+def is_current(builder):
+  """Whether `builder` is converted from its source as it is now (PairsDataError if its
+  data_dir holds another file's conversion)."""
+  if not is_prepared(builder):
+    return False
+  _check_same_file(builder)
+  source = builder.source_fingerprint() if hasattr(builder, 'source_fingerprint') else None
+  return source is None or jsonl_records.same_source(freshness.recorded(builder.data_dir), source)
+
+
+def _unwrapped(error):
+  """The PairsDataError that tfds may have wrapped `error` around, or None."""
+  while error is not None:
+    if isinstance(error, PairsDataError):
+      return error
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def prepare(builder, **prepare_kwargs):
+  """Converts `builder`'s dataset to array_record on first use, and again (a new builder) when
+  its source changed; returns the builder to read. Raises if its data_dir holds a conversion of
+  another source file. Single-process: a multi-process job prepares on process 0 first
+  (`pair_batches.get_source`)."""
+  if is_current(builder):
+    return builder
+  source = builder.source_fingerprint() if hasattr(builder, 'source_fingerprint') else None
+  again = ''
+  if is_prepared(builder):  # converted from another version of its source
+    again = f' again: {jsonl_records.describe_change(freshness.recorded(builder.data_dir), source)}'
+    shutil.rmtree(builder.data_dir)  # the shards and the tokenizers cached beside them
+    with quiet():
+      builder = type(builder)(**builder._original_state)  # pylint: disable=protected-access
+  describe = getattr(builder, 'describe_source', lambda: builder.name)
+  print(f'Converting {describe()} into array_record under {builder.data_dir}{again}', flush=True)
+  try:
+    with quiet():
+      builder.download_and_prepare(file_format='array_record', **prepare_kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _unwrapped(e) or e from None
+  if source is not None:
+    freshness.record(builder.data_dir, source)
   return builder
 
 
@@ -61,28 +132,11 @@ def load_split(builder, split):
   return prepare(builder).as_data_source(split=split)
 
 
-def read_jsonl(path, kind=None):
-  """Reads and checks the records. Returns (kind, [(line index, split, first, second)])."""
-  if not os.path.isfile(path):
-    raise MissingDatasetError(f'JSON-lines file {path!r} not found.')
-  rows = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{n + 1}: not JSON ({e}).') from None
-      kind = kind or next((k for k, keys in KINDS.items() if set(keys) <= set(record)), None)
-      if kind not in KINDS or not set(KINDS[kind]) <= set(record):
-        raise ValueError(f'{path}:{n + 1}: expected keys {KINDS.get(kind) or list(KINDS.values())}'
-                         f', found {sorted(record)}.')
-      first, second = (record[k] for k in KINDS[kind])
-      rows.append((n, str(record.get('split', 'train')), first, second))
-  if not rows:
-    raise ValueError(f'{path!r} holds no records.')
-  return kind, rows
+def read_jsonl(path, kind=None, test_fraction=jsonl_records.TEST_FRACTION):
+  """Reads and checks the records (`jsonl_records.read`). Returns (kind, [(line index, split,
+  first, second)])."""
+  records = jsonl_records.read(path, kind=kind, test_fraction=test_fraction)
+  return records.kind, [(r.line, r.split, r.first, r.second) for r in records.rows]
 
 
 def load_image(path, size):
@@ -113,17 +167,40 @@ class JsonlPairs(tfds.core.GeneratorBasedBuilder):
       JsonlPairsConfig(name='text_text', kind='text_text')]
   MANUAL_DOWNLOAD_INSTRUCTIONS = 'Put pairs.jsonl (and its images) in the manual_dir.'
 
-  def __init__(self, *, jsonl_path=None, kind=None, image_size=64, **kwargs):
+  def __init__(self, *, jsonl_path=None, kind=None, image_size=64,
+               test_fraction=jsonl_records.TEST_FRACTION, **kwargs):
     if kind is None and kwargs.get('config') is None and jsonl_path:
-      kind = read_jsonl(jsonl_path)[0]
+      kind = self._read(jsonl_path, None, test_fraction).kind
     if kind is not None:
       name = 'text_text' if kind == 'text_text' else f'image_text_{image_size}px'
       kwargs['config'] = self.builder_configs.get(name) or JsonlPairsConfig(
           name=name, kind=kind, image_size=image_size)
     self.source_path = os.path.abspath(jsonl_path) if jsonl_path else None
+    self.test_fraction = test_fraction
     kwargs.setdefault('file_format', 'array_record')
-    super().__init__(**kwargs)
-    self._original_state.update(jsonl_path=jsonl_path, file_format=kwargs['file_format'])
+    with quiet():  # tfds warns about every config not in BUILDER_CONFIGS
+      super().__init__(**kwargs)
+    self._original_state.update(jsonl_path=jsonl_path, file_format=kwargs['file_format'],
+                                test_fraction=test_fraction)
+
+  @staticmethod
+  def _read(path, kind, test_fraction):
+    if path and not os.path.isfile(path):
+      raise MissingDatasetError(f'JSON-lines file {path!r} not found.')
+    return jsonl_records.read(path, kind=kind, test_fraction=test_fraction)
+
+  def records(self):
+    """The checked records of the source file (`jsonl_records.Records`)."""
+    return self._read(self.source_path, self.builder_config.kind, self.test_fraction)
+
+  def source_fingerprint(self):
+    """What the conversion depends on (`jsonl_records.fingerprint`); None without a path."""
+    return jsonl_records.fingerprint(self.records()) if self.source_path else None
+
+  def describe_source(self):
+    if not self.source_path:
+      return self.name
+    return f'{os.path.basename(self.source_path)} ({len(self.records().rows)} records)'
 
   def _info(self):
     cfg = self.builder_config
@@ -147,26 +224,31 @@ class JsonlPairs(tfds.core.GeneratorBasedBuilder):
       manual = os.fspath(dl_manager.manual_dir)
       self.source_path = os.path.abspath(
           manual if os.path.isfile(manual) else os.path.join(manual, 'pairs.jsonl'))
-    cfg = self.builder_config
-    _, rows = read_jsonl(self.source_path, cfg.kind)
+    rows = self.records().rows
     self.info.metadata.update(source=self.source_path, num_records=len(rows))
     root = os.path.dirname(self.source_path)
-    splits = sorted({split for _, split, _, _ in rows})
-    return {s: self._generate_examples([r for r in rows if r[1] == s], root) for s in splits}
+    splits = sorted({r.split for r in rows})
+    return {s: self._generate_examples([r for r in rows if r.split == s], root) for s in splits}
 
   def _generate_examples(self, rows, root):
     a, b = KINDS[self.builder_config.kind]
-    for n, _, first, second in rows:
+    for row in rows:
+      first = row.first
       if a == 'image':
         path = os.path.join(root, first)
-        if not os.path.isfile(path):
-          raise FileNotFoundError(f'{self.source_path}:{n + 1}: image {path!r} not found.')
-        first = load_image(path, self.builder_config.image_size)
-      yield n, {a: first, b: second, 'id': n}
+        try:
+          first = load_image(path, self.builder_config.image_size)
+        except Exception as e:  # pylint: disable=broad-except
+          raise PairsDataError(f'{self.source_path}:{row.line + 1}: image {row.first!r} cannot '
+                               f'be read ({type(e).__name__}: {e}).') from None
+      yield row.line, {a: first, b: row.second, 'id': row.group}
 
 
-def convert_jsonl(jsonl_path, data_dir, *, kind=None, image_size=64, num_shards=None):
-  """Converts `jsonl_path` into array_record shards under `data_dir` (once) and returns the builder;
-  `builder.as_data_source(split)` then reads it. kind=None reads it from the first record."""
-  builder = JsonlPairs(jsonl_path=jsonl_path, kind=kind, image_size=image_size, data_dir=data_dir)
+def convert_jsonl(jsonl_path, data_dir, *, kind=None, image_size=64, num_shards=None,
+                  test_fraction=jsonl_records.TEST_FRACTION):
+  """Converts `jsonl_path` into array_record shards under `data_dir` (once, and again when the
+  file changed) and returns the builder; `builder.as_data_source(split)` then reads it.
+  kind=None reads it from the first record."""
+  builder = JsonlPairs(jsonl_path=jsonl_path, kind=kind, image_size=image_size, data_dir=data_dir,
+                       test_fraction=test_fraction)
   return prepare(builder, download_config=tfds.download.DownloadConfig(num_shards=num_shards))

@@ -47,9 +47,9 @@ def _prepared_builder(cfg):
   differ from those it was converted from (only process 0 writes in a multi-process job)."""
   builder = LOCAL_BUILDERS[cfg.name](data_dir=_data_dir(cfg))
   source = freshness.fingerprint(SOURCE_FILES[cfg.name](cfg)) if cfg.name in SOURCE_FILES else None
-  stale = (source is not None and builder.is_prepared() and
+  stale = (source is not None and pairs.is_prepared(builder) and
            freshness.recorded(builder.data_dir) != source)
-  if builder.is_prepared() and not stale:
+  if pairs.is_prepared(builder) and not stale:
     return builder
   if jax.process_index() == 0:
     if stale:
@@ -58,9 +58,11 @@ def _prepared_builder(cfg):
             flush=True)
       shutil.rmtree(builder.data_dir)
       builder = LOCAL_BUILDERS[cfg.name](data_dir=_data_dir(cfg))
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=cfg.get('idx_dir')),
-        file_format='array_record')
+    print(f'Converting {cfg.name} into array_record under {builder.data_dir}', flush=True)
+    with pairs.quiet():  # tfds' "Unknown size" lines and warnings: the line above says it
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=cfg.get('idx_dir')),
+          file_format='array_record')
     if source is not None:
       freshness.record(builder.data_dir, source)
   _sync_processes('prepare_' + cfg.name)

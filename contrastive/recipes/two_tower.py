@@ -34,6 +34,7 @@ import numpy as np
 
 from contrastive import objectives
 from contrastive import parallel
+from contrastive import run_config
 from contrastive import step as step_lib
 from contrastive import two_tower_eval
 from contrastive.batching import from_config as batching
@@ -98,6 +99,8 @@ def train_source(s, workdir):
   if s.shards:
     return _shard_rows(s, workdir)
   datasets = mixture.part_configs(config.dataset)
+  for _, cfg in datasets:  # a JSON-lines file edited since this workdir's run started: refused
+    pair_batches.check_run_source(cfg, workdir, run_config.allowed_changes(config))
   raws = [pair_batches.get_source(cfg, 'train') for _, cfg in datasets]
   specs = [pair_batches.spec(cfg, raw) for (_, cfg), raw in zip(datasets, raws)]
   if len(raws) == 1:

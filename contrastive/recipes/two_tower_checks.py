@@ -59,8 +59,33 @@ def check_mixed_towers(config):
     raise ConfigError(MIXED_TOWERS)
 
 
+def resolve_pair_towers(config):
+  """A JSON-lines dataset's towers follow its file (configs/siglip_pairs.py): for text-text
+  records (text_a/text_b) a config with an image tower gets two text towers instead, tower a a
+  copy of config.model.text with its own weights (config.model.image and dataset.image_size
+  removed); an image-text file needs an image tower (ConfigError). Changes `config` in place,
+  before it is checked and saved in the workdir (whose config.json then has the towers that
+  ran)."""
+  dataset = config.get('dataset') or {}
+  if dataset.get('name') != 'jsonl_pairs':
+    return
+  kind = pair_batches.jsonl_records_of(dataset).kind
+  if kind == 'text_text' and config.model.get('image') is not None:
+    with config.unlocked():
+      config.model.a = config.model.text.to_dict()
+      del config.model['image']
+      if 'image_size' in config.dataset:
+        del config.dataset['image_size']
+  elif kind == 'image_text' and config.model.get('image') is None:
+    raise ConfigError(f'config.dataset.jsonl_path={dataset.jsonl_path!r} holds image-text pairs '
+                      'but config.model has no image tower (model.image): use '
+                      'configs/siglip_pairs.py.')
+
+
 def validate(config):
-  """Raises ConfigError naming the field; MissingDatasetError for absent data."""
+  """Raises ConfigError naming the field; MissingDatasetError for absent data (and a
+  JSON-lines dataset's PairsDataError); resolves a JSON-lines dataset's towers first."""
+  resolve_pair_towers(config)
   try:
     model = two_tower_lib.build_two_tower(model_config(config))
   except (ValueError, TypeError) as e:
@@ -107,8 +132,10 @@ def validate(config):
   if config.dataset.get('name') == 'webdataset':
     _check_shards(config, hard.num_hard)
   else:
+    one = not mixture.is_mixture(config.dataset)  # a mixture's parts share the batch
     for _, dataset in mixture.part_configs(config.dataset):
-      pair_batches.check_files(dataset)
+      pair_batches.check_files(dataset, batch_size=config.batch_size if one else None,
+                               eval_split=config.eval.get('split', 'test'))
   try:  # the standard benchmarks of config.eval.tasks: their data, before anything compiles
     two_tower_eval.standard_tasks(config.eval)
   except sources.EvalDataError as e:
