@@ -29,11 +29,14 @@ LOSSES = {
     'debiased_info_nce': dict(temperature=0.2, tau_plus=0.1),  # 10 balanced classes
     'hard_negative_info_nce': dict(temperature=0.2, beta=1.0, tau_plus=0.1),
     'supcon': dict(temperature=0.2),
+    # AMCL: model.head_count heads, each with a learned temperature (set with the loss below)
+    'amcl': dict(beta=0.1, kappa=0.5),
 }
 # These also take `block_size`: unset (None) is the dense path; an int, the tile side of the
 # blockwise path (O(B D) memory), e.g. --config.loss.block_size=1024.
 BLOCKWISE_LOSSES = ('info_nce', 'clip_loss', 'sigmoid_loss', 'debiased_info_nce',
-                    'hard_negative_info_nce')
+                    'hard_negative_info_nce', 'amcl')
+AMCL_HEADS = 4  # `:loss=amcl`: the heads of AMCL's loss (contrastive/losses/amcl.py)
 
 # Each sampler variant with the config.samplers fields it sets (contrastive/samplers/objective.py).
 SAMPLERS = {
@@ -125,11 +128,15 @@ def get_config(arg=None):
   config.model = dict(preset='', stage_sizes=(1, 1, 1), width=32, block='basic',
                       stem_strides=2, pool='flatten', encoder=config_dict.placeholder(dict),
                       head_hidden_dims=(256,), head_out_dim=128,
+                      # AMCL (loss amcl): head_count heads, temperatures from head_temperature
+                      head_count=1, head_temperature=0.1,
                       remat='')  # e.g. 'nothing_saveable': models/compute.py REMAT_POLICIES
   loss = options.get('loss', 'nt_xent')
   if loss not in LOSSES:
     raise ValueError(f'Variant loss={loss!r} is unknown; choose one of {sorted(LOSSES)}.')
   config.loss = loss_config(loss)
+  if loss == 'amcl':
+    config.model.head_count = AMCL_HEADS
   # Beyond plain SimCLR (contrastive/step.py): keys from a momentum encoder ('moco'), a memory
   # queue of past keys, negative samplers; MCL's multi-stage run (contrastive/mcl.py).
   config.method = 'simclr'

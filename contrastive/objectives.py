@@ -120,10 +120,9 @@ def image_views(*, model, loss_fn, aug_cfg, method=None):
     return (q1, q2), const, batch_stats
 
   def loss(params, state, embeddings, batch, rng):
-    del params
     (q1, q2), const = embeddings
-    if method is None:
-      value, metrics = loss_fn(q1, q2)
+    if method is None:  # the model's learned loss arguments: AMCL's head temperatures
+      value, metrics = loss_fn(q1, q2, **model.apply({'params': params}, method='loss_params'))
       return value, (metrics, None)
     return _sampled(state, batch, q1, q2, const, jax.random.split(rng)[1], method=method)
 

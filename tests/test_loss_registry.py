@@ -1,5 +1,6 @@
 """Bad loss inputs and configs fail with clear messages; every registered loss runs from a config."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,7 +21,8 @@ def test_every_registered_loss_builds_and_runs(name):
   arguments = registry.loss_arguments(name)
   kw = {k: PAIR_KWARGS[k] for k, required in arguments.items() if required}
   cfg = ml_collections.ConfigDict(dict(name=name, **kw))
-  fn = registry.pair_loss_from_config(cfg)
+  learned = {'temperatures': np.array([0.2, 0.5])} if name == 'amcl' else {}  # the model's
+  fn = functools.partial(registry.pair_loss_from_config(cfg), **learned)
   z1, z2 = normal(18, 8, 4), normal(19, 8, 4)
   loss, metrics = jax.jit(fn)(z1, z2)
   assert np.isfinite(float(loss))
@@ -29,12 +31,12 @@ def test_every_registered_loss_builds_and_runs(name):
     with float64.enabled():      # (tests/float64.py: reordered sums compared at rtol 1e-9)
       z1, z2 = float64.cast((z1, z2))
       loss = jax.jit(fn)(z1, z2)[0]
-      blocked = registry.pair_loss_from_config(
-          ml_collections.ConfigDict(dict(name=name, block_size=3, **kw)))
+      blocked = functools.partial(registry.pair_loss_from_config(
+          ml_collections.ConfigDict(dict(name=name, block_size=3, **kw))), **learned)
       float64.assert_close(jax.jit(blocked)(z1, z2)[0], loss)
       mesh = mesh_of(2)
-      gathered = registry.pair_loss_from_config(ml_collections.ConfigDict(
-          dict(name=name, block_size=3, collective='all_gather', **kw)), mesh=mesh)
+      gathered = functools.partial(registry.pair_loss_from_config(ml_collections.ConfigDict(
+          dict(name=name, block_size=3, collective='all_gather', **kw)), mesh=mesh), **learned)
       z1, z2 = (jax.device_put(z, parallel.data_sharding(mesh)) for z in (z1, z2))
       float64.assert_close(jax.jit(gathered)(z1, z2)[0], loss)
 

@@ -78,7 +78,16 @@ LOSSES = {
                ref_supcon_pairs),
 }
 PAIR_KWARGS = {'temperature': 0.2, 'bias': -2.0, 'beta': 1.0, 'tau_plus': 0.1, 'sigma': 0.5,
-               'block_size': None, 'collective': 'ring'}
+               'block_size': None, 'collective': 'ring', 'kappa': 0.5}
+
+
+def loss_kwargs(name, temperature):
+  """PAIR_LOSSES[name]'s config arguments (PAIR_KWARGS) and `temperature`; for amcl, whose
+  temperatures are learned by the model, two heads' temperatures instead."""
+  kw = {k: PAIR_KWARGS[k] for k in registry.loss_arguments(name)}
+  if name == 'amcl':
+    return dict(kw, temperatures=jnp.array([temperature, 0.2]))
+  return dict(kw, temperature=temperature)
 
 
 def normal(seed, *shape):
@@ -322,7 +331,7 @@ def pair_losses_value_and_grad(z1, z2):
   """{name: (loss, (d/dz1, d/dz2))} for every registered loss at tau = 0.01, one compilation."""
   results = {}
   for name, fn in registry.PAIR_LOSSES.items():
-    kw = dict({k: PAIR_KWARGS[k] for k in registry.loss_arguments(name)}, temperature=0.01)
+    kw = loss_kwargs(name, 0.01)
     results[name] = jax.value_and_grad(lambda a, b, f=fn, kw=kw: f(a, b, **kw)[0],
                                        argnums=(0, 1))(z1, z2)
   return results

@@ -13,6 +13,7 @@ config's other fields (checked against the signature before anything is compiled
   debiased_info_nce       temperature, tau_plus       both directions, averaged
   hard_negative_info_nce  temperature, beta, tau_plus both directions, averaged
   supcon                  temperature                 on [z1; z2] with labels = pair ids (= nt_xent)
+  amcl                    beta, kappa                 H heads (model.head_count), learned temperatures
 
 Every loss but nt_xent, dcl, dclw and supcon also takes `block_size` (None: dense; an int: the
 blockwise path of `blockwise.py`, O(B D) memory), e.g. `--config.loss.block_size=1024`, and
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 
 from contrastive.losses import blockwise
 from contrastive.losses import common
+from contrastive.losses.amcl import amcl
 from contrastive.losses.dcl import dcl
 from contrastive.losses.dcl import dclw
 from contrastive.losses.debiased import debiased_info_nce
@@ -101,15 +103,19 @@ PAIR_LOSSES = {
     'debiased_info_nce': _debiased_pair,
     'hard_negative_info_nce': _hard_negative_pair,
     'supcon': _supcon_pair,
+    'amcl': amcl,  # the model's H heads ([B, H D]) and their learned temperatures
 }
+# Arguments the trainer binds (mesh) or the model gives (AMCL's learned temperatures), not
+# config fields.
+BOUND_ARGUMENTS = ('mesh', 'temperatures')
 
 
 def loss_arguments(name):
   """{argument: required} for the config arguments of PAIR_LOSSES[name]: its keyword-only
-  arguments but `mesh` (bound by the trainer)."""
+  arguments but BOUND_ARGUMENTS."""
   params = inspect.signature(PAIR_LOSSES[name]).parameters.values()
   return {p.name: p.default is p.empty for p in params
-          if p.kind == p.KEYWORD_ONLY and p.name != 'mesh'}
+          if p.kind == p.KEYWORD_ONLY and p.name not in BOUND_ARGUMENTS}
 
 
 def check_loss_config(cfg):
@@ -144,6 +150,9 @@ def check_loss_config(cfg):
   sigma = cfg.get('sigma')
   if sigma is not None and not sigma > 0:
     raise ValueError(f'config.loss.sigma={sigma} must be > 0 (0.5 in the DCL paper).')
+  if name == 'amcl' and not (cfg.get('beta', 0.1) >= 0 and cfg.get('kappa', 0.5) > 0):
+    raise ValueError(f'config.loss: amcl needs beta >= 0 and kappa > 0; got beta='
+                     f'{cfg.get("beta")}, kappa={cfg.get("kappa")}.')
   tau_plus = cfg.get('tau_plus')
   if tau_plus is not None and not 0 <= tau_plus < 1:
     raise ValueError(f'config.loss.tau_plus={tau_plus} must be in [0, 1) (e.g. 0.1 for 10 '

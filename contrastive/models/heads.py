@@ -5,6 +5,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from contrastive.losses import amcl
 from contrastive.models import compute
 from contrastive.models import resnet
 from contrastive.models import two_tower
@@ -47,6 +48,39 @@ class ProjectionHead(nn.Module):
     return nn.Dense(self.out_dim, dtype=dtype, name='out')(h)
 
 
+class MultiHead(nn.Module):
+  """AMCL's H projection heads (`losses/amcl.py`), each with its own learned temperature.
+
+  [N, F] -> [N, H * out_dim]: the heads' outputs side by side (the loss splits them); the
+  parameter 'temperature_logit' [H] gives the temperatures `temperatures()` in (1e-5, 2).
+
+  Attributes:
+    count: H.
+    hidden_dims, out_dim, norm, dtype: each head's (`ProjectionHead`).
+    temperature: every head's initial temperature.
+  """
+  count: int = 2
+  hidden_dims: Sequence[int] = (512,)
+  out_dim: int = 128
+  norm: str = 'batch'
+  dtype: Any = jnp.float32
+  temperature: float = 0.1
+
+  def setup(self):
+    self.heads = [ProjectionHead(hidden_dims=self.hidden_dims, out_dim=self.out_dim,
+                                 norm=self.norm, dtype=self.dtype) for _ in range(self.count)]
+    start = amcl.temperature_logit(self.temperature)
+    self.temperature_logit = self.param('temperature_logit',
+                                        lambda _: jnp.full((self.count,), start, jnp.float32))
+
+  def __call__(self, h, *, train: bool):
+    return jnp.concatenate([head(h, train=train) for head in self.heads], axis=-1)
+
+  def temperatures(self):
+    """[H] float32: the heads' temperatures."""
+    return amcl.head_temperatures(self.temperature_logit)
+
+
 class ContrastiveModel(nn.Module):
   """Encoder f, projection head g and an optional predictor q (MoCo v3, BYOL).
 
@@ -73,6 +107,12 @@ class ContrastiveModel(nn.Module):
     """Frozen features h for evaluation: BatchNorm in inference mode."""
     return self.encoder(images, train=False)
 
+  def loss_params(self):
+    """The loss's learned arguments: {'temperatures': [H]} with AMCL's heads, else {}."""
+    if isinstance(self.head, MultiHead):
+      return {'temperatures': self.head.temperatures()}
+    return {}
+
 
 def build_encoder(cfg, dtype=None, remat=None):
   """The encoder of config `cfg`: `cfg.encoder`, a tower config such as
@@ -94,6 +134,7 @@ def build_encoder(cfg, dtype=None, remat=None):
 
 def build_model(cfg, dtype=None, remat=None):
   """ContrastiveModel from config `cfg` (fields: the encoder's (`build_encoder`), head,
+  optional head_count > 1 (AMCL's heads, `MultiHead`, starting at head_temperature),
   optional predictor_hidden_dims, optional head_norm: 'batch' (default), 'layer' or 'none',
   the norm of the head's and predictor's hidden layers (`ProjectionHead.norm`)).
 
@@ -104,8 +145,13 @@ def build_model(cfg, dtype=None, remat=None):
   encoder = build_encoder(cfg, dtype=dtype, remat=remat)
   head_dtype = compute.as_dtype(encoder.dtype if dtype is None else dtype)
   norm = cfg.get('head_norm', 'batch')
-  head = ProjectionHead(hidden_dims=tuple(cfg.head_hidden_dims), out_dim=cfg.head_out_dim,
-                        norm=norm, dtype=head_dtype)
+  head_args = dict(hidden_dims=tuple(cfg.head_hidden_dims), out_dim=cfg.head_out_dim, norm=norm,
+                   dtype=head_dtype)
+  if cfg.get('head_count', 1) > 1:  # AMCL's heads
+    head = MultiHead(count=cfg.head_count, temperature=cfg.get('head_temperature', 0.1),
+                     **head_args)
+  else:
+    head = ProjectionHead(**head_args)
   predictor = None
   if cfg.get('predictor_hidden_dims'):  # MoCo v3: 2-layer MLP, out_dim -> hidden -> out_dim
     predictor = ProjectionHead(hidden_dims=tuple(cfg.predictor_hidden_dims),

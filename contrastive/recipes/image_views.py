@@ -105,11 +105,28 @@ def validate(config):
     raise ConfigError(f'config.model.pool={config.model.pool!r} is unknown; choose one of '
                       f'{list(POOLS)}.')
   validate_method(config)
+  _check_heads(config)
   if config.get('dtype', 'float32') == 'bfloat16' and uses_samplers(config):
     raise ConfigError('config.dtype=\'bfloat16\' is not implemented with a momentum encoder, '
                       'queue or negative samplers (their mixing and masks are float32 code): '
                       'use config.dtype=\'float32\' for them.')
   pipeline.check_dataset(config.dataset)
+
+
+def _check_heads(config):
+  """AMCL's heads (model.head_count > 1) and its loss go together (on plain SimCLR:
+  `validate_method` keeps the momentum encoder, queue and samplers on InfoNCE)."""
+  count, amcl = config.model.get('head_count', 1), config.loss.name == 'amcl'
+  if not isinstance(count, int) or count < 1:
+    raise ConfigError(f'config.model.head_count={count!r} must be an int >= 1.')
+  if amcl != (count > 1):
+    raise ConfigError(f'config.loss.name={config.loss.name!r} with config.model.head_count='
+                      f'{count}: the amcl loss takes H >= 2 heads and only it uses them; set '
+                      'both (e.g. --config.loss.name=amcl --config.model.head_count=4) or '
+                      'neither.')
+  tau = config.model.get('head_temperature', 0.1)
+  if amcl and not 1e-5 < tau < 2.0:
+    raise ConfigError(f'config.model.head_temperature={tau} must lie in (1e-05, 2.0).')
 
 
 def validate_method(config):
