@@ -27,6 +27,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 RECIPES = [
     ('simclr', 'simclr_fmnist.py'),
     ('simclr+infonce', 'simclr_fmnist.py:loss=info_nce'),
+    ('simclr+amcl', 'simclr_fmnist.py:loss=amcl'),  # 4 heads, learned temperatures
     ('moco_v2', 'moco_v2_fmnist.py'),
     ('moco_v3', 'moco_v3_fmnist.py'),
     ('moco_v2+mining', 'moco_v2_fmnist.py:mining'),
