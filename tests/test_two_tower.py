@@ -251,6 +251,10 @@ def _full_config(**changes):
     ({'model.text.pool': 'max'}, r"config.model: pool must be one of \('eos', 'mean', 'map'"),
     ({'model.image.pool': 'max'}, r"config.model: pool must be one of \('gap', 'cls', 'map'\)"),
     ({'model.image.posemb': 'rope'}, r"posemb must be one of \('learn', 'sincos2d'\)"),
+    ({'model.embed_dim': 0}, r'config.model: embed_dim=0 must be an int >= 1'),
+    ({'model.text.depth': -1}, r'config.model: depth=-1 must be an int >= 0'),
+    ({'model.image.heads': 5}, r'width=\d+ is not a multiple of heads=5'),
+    ({'dataset.name': 'foo'}, r"config.dataset.name='foo' is not a pair dataset"),
 ])
 def test_bad_two_tower_configs_fail_before_compiling(changes, match):
   with pytest.raises(validate.ConfigError, match=match):

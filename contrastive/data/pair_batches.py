@@ -68,7 +68,7 @@ def builder(cfg):
     return pairs.JsonlPairs(data_dir=data_dir, jsonl_path=jsonl_path(cfg),
                             image_size=cfg.get('image_size', 64),
                             test_fraction=cfg.get('test_fraction', jsonl_records.TEST_FRACTION))
-  raise ValueError(f'config.dataset.name={cfg.name!r} is not a pair dataset; choose one of '
+  raise ConfigError(f'config.dataset.name={cfg.name!r} is not a pair dataset; choose one of '
                    "('emoji_cldr', 'wordnet_gloss', 'jsonl_pairs').")
 
 
@@ -98,7 +98,10 @@ def jsonl_records_of(cfg):
 def check_files(cfg, *, batch_size=None, eval_split=None):
   """Raises MissingDatasetError (naming the Debian package or path) before any work; for a
   JSON-lines file also PairsDataError for a bad record or too few records for one batch of
-  `batch_size` or for evaluating on `eval_split` (None: not checked), and prints its counts."""
+  `batch_size` or for evaluating on `eval_split` (None: not checked), and prints its counts;
+  ConfigError for a name that is no pair dataset."""
+  if cfg.name not in ('emoji_cldr', 'wordnet_gloss', 'jsonl_pairs'):
+    builder(cfg)  # its one-line error
   if cfg.name == 'emoji_cldr':
     emoji.check_files(languages=tuple(cfg.get('languages', ('en',))))
   elif cfg.name == 'wordnet_gloss':

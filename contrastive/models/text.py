@@ -100,9 +100,10 @@ class TextTransformer(nn.Module):
   ln_eps: float = 1e-6
   pad_mask: bool = True
 
-  def __post_init__(self):  # a wrong name fails when the tower is built, not at its first call
+  def __post_init__(self):  # a wrong name or size fails when the tower is built, not later
     if self.pool not in POOLS:
       raise ValueError(f'pool must be one of {POOLS}, got {self.pool!r}.')
+    transformer.check_sizes(self.width, self.depth, self.heads, self.mlp_dim)
     super().__post_init__()
 
   @nn.compact

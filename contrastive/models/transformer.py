@@ -35,6 +35,18 @@ ACTIVATIONS = {'gelu_tanh': lambda x: nn.gelu(x, approximate=True),
                'quick_gelu': lambda x: x * nn.sigmoid(1.702 * x)}
 
 
+def check_sizes(width, depth, heads, mlp_dim):
+  """Raises ValueError unless width, heads, mlp_dim >= 1, depth >= 0 (ints) and heads divides
+  width."""
+  sizes = dict(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim)
+  for name, value in sizes.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value < (name != 'depth'):
+      raise ValueError(f'{name}={value!r} must be an int >= {int(name != "depth")}.')
+  if width % heads:
+    raise ValueError(f'width={width} is not a multiple of heads={heads}.')
+
+
+
 def layer_norm(eps, dtype, name):
   """The blocks' LayerNorm with its epsilon (`ln_eps`)."""
   return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)

@@ -197,6 +197,9 @@ def build_two_tower(cfg, dtype=None, remat=None):
   share = cfg.get('share', False)
   if cfg.get('loss_params', 'clip') not in LOSS_PARAMS:
     raise ValueError(f"loss_params must be one of {LOSS_PARAMS}, got {cfg.get('loss_params')!r}.")
+  embed_dim = cfg.get('embed_dim')
+  if not isinstance(embed_dim, int) or isinstance(embed_dim, bool) or embed_dim < 1:
+    raise ValueError(f'embed_dim={embed_dim!r} must be an int >= 1.')
   if tower_a is None or (tower_b is None and not share):
     raise ValueError(f'the model config needs image (or a) and text (or b) tower configs, '
                      f'or share=True; got fields {sorted(cfg.keys())}.')

@@ -41,6 +41,7 @@ from contrastive.models import transformer
 POOLS = ('gap', 'cls', 'map')
 POSEMBS = ('learn', 'sincos2d')
 
+
 # Preset sizes (fields of `ViT`). mlp_dim = 4 * width throughout.
 VIT_SMALL = dict(patch=4, width=128, depth=4, heads=4, mlp_dim=512)  # CPU; 32x32 emoji
 VIT_B16 = dict(patch=16, width=768, depth=12, heads=12, mlp_dim=3072)  # ViT-B/16, pod configs
@@ -143,9 +144,12 @@ class ViT(nn.Module):
       x = (x - jnp.asarray(self.pixel_mean, x.dtype)) / jnp.asarray(self.pixel_std, x.dtype)
     return x
 
-  def __post_init__(self):  # a wrong name fails when the tower is built, not at its first call
+  def __post_init__(self):  # a wrong name or size fails when the tower is built, not later
     if self.pool not in POOLS:
       raise ValueError(f'pool must be one of {POOLS}, got {self.pool!r}.')
+    transformer.check_sizes(self.width, self.depth, self.heads, self.mlp_dim)
+    if not isinstance(self.patch, int) or self.patch < 1:
+      raise ValueError(f'patch={self.patch!r} must be an int >= 1.')
     if self.posemb not in POSEMBS:
       raise ValueError(f'posemb must be one of {POSEMBS}, got {self.posemb!r}.')
     super().__post_init__()
