@@ -11,18 +11,21 @@ Implementations, each in its own worker process (own peak RSS, own thread pools)
   torch_channels_last  the same with the model and input in channels-last memory format;
   torch_compile        the same step (augment + model + loss) under torch.compile.
 
-The orchestrator (benchmarks/interleaved.py) sends "step i" to each worker in turn (one step
-of every implementation per round, so a shared machine's drift hits all alike) and prints one
-JSON line per (impl, batch):
-median step seconds over --rounds after 2 warm-up steps (the first compiles), all times,
-ratio to torch_eager of the same run, parameter count and the worker's peak RSS.
+Each implementation is timed alone: --runs whole runs per implementation, alternated A B A B
+... (so a shared machine's drift hits all alike), each in a fresh process that runs 2 warm-up
+steps (the first compiles) and --rounds timed steps while nothing else of this benchmark runs.
+One JSON line per (impl, batch): the median over runs of each run's median step, the runs'
+medians and their spread, the ratio to torch_eager alone, the worker's peak RSS, and, as a
+secondary column, the interleaved median (`interleaved_time_s`: one step of every
+implementation in turn, their thread pools competing for the same cores, which costs torch
+10-30% on 2 cores and so flatters the JAX step).
 
 Torch is not a project dependency; it runs from its own environment:
 
   python3 -m venv --system-site-packages /tmp/torchenv
   /tmp/torchenv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-  python benchmarks/step_vs_torch.py --torch_python=/tmp/torchenv/bin/python \\
-      >> benchmarks/results/step_vs_torch.jsonl
+  PYTHONPATH=. python benchmarks/step_vs_torch.py --torch_python=/tmp/torchenv/bin/python \\
+      >> benchmarks/results/step_vs_torch.jsonl   # on an otherwise idle machine
 
 Padding differs in alignment only: Flax 'SAME' pads stride-2 3x3 convolutions (0, 1) on even
 inputs, PyTorch padding=1 pads (1, 1); output shapes and FLOPs are equal.
@@ -190,7 +193,11 @@ def main(argv=None):
   p.add_argument('--batch_sizes', default='256,512')
   p.add_argument('--devices', default='auto,1', help="JAX CPU device counts; 'auto': the trainer's")
   p.add_argument('--impls', default='jax,' + ','.join(TORCH_IMPLS))
-  p.add_argument('--rounds', type=int, default=15)
+  p.add_argument('--rounds', type=int, default=15, help='timed steps per run')
+  p.add_argument('--runs', type=int, default=3,
+                 help='fresh-process runs of each implementation alone, alternated A B A B')
+  p.add_argument('--interleaved', type=int, default=1,
+                 help='1: also the interleaved median (a secondary column)')
   p.add_argument('--torch_python', default=sys.executable,
                  help='a python that imports torch (and sees this repository)')
   p.add_argument('--worker', default=None, help=argparse.SUPPRESS)  # internal: one worker
@@ -212,25 +219,42 @@ def main(argv=None):
                 if impl == 'jax' else [1])
       for devices in dict.fromkeys(counts):  # 'auto,1' on one core: once
         points.append(dict(impl=impl, batch=batch, devices=devices, config=shared))
-    workers = [interleaved.Worker(sys.executable if pt['impl'] == 'jax' else args.torch_python,
-                                  __file__, pt) for pt in points]
-    counts = [(pt['impl'], w.params) for pt, w in zip(points, workers)]
-    assert len({c for _, c in counts}) == 1, f'parameter counts differ: {counts}'
-    print(f'parameters: {counts}', file=sys.stderr, flush=True)
-    times = [[w.step(0)['time_s'], w.step(1)['time_s']] for w in workers]  # compile, warm up
-    for r in range(args.rounds):  # interleaved rounds
-      for w, t in zip(workers, times):
-        t.append(w.step(2 + r)['time_s'])
-    medians = [statistics.median(t[2:]) for t in times]
+    python = lambda pt: sys.executable if pt['impl'] == 'jax' else args.torch_python
+    alone = [[] for _ in points]  # per point: the median step of each of its runs alone
+    rss, params = [0.0] * len(points), [None] * len(points)
+    for _ in range(args.runs):  # whole runs alternated A B A B ..., each in a fresh process
+      for k, pt in enumerate(points):
+        w = interleaved.Worker(python(pt), __file__, pt)
+        params[k] = w.params
+        times = [w.step(i)['time_s'] for i in range(2 + args.rounds)]  # 2: compile, warm up
+        alone[k].append(statistics.median(times[2:]))
+        rss[k] = max(rss[k], w.close())
+    assert len(set(params)) == 1, f'parameter counts differ: {list(zip(points, params))}'
+    inter = interleaved_medians(points, python, args.rounds) if args.interleaved else None
+    medians = [statistics.median(t) for t in alone]
     base = next((m for pt, m in zip(points, medians) if pt['impl'] == 'torch_eager'), None)
-    for pt, w, t, m in zip(points, workers, times, medians):
+    for k, (pt, m) in enumerate(zip(points, medians)):
       print(json.dumps(dict(
           impl=pt['impl'], batch=batch, devices=pt['devices'], cores=interleaved.cores(),
-          params=w.params,
-          time_s=round(m, 4), times_s=[round(x, 4) for x in t], first_call_s=round(t[0], 2),
+          params=params[k], mode='alone', runs=args.runs, rounds=args.rounds,
+          time_s=round(m, 4), run_medians_s=[round(x, 4) for x in alone[k]],
+          spread_s=[round(min(alone[k]), 4), round(max(alone[k]), 4)],
           ratio_vs_torch_eager=None if base is None else round(m / base, 3),
-          peak_rss_gib=round(w.close(), 3))), flush=True)
+          interleaved_time_s=None if inter is None else round(inter[k], 4),
+          peak_rss_gib=round(rss[k], 3))), flush=True)
 
+
+def interleaved_medians(points, python, rounds):
+  """The secondary measurement: one worker per point, one step of each in turn per round
+  (their thread pools then compete for the same cores); the median step of each."""
+  workers = [interleaved.Worker(python(pt), __file__, pt) for pt in points]
+  times = [[w.step(0)['time_s'], w.step(1)['time_s']] for w in workers]  # compile, warm up
+  for r in range(rounds):
+    for w, t in zip(workers, times):
+      t.append(w.step(2 + r)['time_s'])
+  for w in workers:
+    w.close()
+  return [statistics.median(t[2:]) for t in times]
 
 if __name__ == '__main__':
   main()
