@@ -31,6 +31,10 @@ LOSSES = {
     'supcon': dict(temperature=0.2),
     # AMCL: model.head_count heads, each with a learned temperature (set with the loss below)
     'amcl': dict(beta=0.1, kappa=0.5),
+    # PamC: the negatives as K meta-nodes (soft k-means of the keys), O(B K D): num_clusters <=
+    # batch_size, e.g. --config.loss.num_clusters=256 (contrastive/losses/pamc.py)
+    'pamc_info_nce': dict(temperature=0.2, num_clusters=32, iterations=3,
+                          assignment_temperature=0.02),
 }
 # These also take `block_size`: unset (None) is the dense path; an int, the tile side of the
 # blockwise path (O(B D) memory), e.g. --config.loss.block_size=1024.

@@ -102,3 +102,57 @@ def sigmoid_loss(za, zb, tau, bias, extra=None, mask=None):
       elif mask is None or mask[i, j]:
         total += np.log1p(np.exp(z))  # a negative: y = -1
   return total / len(a)
+
+
+def soft_kmeans(keys, num_clusters, iterations, assignment_temperature):
+  """Soft spherical k-means of the unit keys, as PamC's loss clusters them: centroids start at
+  rows 0, s, ..., (K-1) s (s = B // K); `iterations` times the assignments
+  C_jc = e^{x_j . u_c / t_a} / sum_c' e^{x_j . u_c' / t_a} (u_c the unit centroid) and the
+  centroids c = sum_j C_jc x_j; the final assignments [B, K] are returned."""
+  x = unit(keys)
+  stride = len(x) // num_clusters
+  centroids = [x[c * stride] for c in range(num_clusters)]
+  for step in range(iterations + 1):
+    assignments = np.zeros((len(x), num_clusters))
+    for j in range(len(x)):
+      weights = [np.exp(x[j] @ (c / np.linalg.norm(c)) / assignment_temperature)
+                 for c in centroids]
+      assignments[j] = np.array(weights) / np.sum(weights)
+    if step < iterations:
+      centroids = [sum(assignments[j, c] * x[j] for j in range(len(x)))
+                   for c in range(num_clusters)]
+  return assignments
+
+
+def pamc_info_nce(query, key, tau, assignments):
+  """PamC's meta-node InfoNCE (Kulatilleke, Portmann & Chandra 2022, "Efficient block
+  contrastive learning via parameter-free meta-node approximation"), one query at a time:
+  query i's negatives j != i are replaced by K meta-nodes, each with the mass and centroid of
+  the other keys' soft assignments to it,
+
+    w_c = sum_{j != i} C_jc,   mu_c = sum_{j != i} C_jc x_j / w_c,
+    l_i = -log( e^{s_ii / tau} / (e^{s_ii / tau} + sum_c w_c e^{q_i . mu_c / tau}) ).
+
+  Args:
+    query: [B, D] queries; key: [B, D] keys (key i is query i's positive).
+    tau: temperature.
+    assignments: [B, K] soft assignments C of the keys (rows on the simplex).
+
+  Returns:
+    (the mean of l_i, the fraction of queries whose s_ii beats every meta-node's q_i . mu_c).
+  """
+  q, x = unit(query), unit(key)
+  losses, hits = [], []
+  for i in range(len(q)):
+    pos = np.exp(q[i] @ x[i] / tau)
+    negatives, best = 0.0, -np.inf
+    for c in range(assignments.shape[1]):
+      others = [j for j in range(len(x)) if j != i]
+      mass = sum(assignments[j, c] for j in others)
+      if mass > 0:
+        centroid = sum(assignments[j, c] * x[j] for j in others) / mass
+        negatives += mass * np.exp(q[i] @ centroid / tau)
+        best = max(best, q[i] @ centroid)
+    losses.append(-np.log(pos / (pos + negatives)))
+    hits.append(q[i] @ x[i] > best)
+  return np.mean(losses), np.mean(hits)

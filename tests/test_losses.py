@@ -78,7 +78,8 @@ LOSSES = {
                ref_supcon_pairs),
 }
 PAIR_KWARGS = {'temperature': 0.2, 'bias': -2.0, 'beta': 1.0, 'tau_plus': 0.1, 'sigma': 0.5,
-               'block_size': None, 'collective': 'ring', 'kappa': 0.5}
+               'block_size': None, 'collective': 'ring', 'num_clusters': 4, 'iterations': 3,
+               'assignment_temperature': 0.02, 'kappa': 0.5}
 
 
 def loss_kwargs(name, temperature):

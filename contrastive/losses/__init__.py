@@ -13,6 +13,7 @@ from contrastive.losses.debiased import hard_negative_info_nce
 from contrastive.losses.info_nce import clip_loss
 from contrastive.losses.info_nce import info_nce
 from contrastive.losses.nt_xent import nt_xent
+from contrastive.losses.pamc import pamc_info_nce
 from contrastive.losses.registry import check_compute_dtype
 from contrastive.losses.registry import check_loss_config
 from contrastive.losses.registry import pair_loss_from_config

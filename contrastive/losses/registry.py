@@ -14,6 +14,8 @@ config's other fields (checked against the signature before anything is compiled
   hard_negative_info_nce  temperature, beta, tau_plus both directions, averaged
   supcon                  temperature                 on [z1; z2] with labels = pair ids (= nt_xent)
   amcl                    beta, kappa                 H heads (model.head_count), learned temperatures
+  pamc_info_nce           temperature, num_clusters   info_nce with PamC's K meta-node negatives
+                          (iterations, assignment_temperature optional), both directions, averaged
 
 Every loss but nt_xent, dcl, dclw and supcon also takes `block_size` (None: dense; an int: the
 blockwise path of `blockwise.py`, O(B D) memory), e.g. `--config.loss.block_size=1024`, and
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 
 from contrastive.losses import blockwise
 from contrastive.losses import common
+from contrastive.losses import pamc
 from contrastive.losses.amcl import amcl
 from contrastive.losses.dcl import dcl
 from contrastive.losses.dcl import dclw
@@ -86,6 +89,13 @@ def _sigmoid_pair(z1, z2, *, temperature, bias, block_size=None, mesh=None, coll
                       mesh=mesh, collective=collective)
 
 
+def _pamc_pair(z1, z2, *, temperature, num_clusters, iterations=pamc.DEFAULT_ITERATIONS,
+               assignment_temperature=pamc.DEFAULT_ASSIGNMENT_TEMPERATURE, mesh=None):
+  return _both_directions(pamc.pamc_info_nce, z1, z2, temperature=temperature,
+                          num_clusters=num_clusters, iterations=iterations,
+                          assignment_temperature=assignment_temperature, mesh=mesh)
+
+
 def _supcon_pair(z1, z2, *, temperature):
   common.check_pair(z1, z2, 'z1', 'z2')
   pair_ids = jnp.tile(jnp.arange(z1.shape[0]), 2)  # view i and view B + i are one sample
@@ -104,7 +114,9 @@ PAIR_LOSSES = {
     'hard_negative_info_nce': _hard_negative_pair,
     'supcon': _supcon_pair,
     'amcl': amcl,  # the model's H heads ([B, H D]) and their learned temperatures
+    'pamc_info_nce': _pamc_pair,  # O(B K D): takes the trainer's mesh on its only path
 }
+MESH_LOSSES = ('pamc_info_nce',)  # bound to the trainer's mesh without block_size
 # Arguments the trainer binds (mesh) or the model gives (AMCL's learned temperatures), not
 # config fields.
 BOUND_ARGUMENTS = ('mesh', 'temperatures')
@@ -153,6 +165,11 @@ def check_loss_config(cfg):
   if name == 'amcl' and not (cfg.get('beta', 0.1) >= 0 and cfg.get('kappa', 0.5) > 0):
     raise ValueError(f'config.loss: amcl needs beta >= 0 and kappa > 0; got beta='
                      f'{cfg.get("beta")}, kappa={cfg.get("kappa")}.')
+  for field, least in (('num_clusters', 1), ('iterations', 0)):
+    value = cfg.get(field)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
+                              value < least):
+      raise ValueError(f'config.loss.{field}={value!r} must be an int >= {least}.')
   tau_plus = cfg.get('tau_plus')
   if tau_plus is not None and not 0 <= tau_plus < 1:
     raise ValueError(f'config.loss.tau_plus={tau_plus} must be in [0, 1) (e.g. 0.1 for 10 '
@@ -208,6 +225,6 @@ def pair_loss_from_config(cfg, mesh=None):
   optional = {k for k, required in loss_arguments(cfg.get('name')).items() if not required}
   kwargs = {k: v for k, v in cfg.items()  # an unset optional one takes the loss's default
             if k != 'name' and not (k in optional and v is None)}
-  if kwargs.get('block_size') is not None:
+  if kwargs.get('block_size') is not None or cfg.get('name') in MESH_LOSSES:
     kwargs['mesh'] = mesh
   return functools.partial(PAIR_LOSSES[cfg.get('name')], **kwargs)

@@ -89,6 +89,10 @@ def validate(config):
     check_loss_config(config.loss)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  clusters = config.loss.get('num_clusters')
+  if clusters is not None and clusters > config.batch_size:
+    raise ConfigError(f'config.loss.num_clusters={clusters} must be <= config.batch_size='
+                      f'{config.batch_size}: at most one meta-node per key.')
   if config.model.get('encoder'):
     try:
       two_tower.build_tower(config.model.encoder)
