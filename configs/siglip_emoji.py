@@ -75,6 +75,13 @@ def base_config(loss_params='siglip'):
   # m^3-Mix (objectives.geodesic_mixup_loss): alpha > 0 adds slerp(za_j, zb_j, lam), lam ~
   # Beta(alpha, alpha), as negatives of both sides' rows (sigmoid_loss).
   config.geodesic_mixup = dict(alpha=0.0)
+  # SPN4CIR's static negatives (contrastive/negatives/static_bank.py): a second stage whose
+  # loss adds num_static > 0 texts b (sides='ab': also images) embedded once by the frozen
+  # towers of from_workdir (a finished run), all of them (topk=0) or each row's topk most
+  # similar, as extra negatives of every row (sigmoid_loss); e.g. with
+  # --config.model_init.workdir=W --config.model_init.mapping=tower_a:tower_a,proj_a:proj_a,
+  # tower_b:tower_b,proj_b:proj_b,logit:logit --config.static_negatives.from_workdir=W.
+  config.static_negatives = dict(num_static=0, from_workdir='', topk=0, sides='b')
   # The training images' augmentation, on device (contrastive/recipes/two_tower_augment.py):
   # SimCLR's crop, flip, colour jitter, greyscale and blur, and line drawings; these values: off.
   config.augment = dict(crop_scale=(1.0, 1.0), flip=False, jitter_prob=0.0, brightness=0.4,

@@ -28,6 +28,7 @@ from contrastive.losses import blockwise
 from contrastive.losses import clip_loss
 from contrastive.losses import sigmoid_loss
 from contrastive.negatives import geodesic_mixup
+from contrastive.negatives import static_bank
 from contrastive.samplers import objective as sampler_objective
 
 TWO_TOWER_LOSSES = {'clip_loss': clip_loss, 'sigmoid_loss': sigmoid_loss}
@@ -241,6 +242,9 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
   bool, and with corpus-mined negatives (config.hard_negatives) 'b_hard': [B, K, L],
   'b_hard_valid': [B, K], 'b_hard_id': [B, K], 'b_hard_text': [B, K], 'b_text': [B],
   'b_group_texts': [B, E]: extra negatives of the loss and their masks (`text_negatives`).
+  A state with a `static_bank` (config.static_negatives) adds the bank's entries as extra
+  negatives (`static_bank.loss`; with it 'b_text', 'b_group_texts', and 'a_item',
+  'a_group_items', 'static_b', 'static_a' as the bank's options need).
   A mixture of image and text queries (contrastive/data/mixture.py) adds 'a_text': [B, L]
   int32 and 'a_is_text': [B] bool: za_i = tower b's embedding of a_text_i where a_is_text_i,
   else tower a's of image a_i (with `query_runs` each tower embeds only its rows).
@@ -294,14 +298,17 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
     return ((za, zb, extra) if extra else (za, zb)), None, stats
 
   def loss(params, state, embeddings, batch, rng):
-    del state
     z, _ = embeddings
     logit = model.apply({'params': lock(params)}, method='logit_params')
+    bank = getattr(state, 'static_bank', None)  # SPN4CIR's static negatives (static_bank.py)
     if mixup_alpha:
       lam = jax.random.beta(rng, mixup_alpha, mixup_alpha, (), jnp.result_type(z[0], 1.0))
       value, metrics = geodesic_mixup_loss(loss_fn, *z[:2], batch['id'], lam, **logit,
                                            negative_mask=blockwise.distinct_ids,
                                            **blockwise_args)
+    elif bank is not None:
+      value, metrics = static_bank.loss(loss_fn, z, batch, bank, text_negatives(z, batch),
+                                        logit, blockwise_args)
     else:
       value, metrics = loss_fn(*z[:2], **logit, **text_negatives(z, batch), **blockwise_args)
     metrics = dict(metrics, temperature=logit['temperature'],

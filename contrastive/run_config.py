@@ -9,8 +9,8 @@ A checkpoint only makes sense with the config that made it. The first start of a
   live.
 - FIXED fields can never change on resume: they shape the state or the data order (the model,
   batch size — the data position is stored in batches —, queue, dtype, optimizer, seed,
-  dataset, tokenizer, LiT lock, batch composition, NegCLIP and mined negatives). Use a new
-  workdir. FREE wins where both match (the dataset's folders).
+  dataset, tokenizer, LiT lock, batch composition, NegCLIP, mined and static negatives). Use
+  a new workdir. FREE wins where both match (the dataset's folders).
 - Every other field (schedule length, learning rate, loss temperature, augmentations, ...)
   may change only when named in `config.allow_config_changes` (comma-separated fields or
   prefixes, e.g. `--config.allow_config_changes=total_steps,optimizer.lr`): the resumed run
@@ -30,10 +30,11 @@ CHANGES_NAME = 'config_changes.jsonl'
 
 FREE = ('mesh', 'eval', 'log_every', 'profile_steps', 'checkpoint_every', 'checkpoint_keep',
         'nonfinite', 'max_consecutive_skips', 'allow_config_changes', 'dataset.data_dir',
-        'dataset.idx_dir', 'model_init')  # model_init only acts on a fresh start
+        'dataset.idx_dir', 'model_init',  # model_init only acts on a fresh start, and so
+        'static_negatives.from_workdir')  # does the static bank's source (then restored)
 FIXED = ('model', 'batch_size', 'queue_size', 'dtype', 'optimizer.name', 'seed', 'dataset',
          'method', 'mcl', 'family', 'tokenizer', 'lit', 'batching', 'negclip',
-         'hard_negatives')
+         'hard_negatives', 'static_negatives')
 
 
 def flatten(config):

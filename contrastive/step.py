@@ -44,6 +44,9 @@ class TrainState:
   # period (contrastive/batching/periodic.py), or None
   skipped_samples: Any = None  # [] int32: unusable samples the loader replaced so far (the
   # batches' 'skipped' rows summed: webdataset shards), or None
+  static_bank: Any = None  # SPN4CIR's bank {'b': [M, D], 'b_ids': [M, 2], ...} of frozen
+  # embeddings, split along the batch axes (contrastive/negatives/static_bank.py), or None
+  static_topk: Any = None  # [N, k] int32 each training row's mined bank entries, or None
 
 
 def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=False,
@@ -91,13 +94,17 @@ def abstract_state(make_state, mesh):
 
 def state_shardings(mesh, state):
   """The FSDP rule (`parallel.fsdp_shardings`: replicated without an fsdp axis) for every
-  array, except the queue's keys and ids: split along the batch axes, and the loop's tables
-  (mined negatives, batch composition): replicated (every process reads them whole)."""
+  array, except the queue's keys and ids and the static bank: split along the batch axes, and
+  the loop's tables (mined negatives, batch composition, the bank's top-k): replicated (every
+  process reads them whole)."""
   repl = parallel.replicated(mesh)
   shardings = parallel.fsdp_shardings(mesh, state)
-  for field in ('mined', 'composition'):
+  for field in ('mined', 'composition', 'static_topk'):
     if getattr(state, field) is not None:
       shardings = shardings.replace(**{field: repl})
+  if state.static_bank is not None:
+    data = parallel.data_sharding(mesh)
+    shardings = shardings.replace(static_bank=jax.tree.map(lambda _: data, state.static_bank))
   if state.queue is not None:
     data = parallel.data_sharding(mesh)
     shardings = shardings.replace(queue=queue_lib.Queue(keys=data, ids=data, ptr=repl))

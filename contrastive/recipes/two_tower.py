@@ -23,6 +23,8 @@ The step is the shared `step.update` with `objectives.two_tower`. Config fields
              reordered texts, corpus-mined negatives, m^3-Mix negatives (alpha > 0)
              (contrastive/batching/from_config.py, contrastive/negatives/negclip.py,
              contrastive/negatives/corpus_index.py, objectives.geodesic_mixup_loss)
+  static_negatives  SPN4CIR's bank of frozen embeddings from a previous stage's workdir as
+             extra negatives (contrastive/negatives/static_bank.py)
 """
 
 import dataclasses
@@ -47,6 +49,8 @@ from contrastive.data import webdataset
 from contrastive.data import webdataset_loader
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
+from contrastive.negatives import static_bank
+from contrastive.negatives import static_bank_table
 from contrastive.recipes import base
 from contrastive.recipes import two_tower_augment
 from contrastive.recipes import two_tower_checks
@@ -62,6 +66,7 @@ class Settings:
   locked: tuple  # the parameter groups LiT freezes (two_tower_init.LOCKS)
   is_mixture: bool
   hard: corpus_index.HardNegatives  # corpus-mined negatives (hard.num_hard per row; 0: off)
+  static: static_bank.StaticNegatives  # SPN4CIR's static bank (static.num_static; 0: off)
   num_negclip: int  # NegCLIP perturbations per text (0: off)
   mixup_alpha: float  # m^3-Mix (0: off)
   query_runs: Any  # a mixture's (start, stop, is_text) rows per part, or None
@@ -73,7 +78,7 @@ def settings(config):
   return Settings(
       config=config, locked=two_tower_init.LOCKS[two_tower_checks.lit_lock(config)],
       is_mixture=mixture.is_mixture(config.get('dataset')),
-      hard=two_tower_checks.hard_negatives(config),
+      hard=two_tower_checks.hard_negatives(config), static=static_bank.settings(config),
       num_negclip=two_tower_checks.num_negclip(config),
       mixup_alpha=two_tower_checks.mixup_alpha(config),
       query_runs=mixture.query_runs(config.get('dataset'), config.get('batch_size')),
@@ -111,7 +116,7 @@ def train_source(s, workdir):
     tok = pair_batches.load_or_train_tokenizer(workdir, raws, specs, config.tokenizer)
   rows = [pair_batches.TokenizedPairs(raw, spec, tok, config.tokenizer.context,
                                       negclip=s.num_negclip, negclip_seed=config.seed,
-                                      with_row=bool(s.hard.num_hard))
+                                      with_row=bool(s.hard.num_hard or s.static.num_static))
           for raw, spec in zip(raws, specs)]
   if len(rows) == 1:
     return rows[0]
@@ -155,12 +160,13 @@ def state_tables(s, num_rows):
   return tables
 
 
-def step(s, mesh, inputs, steps, rng, *, abstract=False, tables=None):
+def step(s, mesh, inputs, steps, rng, *, abstract=False, tables=None, bank=None):
   """(model, state, jitted step) of a two-tower config; `inputs`: `example_inputs`.
 
   abstract: the state as ShapeDtypeStructs with their shardings, nothing allocated
   (compiling for other devices: contrastive/aot.py). tables: {state field: shape} of the
-  loop's int32 tables (`state_tables`), created as -1 and replicated.
+  loop's int32 tables (`state_tables`), created as -1 and replicated. bank: {leaf: (shape,
+  dtype)} of the static bank (`bank_shapes`), created as zeros split along the batch axes.
   """
   config = s.config
   model = two_tower_lib.build_two_tower(model_config(config), dtype=s.common.compute_dtype,
@@ -175,6 +181,7 @@ def step(s, mesh, inputs, steps, rng, *, abstract=False, tables=None):
   for field, shape in (tables or {}).items():
     state = state.replace(**{field: jax.ShapeDtypeStruct(shape, np.int32, sharding=repl)
                              if abstract else jax.device_put(np.full(shape, -1, np.int32), repl)})
+  state = static_bank.with_bank(state, bank, mesh, abstract=abstract)
   if s.shards:  # the count of replaced samples (webdataset_loader), saved with the state
     state = state.replace(skipped_samples=jax.ShapeDtypeStruct((), np.int32, sharding=repl)
                           if abstract else jax.device_put(np.int32(0), repl))
@@ -196,13 +203,15 @@ def parts(s, mesh, source, steps, rng, *, clusters=None):
   if clusters is not None:
     raise ConfigError('config.mcl: MCL cluster negatives are not implemented for two towers.')
   config = s.config
+  lay = static_bank.layout_of_source(source)[0] if s.static.num_static else None
+  bank, topk = bank_shapes(s, mesh, lay)
   model, state, step_fn = step(s, mesh, example_inputs(config, source.spec), steps, rng,
-                               tables=state_tables(s, len(source)))
+                               tables=dict(state_tables(s, len(source)), **topk), bank=bank)
   init = config.get('model_init', {})
+  shared = model.tower_b is None
+  text_groups = {'tower_b'} | ({'tower_a'} if shared or not source.spec.a_is_image else set())
+  two_tower_init.check_same_tokenizer(config, source.tokenizer, text_groups)
   if init.get('workdir'):
-    shared = model.tower_b is None
-    text_groups = {'tower_b'} | ({'tower_a'} if shared or not source.spec.a_is_image else set())
-    two_tower_init.check_same_tokenizer(config, source.tokenizer, text_groups)
     params, batch_stats = two_tower_init.init_from_checkpoint(
         jax.device_get(state.params), jax.device_get(state.batch_stats), init.workdir,
         init.mapping)
@@ -211,6 +220,15 @@ def parts(s, mesh, source, steps, rng, *, clusters=None):
                           batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
   return base.Parts(state=state, step_fn=step_fn, model=model,
                     evaluator=evaluator(s, model, mesh, source))
+
+
+def bank_shapes(s, mesh, lay):
+  """(the static bank's {leaf: (shape, dtype)} or None, {'static_topk': shape} or {}) of the
+  training split's `static_bank.Layout` (None when off)."""
+  shapes = static_bank.state_shapes(
+      s.static, lay, width=s.config.model.embed_dim, dtype=s.common.state_dtype,
+      num_devices=parallel.batch_size_divisor(dict(mesh.shape)))
+  return shapes.pop('static_bank', None), shapes
 
 
 def evaluator(s, model, mesh, source):
@@ -266,14 +284,18 @@ def tables(s, source, mesh, plan, steps):
                                         fixed_b='tower_b' in s.locked,  # ADORE
                                         plan=plan, total_steps=steps))
     print(f'Hard negatives: {out[-1].describe()}.', flush=True)
+  if s.static.num_static:
+    out.append(static_bank_table.StaticBank(source, mesh, s.static, seed=int(s.config.seed)))
+    print(f'Static negatives: {out[-1].describe()}.', flush=True)
   return out
 
 
-def batch_fields(s, inputs, specs, group_width=1):
+def batch_fields(s, inputs, specs, group_width=1, lay=None):
   """{field: (per-row shape, dtype)} of the step's batch (pair_batches, objectives.two_tower):
   side a, b, ids, and the extra texts of the config (NegCLIP's P, the K mined; a mixture's
   part index and text queries). specs: the datasets' PairSpecs; group_width: the most texts
-  of one group (`corpus_index.CorpusIndex.width`, with mined negatives)."""
+  of one group (`corpus_index.CorpusIndex.width`, with mined negatives); lay: the training
+  split's `static_bank.Layout` (with the static bank)."""
   length = inputs[1].shape[1]
   fields = {'a': (inputs[0].shape[1:], inputs[0].dtype), 'b': ((length,), np.int32),
             'id': ((), np.int32), 'truncated': ((), np.int32)}
@@ -284,6 +306,7 @@ def batch_fields(s, inputs, specs, group_width=1):
     fields.update(b_hard_id=((s.hard.num_hard,), np.int32),
                   b_hard_text=((s.hard.num_hard,), np.int32), b_text=((), np.int32),
                   b_group_texts=((group_width,), np.int32))
+  fields.update(static_bank.batch_fields(s.static, lay))
   if s.shards:
     fields['skipped'] = ((), np.int32)
   if len(specs) > 1:  # a mixture (contrastive/data/mixture.py)
@@ -298,14 +321,16 @@ def abstract_parts(s, mesh, steps, rng):
   dataset's first rows are read for its kinds of sides)."""
   datasets = [d for _, d in mixture.part_configs(s.config.dataset)]
   raws = [pair_batches.get_source(d, 'train') if d.name == 'jsonl_pairs' or s.hard.num_hard
-          else None for d in datasets]
+          or s.static.num_static else None for d in datasets]
   specs = [pair_batches.spec(d, raw) for d, raw in zip(datasets, raws)]
   inputs = example_inputs(s.config, next((p for p in specs if p.a_is_image), specs[0]))
-  _, state, step_fn = step(s, mesh, inputs, steps, rng, abstract=True)
+  lay = static_bank.layout_of_records(raws[0], specs[0]) if s.static.num_static else None
+  _, state, step_fn = step(s, mesh, inputs, steps, rng, abstract=True,
+                           bank=bank_shapes(s, mesh, lay)[0])
   data, b = parallel.data_sharding(mesh), s.config.batch_size
   width = corpus_index.group_width(raws, specs) if s.hard.num_hard else 1
   batch = {k: jax.ShapeDtypeStruct((b, *shape), np.dtype(dtype), sharding=data)
-           for k, (shape, dtype) in batch_fields(s, inputs, specs, width).items()}
+           for k, (shape, dtype) in batch_fields(s, inputs, specs, width, lay).items()}
   return state, step_fn, batch
 
 

@@ -15,6 +15,7 @@ from contrastive.data import webdataset
 from contrastive.eval_tasks import sources
 from contrastive.models import two_tower as two_tower_lib
 from contrastive.negatives import corpus_index
+from contrastive.negatives import static_bank
 from contrastive.recipes import two_tower_augment
 from contrastive.recipes import two_tower_init
 from contrastive.recipes.two_tower_init import LOCKS
@@ -129,6 +130,7 @@ def validate(config):
   hard = hard_negatives(config)
   corpus_index.check(hard, config.loss.name)
   _check_extra_negatives(config, hard.num_hard)
+  static_bank.check(static_bank.settings(config), config)
   if config.dataset.get('name') == 'webdataset':
     _check_shards(config, hard.num_hard)
   else:

@@ -73,28 +73,33 @@ def check_init(config, groups, lock):
 
 def check_same_tokenizer(config, tokenizer, text_groups):
   """Raises ConfigError if `config.model_init` copies a text tower (a group of `text_groups`)
-  from a workdir whose tokenizer differs from this run's `tokenizer` (the token embeddings
-  would be read with other pieces' ids)."""
+  from a workdir, or `config.static_negatives` embeds its bank with the towers of one, whose
+  tokenizer differs from this run's `tokenizer` (the token embeddings would be read with
+  other pieces' ids)."""
   init = config.get('model_init') or {}
   copied = [dst for _, dst in parse_mapping(init.get('mapping') or '') if dst in text_groups]
-  if not init.get('workdir') or not copied:
-    return
+  static = config.get('static_negatives') or {}
+  uses = [(f'config.model_init copies the text tower {copied[0]} from', init.get('workdir'))
+          ] if init.get('workdir') and copied else []
+  if static.get('num_static') and static.get('from_workdir'):
+    uses.append(('config.static_negatives embeds its bank\'s texts with the text tower of',
+                 static['from_workdir']))
   kind = (config.get('tokenizer') or {}).get('kind', 'sentencepiece')
-  theirs = os.path.join(init.workdir, tokenizers.FILES[kind])
-  if not os.path.isfile(theirs):
-    raise ConfigError(f'config.model_init copies the text tower {copied[0]} from '
-                      f'{init.workdir!r}, which has no {tokenizers.FILES[kind]}: its token '
-                      'ids cannot be matched to this run\'s tokenizer.')
-  with tempfile.TemporaryDirectory() as tmp:
-    tokenizers.save_to_workdir(tokenizer, tmp)
-    with open(os.path.join(tmp, tokenizers.FILES[kind]), 'rb') as f:
-      ours = f.read()
-  with open(theirs, 'rb') as f:
-    same = f.read() == ours
-  if not same:
-    raise ConfigError(f'config.model_init copies the text tower {copied[0]} from '
-                      f'{init.workdir!r}, trained with another tokenizer than this run\'s: copy '
-                      f'{theirs} into this workdir before the first start to use its pieces.')
+  for what, workdir in uses:
+    theirs = os.path.join(workdir, tokenizers.FILES[kind])
+    if not os.path.isfile(theirs):
+      raise ConfigError(f'{what} {workdir!r}, which has no {tokenizers.FILES[kind]}: its token '
+                        'ids cannot be matched to this run\'s tokenizer.')
+    with tempfile.TemporaryDirectory() as tmp:
+      tokenizers.save_to_workdir(tokenizer, tmp)
+      with open(os.path.join(tmp, tokenizers.FILES[kind]), 'rb') as f:
+        ours = f.read()
+    with open(theirs, 'rb') as f:
+      same = f.read() == ours
+    if not same:
+      raise ConfigError(f'{what} {workdir!r}, trained with another tokenizer than this run\'s: '
+                        f'copy {theirs} into this workdir before the first start to use its '
+                        'pieces.')
 
 
 def init_from_checkpoint(params, batch_stats, workdir, mapping):
