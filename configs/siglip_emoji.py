@@ -7,7 +7,8 @@ Two towers (contrastive/models/two_tower.py): a small ViT on 32x32 renders and a
 transformer on SentencePiece tokens, projected to a shared 128-d space; SigLIP's pairwise
 sigmoid loss with a learned temperature t' and bias b (Zhai et al. 2023) over the global batch.
 Held out: 12% of the distinct emoji (all their skin tones), evaluated by retrieval both ways
-and zero-shot classification into the 9 emoji groups (contrastive/two_tower_eval.py).
+and zero-shot classification into the 9 emoji groups (contrastive/two_tower_eval.py), also on
+the same emoji drawn as another font's monochrome glyphs (`zero_shot_cross_style/`).
 
 Variants (comma-separated after the colon): `runlocal` (tiny, seconds), `resnet` (the SimCLR
 ResNet as the image tower), `lit` (the image tower locked: LiT; initialise it with
@@ -16,7 +17,9 @@ trained run W), `pod` (ViT-B/16 at 224 px + a text transformer B, batch 32,768, 
 loss: a pod job, built but not run here), `clip_b32` (open_clip's ViT-B-32 image tower at 224 px
 and embed 512: with `lit`, LiT on a checkpoint imported by `python -m contrastive.weights`:
 --config.model_init.workdir=W --config.model_init.mapping=tower_a:tower_a,proj_a:proj_a), `dense` (the loss without blocks, block_size None:
-e.g. `:pod,dense`, the dense row of the README's TPU compile table). Fields:
+e.g. `:pod,dense`, the dense row of the README's TPU compile table), `sketch` (a third of the
+training images as line drawings of their edges, a third in grey: zero-shot on the held-out
+emoji drawn in another font's monochrome glyphs, docs/two_towers.md). Fields:
 `--config.loss.block_size=1024` (blockwise), `--config.dataset.languages='("en","de")'`
 (multilingual pairs).
 """
@@ -24,7 +27,7 @@ e.g. `:pod,dense`, the dense row of the README's TPU compile table). Fields:
 import ml_collections
 from ml_collections import config_dict
 
-VARIANTS = ('runlocal', 'resnet', 'vit', 'lit', 'pod', 'dense', 'clip_b32')
+VARIANTS = ('runlocal', 'resnet', 'vit', 'lit', 'pod', 'dense', 'clip_b32', 'sketch')
 
 
 def base_config(loss_params='siglip'):
@@ -141,6 +144,8 @@ def apply_variants(config, variants):
     config.checkpoint_every = 1000
   if 'dense' in variants:
     config.loss.block_size = None
+  if 'sketch' in variants:
+    config.augment.update(sketch_prob=0.3, gray_prob=0.3)
   if 'clip_b32' in variants:
     config.model.image = dict(name='vit', preset='open_clip/ViT-B-32')
     config.model.embed_dim = 512

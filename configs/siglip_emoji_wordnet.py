@@ -15,12 +15,13 @@ Evaluated per dataset as the single-dataset recipes are (metrics 'emoji_cldr/...
 
 Variants: `runlocal` (tiny, seconds), `lit` (the image tower locked), `unmined` (no mined
 negatives: the mixture alone), `bag` / `transformer` (the text tower: siglip_wordnet's bag of
-pieces, or the 2-block transformer, this recipe's default).
+pieces, or the 2-block transformer, this recipe's default), `sketch` (siglip_emoji.py's: line
+drawings and grey among the training images).
 """
 
 from contrastive import config_lib
 
-VARIANTS = ('runlocal', 'lit', 'unmined', 'bag', 'transformer')
+VARIANTS = ('runlocal', 'lit', 'unmined', 'bag', 'transformer', 'sketch')
 
 
 def get_config(arg=None):

@@ -19,12 +19,13 @@ VARIANTS = {
                          'vit,runlocal'],
     'moco_v2_fmnist.py': [None, 'runlocal', 'runlocal,mining,mochi,ft,threshold,gist'],
     'moco_v3_fmnist.py': [None, 'runlocal'],
-    'siglip_emoji.py': [None, 'runlocal', 'resnet', 'lit', 'pod', 'pod,dense', 'resnet,lit,runlocal'],
+    'siglip_emoji.py': [None, 'runlocal', 'resnet', 'lit', 'pod', 'pod,dense', 'resnet,lit,runlocal',
+                        'sketch'],
     'clip_emoji.py': [None, 'runlocal', 'lit', 'pod', 'lit,clip_b32'],
     'siglip_webdataset.py': [None, 'runlocal', 'pod'],
     'siglip_wordnet.py': [None, 'runlocal', 'lit', 'pod', 'transformer', 'runlocal,transformer'],
     'clip_emoji_wordnet.py': [None, 'runlocal,lit', 'transformer'],
-    'siglip_emoji_wordnet.py': [None, 'bag', 'runlocal,bag'],
+    'siglip_emoji_wordnet.py': [None, 'bag', 'runlocal,bag', 'runlocal,sketch'],
     'siglip_pairs.py': [None, 'runlocal', 'lit', 'pod', 'resnet,runlocal'],
 }
 

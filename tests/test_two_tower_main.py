@@ -136,7 +136,10 @@ def test_inference_load_reproduces_the_evaluator(siglip_run, data_dir):
                                     'siglip_emoji_wordnet.py', 'clip_emoji_wordnet.py'])
 def test_other_recipes_runlocal(config, data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
-  out = main(config, workdir, data_dir)
+  # the CLIP mixture with siglip_emoji.py:sketch's augmentation of its emoji rows
+  sketch = (('--config.augment.sketch_prob=0.3', '--config.augment.gray_prob=0.3')
+            if config == 'clip_emoji_wordnet.py' else ())
+  out = main(config, workdir, data_dir, *sketch)
   assert 'step 6/6' in out
   if config == 'siglip_emoji_wordnet.py':  # the mixture: each dataset evaluated, mined per part
     assert 'each from its own part' in out and '16 rows of emoji_cldr, 16 rows of' in out
@@ -148,6 +151,8 @@ def test_other_recipes_runlocal(config, data_dir, tmp_path):
     return
   if config == 'clip_emoji_wordnet.py':  # the mixture with CLIP's loss: no mined negatives
     assert 'mined' not in out and 'wordnet_gloss/a2b/r@1' in _rows(workdir)[-1]
+    if os.path.exists(emoji_styles.SYMBOLA_PATH):  # the emoji part's cross-style zero-shot
+      assert 0 <= _rows(workdir)[-1]['emoji_cldr/zero_shot_cross_style/balanced_top1'] <= 1
     return
   assert 'a2b/r@1' in _rows(workdir)[-1]
   if config == 'clip_emoji.py':
