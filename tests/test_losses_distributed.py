@@ -19,6 +19,7 @@ from contrastive.losses import registry
 from contrastive.losses import supcon
 from tests import float64
 from tests.float64 import float64_mode  # pylint: disable=unused-import (autouse fixture)
+from tests.test_losses import loss_kwargs
 from tests.test_losses import PAIR_KWARGS
 
 DEVICE_COUNTS = (1, 2, 8)
@@ -34,7 +35,7 @@ def mesh_of(n):
 
 def _pair_loss(name):
   fn = registry.PAIR_LOSSES[name]
-  kwargs = {k: PAIR_KWARGS[k] for k in registry.loss_arguments(name)}
+  kwargs = loss_kwargs(name, PAIR_KWARGS['temperature'])  # amcl: two heads' temperatures
   return lambda z1, z2: fn(z1, z2, **kwargs)[0]
 
 
