@@ -50,6 +50,17 @@ def _run(config, workdir):
   return metrics, out.getvalue()
 
 
+def _main(jsonl, workdir, data_dir, *, timeout):
+  """`python -m contrastive.main` on siglip_pairs.py:runlocal in its own process."""
+  return subprocess.run(
+      [sys.executable, '-m', 'contrastive.main', f'--config={CONFIG}:runlocal',
+       f'--workdir={workdir}', f'--config.dataset.jsonl_path={jsonl}',
+       f'--config.dataset.data_dir={data_dir}'],
+      cwd=REPO, capture_output=True, text=True, timeout=timeout,
+      env=dict(os.environ, XLA_FLAGS=xla_flags.FAST_COMPILE, JAX_PLATFORMS='cpu',
+               PYTHONPATH=REPO))
+
+
 def _images(folder, n):
   folder.mkdir()
   rng = np.random.default_rng(0)
@@ -200,13 +211,7 @@ def test_unreadable_image_ends_in_one_error_line(tmp_path):
   records = [{'image': f'img/{i}.png', 'text': f'picture {i}',
               'split': 'test' if i < 4 else 'train'} for i in range(40)]
   jsonl = _write(tmp_path / 'pairs.jsonl', records + [{'image': 'img/cut.png', 'text': 'cut'}])
-  out = subprocess.run(
-      [sys.executable, '-m', 'contrastive.main', f'--config={CONFIG}:runlocal',
-       f'--workdir={tmp_path / "run"}', f'--config.dataset.jsonl_path={jsonl}',
-       f'--config.dataset.data_dir={tmp_path / "tfds"}'],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, XLA_FLAGS=xla_flags.FAST_COMPILE, JAX_PLATFORMS='cpu',
-               PYTHONPATH=REPO))
+  out = _main(jsonl, tmp_path / 'run', tmp_path / 'tfds', timeout=300)
   assert out.returncode == 1, out.stderr[-3000:]
   assert 'Converting pairs.jsonl (41 records) into array_record under' in out.stdout
   assert out.stderr.strip().splitlines()[-1].startswith(
@@ -218,12 +223,6 @@ def test_unreadable_image_ends_in_one_error_line(tmp_path):
 @pytest.mark.slow  # make test-all: the README's command, ~25 s in its own process
 def test_readme_command_runs(image_run, tmp_path):
   _, _, _, root = image_run
-  out = subprocess.run(
-      [sys.executable, '-m', 'contrastive.main', f'--config={CONFIG}:runlocal',
-       f'--workdir={tmp_path / "run"}', f'--config.dataset.jsonl_path={root / "pairs.jsonl"}',
-       f'--config.dataset.data_dir={root / "tfds"}'],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, XLA_FLAGS=xla_flags.FAST_COMPILE, JAX_PLATFORMS='cpu',
-               PYTHONPATH=REPO))
+  out = _main(root / 'pairs.jsonl', tmp_path / 'run', root / 'tfds', timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'step 6/6' in out.stdout and 'a2b/r@1' in out.stdout
