@@ -54,6 +54,9 @@ SAMPLERS = {
     'threshold': dict(threshold=0.8),  # drop candidates more similar than 0.8
     'gist': dict(gist=True, gist_margin=0.0),  # guide: the momentum encoder (momentum 0.99),
     # or a frozen checkpoint: --config.samplers.gist_guide=WORKDIR --config.momentum.base=0
+    # BECLR's DyCE: a memory of 4,096 keys in 100 clusters (the authors' 40 items per cluster);
+    # each key's 5 nearest items of its cluster are extra positives from epoch 0.5 on.
+    'beclr': dict(dyce=dict(size=4096, num_clusters=100, topk=5, start_epoch=0.5)),
 }
 VARIANTS = ('runlocal', 'resnet18', 'resnet50', 'vit', 'mcl')
 
@@ -63,7 +66,12 @@ def default_samplers():
   return dict(threshold=1.0, gist=False, gist_margin=0.0, gist_guide='', mining_k=0,
               mining_skip_top=0,
               mochi=dict(num_hard=0, num_mix=0, num_query_mix=0, start_epoch=0.0),
-              pos_alpha=0.0, neg_mix=0, neg_mix_alpha=1.0, histograms=False)
+              pos_alpha=0.0, neg_mix=0, neg_mix_alpha=1.0, histograms=False,
+              # BECLR's DyCE memory (contrastive/samplers/dyce.py); size 0: off. momentum: of the
+              # prototypes' EMA (the authors' 0); epsilon, sinkhorn_iterations: the balanced
+              # assignment's; kmeans_iters: the first partition's Lloyd iterations.
+              dyce=dict(size=0, num_clusters=100, topk=5, start_epoch=0.0, momentum=0.0,
+                        epsilon=0.05, sinkhorn_iterations=10, kmeans_iters=10))
 
 
 def apply_sampler_variants(config, variants):
@@ -197,4 +205,6 @@ def get_config(arg=None):
     config.log_every = 1
     config.checkpoint_every = 3
     shrink_samplers(config.samplers, factor=8)
+    if config.samplers.dyce.size:  # full after two steps, pseudo-positives from the third
+      config.samplers.dyce.update(size=128, num_clusters=8, topk=2, start_epoch=0.0)
   return config

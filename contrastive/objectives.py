@@ -139,7 +139,8 @@ def _sampled(state, batch, q1, q2, const, rng, *, method):
   loss, metrics = sampler_objective.sampled_loss(
       rng, dict(q1=q1, q2=q2, k1=k1, k2=k2, g1=g1, g2=g2), batch['id'], state.queue,
       cfg=method.samplers, temperature=method.temperature, symmetric=method.symmetric,
-      epoch=epoch, block_size=method.block_size, clusters=method.clusters)
+      epoch=epoch, block_size=method.block_size, clusters=method.clusters,
+      memory=getattr(state, 'dyce', None))
   return loss, (metrics, k2)
 
 

@@ -19,6 +19,7 @@ from contrastive import faults
 from contrastive import grad_cache
 from contrastive import parallel
 from contrastive.samplers import momentum as momentum_lib
+from contrastive.samplers import dyce as dyce_lib
 from contrastive.samplers import queue as queue_lib
 
 
@@ -47,10 +48,11 @@ class TrainState:
   static_bank: Any = None  # SPN4CIR's bank {'b': [M, D], 'b_ids': [M, 2], ...} of frozen
   # embeddings, split along the batch axes (contrastive/negatives/static_bank.py), or None
   static_topk: Any = None  # [N, k] int32 each training row's mined bank entries, or None
+  dyce: dyce_lib.DyCE | None = None  # BECLR's clustered memory of past keys, or None
 
 
 def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=False,
-                       queue_size=0, batch_size=0, dtype=jnp.float32):
+                       queue_size=0, batch_size=0, dtype=jnp.float32, dyce=None):
   """Initialises the state directly with its shardings.
 
   Args:
@@ -60,6 +62,7 @@ def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=Fa
       model; model.init(rng, *inputs, train=False).
     ema: also keep a momentum encoder, initialised as a copy of the online one.
     queue_size: K > 0 adds an empty memory queue of K keys, written batch_size at a time.
+    dyce: None, or (M, P): an empty DyCE memory of M keys and P prototypes (BECLR).
     dtype: of every float leaf (params, BatchNorm statistics, optimizer slots, queue):
       float32, or float64 (under jax_enable_x64) for reference runs whose results must not
       depend on the order of float32 sums, such as the tests across device counts.
@@ -74,10 +77,12 @@ def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=Fa
                                        (variables['params'], variables.get('batch_stats', {})))
     queue = (queue_lib.init_queue(queue_size, model.head.out_dim, batch_size, dtype=dtype)
              if queue_size else None)
+    memory = (dyce_lib.init_dyce(dyce[0], model.head.out_dim, dyce[1], batch_size, dtype=dtype)
+              if dyce else None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32),
                       ema_params=params if ema else None,
-                      ema_batch_stats=batch_stats if ema else None, queue=queue)
+                      ema_batch_stats=batch_stats if ema else None, queue=queue, dyce=memory)
 
   shardings = state_shardings(mesh, jax.eval_shape(init, rng))
   return jax.jit(init, out_shardings=shardings)(rng)
@@ -108,11 +113,15 @@ def state_shardings(mesh, state):
   if state.queue is not None:
     data = parallel.data_sharding(mesh)
     shardings = shardings.replace(queue=queue_lib.Queue(keys=data, ids=data, ptr=repl))
+  if state.dyce is not None:
+    data = parallel.data_sharding(mesh)
+    shardings = shardings.replace(dyce=dyce_lib.DyCE(keys=data, labels=data, prototypes=repl,
+                                                     ptr=repl, count=repl, ready=repl))
   return shardings
 
 
 def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', momentum=None,
-           micro_batch_size=0, mesh=None, fsdp=None):
+           micro_batch_size=0, mesh=None, fsdp=None, memory_update=None):
   """One optimizer update on the global batch; what every recipe family shares.
 
   Args:
@@ -133,6 +142,7 @@ def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', mom
       on a mesh with an fsdp axis): the objective sees the parameters gathered (all-gathered
       once per step, so activations stay split by batch rows over every device, ZeRO-3 style)
       and their gradient is reduce-scattered back to the sharded layout of the optimizer.
+    memory_update: fn(dyce, keys, rng) -> dyce, BECLR's memory update (with state.dyce).
 
   Returns:
     (new state, metrics): loss, the objective's metrics, lr, l2_grads, l2_params,
@@ -162,6 +172,8 @@ def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', mom
     metrics = dict(metrics, momentum=m)
   if state.queue is not None:
     new = new.replace(queue=queue_lib.enqueue(state.queue, keys, batch['id']))
+  if state.dyce is not None:
+    new = new.replace(dyce=memory_update(state.dyce, keys, jax.random.fold_in(rng, 1)))
   # The whole new state is checked, not only loss and gradients: a finite step can still
   # overflow a BatchNorm variance or an optimizer moment.
   ok = faults.all_finite(loss, grads, new)

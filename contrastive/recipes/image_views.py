@@ -42,6 +42,7 @@ from contrastive.models import two_tower
 from contrastive.models.resnet import BLOCKS
 from contrastive.models.resnet import POOLS
 from contrastive.recipes import base
+from contrastive.samplers import dyce as dyce_lib
 from contrastive.samplers import guide
 from contrastive.samplers import momentum as momentum_lib
 from contrastive.samplers.momentum import MOMENTUM_SCHEDULES
@@ -68,9 +69,15 @@ def uses_samplers(config):
   """True unless the config is plain SimCLR: no momentum encoder, queue or sampler."""
   s = config.get('samplers')
   active = s is not None and (s.threshold < 1.0 or s.gist or s.mining_k or s.mochi.num_hard or
-                              s.pos_alpha > 0 or s.neg_mix > 0 or s.histograms)
+                              s.pos_alpha > 0 or s.neg_mix > 0 or s.histograms or
+                              dyce_size(config))
   return bool(config.get('method', 'simclr') != 'simclr' or config.get('queue_size') or
               config.get('momentum', {}).get('base', 0.0) or active)
+
+
+def dyce_size(config):
+  """config.samplers.dyce.size: BECLR's memory slots (0: off)."""
+  return ((config.get('samplers') or {}).get('dyce') or {}).get('size', 0)
 
 
 def settings(config):
@@ -178,8 +185,37 @@ def validate_method(config):
     raise ConfigError('config.loss.collective: the MoCo / sampler / MCL step runs its blockwise '
                       'loss as one tiled scan partitioned by XLA, with no collective to choose; '
                       'unset it.')
+  _check_dyce(config)
   if stages > 1 and config.mcl.num_clusters < 2:
     raise ConfigError(f'config.mcl.num_clusters={config.mcl.num_clusters} must be >= 2.')
+
+
+def _check_dyce(config):
+  """BECLR's memory: sizes (`dyce.check_args`), positive epsilon, momentum in [0, 1)."""
+  if not dyce_size(config):
+    return
+  d = config.samplers.dyce
+  try:
+    dyce_lib.check_args(d.size, d.num_clusters, d.topk, config.batch_size)
+  except ValueError as e:
+    raise ConfigError(f'config.samplers.dyce: {e}') from None
+  if not d.epsilon > 0 or not 0 <= d.momentum < 1 or d.sinkhorn_iterations < 1:
+    raise ConfigError(f'config.samplers.dyce: epsilon={d.epsilon} must be > 0, momentum='
+                      f'{d.momentum} in [0, 1) and sinkhorn_iterations='
+                      f'{d.sinkhorn_iterations} >= 1.')
+  if d.kmeans_iters < 0 or d.start_epoch < 0:
+    raise ConfigError(f'config.samplers.dyce: kmeans_iters={d.kmeans_iters} and start_epoch='
+                      f'{d.start_epoch} must be >= 0.')
+
+
+def memory_update(config):
+  """fn(dyce, keys, rng) -> dyce with config.samplers.dyce's settings, or None (off)."""
+  if not dyce_size(config):
+    return None
+  d = config.samplers.dyce
+  return functools.partial(dyce_lib.update, momentum=d.momentum, epsilon=d.epsilon,
+                           sinkhorn_iterations=d.sinkhorn_iterations,
+                           kmeans_iters=d.kmeans_iters)
 
 
 def guide_workdir(config):
@@ -239,7 +275,9 @@ def step(s, mesh, image_shape, steps, rng, *, steps_per_epoch=1.0, clusters=None
   m = method(s, steps=steps, clusters=clusters, steps_per_epoch=steps_per_epoch)
   make_state = lambda: step_lib.create_train_state(
       model, tx, image_shape, rng, mesh, ema=bool(s.momentum_base or s.guide_workdir),
-      queue_size=s.queue_size, batch_size=config.batch_size, dtype=s.common.state_dtype)
+      queue_size=s.queue_size, batch_size=config.batch_size, dtype=s.common.state_dtype,
+      dyce=(config.samplers.dyce.size, config.samplers.dyce.num_clusters)
+      if dyce_size(config) else None)
   state = step_lib.abstract_state(make_state, mesh) if abstract else make_state()
   objective = objectives.image_views(
       model=model, aug_cfg=config.augment, method=m,
@@ -247,7 +285,8 @@ def step(s, mesh, image_shape, steps, rng, *, steps_per_epoch=1.0, clusters=None
   step_fn = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule,
                                     nonfinite=s.common.nonfinite,
                                     momentum=m.momentum if m else None,
-                                    micro_batch_size=s.common.micro_batch_size)
+                                    micro_batch_size=s.common.micro_batch_size,
+                                    memory_update=memory_update(config))
   return model, state, step_fn
 
 

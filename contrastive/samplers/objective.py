@@ -9,7 +9,9 @@ One direction, query q against key k (k's row i is q's positive), reads as a pip
   mining      keep only each query's top-k hardest surviving candidates (optionally skipping
               the top-r as suspected false negatives);
   MoCHi       per-query synthetic negatives mixed from its hardest candidates;
-  loss        `info_nce` (dense or blockwise) over what is left.
+  DyCE        BECLR's pseudo-positives: the key's nearest items in its cluster of the DyCE
+              memory (`dyce.py`), extra positives of the query;
+  loss        `info_nce` (dense or blockwise) over what is left (+ `dyce.positive_shift`).
 
 Every stage is a pure function of `contrastive.samplers`; this module only wires them from
 config (`config.samplers`, see configs/simclr_fmnist.py).
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 
 from contrastive.losses import info_nce
 from contrastive.losses import l2_normalize
+from contrastive.samplers import dyce
 from contrastive.samplers import feature_transform
 from contrastive.samplers import masks
 from contrastive.samplers import mining
@@ -46,7 +49,7 @@ def candidate_keeps(ids, cand_ids, guide_query, guide_cands, cfg, clusters):
 
 
 def one_direction(rng, q, k, guide_q, guide_k, ids, queue, *, cfg, temperature, epoch,
-                  block_size=None, mesh=None, clusters=None):
+                  block_size=None, mesh=None, clusters=None, memory=None):
   """InfoNCE of queries q [B, D] against keys k [B, D] with the sampled negatives.
 
   Args:
@@ -56,10 +59,12 @@ def one_direction(rng, q, k, guide_q, guide_k, ids, queue, *, cfg, temperature, 
     guide_q, guide_k: [B, D] the guide's embeddings of q's and k's views (GISTEmbed), or None.
     ids: [B] int example ids of the batch. queue: a `Queue` or None.
     cfg: config.samplers. epoch: float, for MoCHi's start epoch. clusters: [N] int cluster of
-      each example id (MCL) or None.
+      each example id (MCL) or None. memory: BECLR's `dyce.DyCE` (cfg.dyce.topk
+      pseudo-positives per query, found from its key) or None.
 
   Returns:
-    (loss, metrics) of `info_nce`.
+    (loss, metrics) of `info_nce` (with `pseudo_positives`, the mean valid count, and the
+    multi-positive loss of `dyce.positive_shift` with a memory).
   """
   rng_pos, rng_mix, rng_mochi = jax.random.split(rng, 3)
   extra, extra_ids = (None, None) if queue is None else (queue.keys, queue.ids)
@@ -92,9 +97,19 @@ def one_direction(rng, q, k, guide_q, guide_k, ids, queue, *, cfg, temperature, 
         num_query_mix=cfg.mochi.num_query_mix, keep=keep, block_size=block_size,
         hard_indices=hard)
     own_mask = own_mask & (epoch >= cfg.mochi.start_epoch)
-  return info_nce(q, k, temperature=temperature, extra_negatives=extra, negative_mask=keep,
-                  query_negatives=own, query_negative_mask=own_mask, block_size=block_size,
-                  mesh=mesh)
+  if memory is not None:  # pseudo-positives join the denominator here, the numerator below
+    pseudo, valid = dyce.neighbours(memory, k, cfg.dyce.topk)
+    valid = valid & (epoch >= cfg.dyce.start_epoch)
+    pseudo = pseudo.astype(q.dtype)
+    own = pseudo if own is None else jnp.concatenate([own, pseudo], axis=1)
+    own_mask = valid if own_mask is None else jnp.concatenate([own_mask, valid], axis=1)
+  loss, metrics = info_nce(q, k, temperature=temperature, extra_negatives=extra,
+                           negative_mask=keep, query_negatives=own, query_negative_mask=own_mask,
+                           block_size=block_size, mesh=mesh)
+  if memory is not None:
+    loss = loss + dyce.positive_shift(q, k, pseudo, valid, temperature)
+    metrics = dict(metrics, pseudo_positives=jnp.mean(jnp.sum(valid, 1).astype(jnp.float32)))
+  return loss, metrics
 
 
 def score_histograms(q, k):
@@ -112,7 +127,7 @@ def score_histograms(q, k):
 
 
 def sampled_loss(rng, views, ids, queue, *, cfg, temperature, symmetric, epoch, block_size=None,
-                 mesh=None, clusters=None):
+                 mesh=None, clusters=None, memory=None):
   """The objective over both views: 1/2 (L(q1, k2) + L(q2, k1)), or L(q1, k2) alone.
 
   Args:
@@ -129,7 +144,8 @@ def sampled_loss(rng, views, ids, queue, *, cfg, temperature, symmetric, epoch, 
   for rng_dir, (q, k, gq, gk) in zip(jax.random.split(rng, len(pairs)), pairs):
     results.append(one_direction(rng_dir, views[q], views[k], views[gq], views[gk], ids, queue,
                                  cfg=cfg, temperature=temperature, epoch=epoch,
-                                 block_size=block_size, mesh=mesh, clusters=clusters))
+                                 block_size=block_size, mesh=mesh, clusters=clusters,
+                                 memory=memory))
   loss = sum(r[0] for r in results) / len(results)
   metrics = jax.tree.map(lambda *xs: sum(xs) / len(xs), *[r[1] for r in results])
   if cfg.histograms:
