@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from contrastive import fewshot
 from contrastive import parallel
 from contrastive.probe import linear_probe  # pylint: disable=unused-import (re-exported)
 from contrastive.data import augment
@@ -108,7 +109,9 @@ def encoder_features(model, variables, images):
 
 
 class Evaluator:
-  """Loads the train and test splits once; `evaluator(state)` returns kNN and linear-probe accuracy.
+  """Loads the train and test splits once; `evaluator(state)` returns kNN and linear-probe accuracy,
+  and with `cfg.fewshot` (e.g. {'num_episodes': 600}) few-shot accuracy on the test split, with
+  and without OpTA (contrastive/fewshot.py).
 
   Features are the encoder's output h (before the projection head), BatchNorm in inference mode.
   """
@@ -116,11 +119,14 @@ class Evaluator:
   def __init__(self, cfg, dataset_cfg, model, mesh):
     self.cfg = cfg
     self.mesh = mesh
+    self.fewshot = fewshot.settings(cfg.get('fewshot'))  # None: off
     self.train = pipeline.load_arrays(pipeline.get_source(dataset_cfg, 'train'),
                                       max_examples=cfg.get('max_train_examples'))
     self.test = pipeline.load_arrays(pipeline.get_source(dataset_cfg, cfg.split),
                                      max_examples=cfg.get('max_test_examples'))
     self.num_classes = int(max(self.train['label'].max(), self.test['label'].max())) + 1
+    if self.fewshot:  # a test split too small for the episodes fails here, not after training
+      fewshot.check_pool(self.test['label'], **self.fewshot)
     self._embed = jax.jit(functools.partial(encoder_features, model),
                           out_shardings=parallel.replicated(mesh))
 
@@ -134,15 +140,19 @@ class Evaluator:
                       self.features(state, self.test['image']))
 
   def score(self, train_f, test_f):
-    """kNN and linear-probe accuracy of given train [N, F] and test [M, F] features."""
+    """kNN and linear-probe accuracy of given train [N, F] and test [M, F] features, and the
+    few-shot metrics of the test features (fewshot.evaluate_few_shot) when cfg.fewshot is set."""
     knn = knn_predict(train_f, self.train['label'], test_f, k=self.cfg.knn_k,
                       temperature=self.cfg.knn_temperature, num_classes=self.num_classes)
     lin, lin_train = linear_probe(train_f, self.train['label'], test_f,
                                   num_classes=self.num_classes, steps=self.cfg.linear_steps,
                                   lr=self.cfg.linear_lr, l2=self.cfg.linear_l2)
-    return {'knn_top1': float(np.mean(np.asarray(knn) == self.test['label'])),
-            'linear_top1': float(np.mean(np.asarray(lin) == self.test['label'])),
-            'linear_train_top1': float(lin_train)}
+    metrics = {'knn_top1': float(np.mean(np.asarray(knn) == self.test['label'])),
+               'linear_top1': float(np.mean(np.asarray(lin) == self.test['label'])),
+               'linear_train_top1': float(lin_train)}
+    if self.fewshot:
+      metrics.update(fewshot.evaluate_few_shot(test_f, self.test['label'], **self.fewshot))
+    return metrics
 
 
 if __name__ == '__main__':
