@@ -6,7 +6,8 @@ Each recipe runs through the public entry point, in its own process:
       --config.total_steps=STEPS --config.eval.random_init_baseline=False
 
 and this script prints one JSON line per recipe with the final evaluation (read from DIR's
-metrics.jsonl) and the wall time:
+metrics.jsonl: kNN, linear probe, and the few-shot accuracies with and without OpTA) and the
+wall time:
 
   python benchmarks/recipes.py --steps=300 >> benchmarks/results/recipes.jsonl
 
@@ -36,6 +37,8 @@ RECIPES = [
     ('moco_v2+threshold', 'moco_v2_fmnist.py:threshold'),
     ('moco_v2+gist', 'moco_v2_fmnist.py:gist'),
     ('simclr+mcl', 'simclr_fmnist.py:mcl'),
+    ('simclr+beclr', 'simclr_fmnist.py:beclr'),  # DyCE pseudo-positives (InfoNCE)
+    ('moco_v2+beclr', 'moco_v2_fmnist.py:beclr'),
 ]
 
 
@@ -68,6 +71,8 @@ def run_recipe(name, config, steps, workdir, extra_flags):
   prefix = 'mcl/' if 'mcl/knn_top1' in row else ''
   record.update(knn_top1=row.get(prefix + 'knn_top1'),
                 linear_top1=row.get(prefix + 'linear_top1'))
+  record.update({k[len(prefix):]: v for k, v in row.items()  # config.eval.fewshot's metrics
+                 if k.startswith(prefix + 'fewshot_')})
   return record
 
 

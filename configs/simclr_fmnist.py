@@ -163,6 +163,10 @@ def get_config(arg=None):
   config.eval = dict(every=0, split='test', batch_size=1000, knn_k=200, knn_temperature=0.1,
                      linear_steps=500, linear_lr=0.05, linear_l2=1e-4,
                      random_init_baseline=True, max_train_examples=0, max_test_examples=0)  # 0 = all
+  # Few-shot episodes on the test split's features (contrastive/fewshot.py): N-way K-shot
+  # nearest-prototype accuracy with its 95% interval, with and without BECLR's OpTA.
+  config.eval.fewshot = dict(n_way=5, shots=(1, 5), n_query=15, num_episodes=600, seed=0,
+                             opta=True)
   config.log_every = 20
   # (first, last): a jax.profiler trace of these steps in WORKDIR/profile (process 0); () = off.
   config.profile_steps = ()
@@ -202,6 +206,7 @@ def get_config(arg=None):
     config.optimizer.update(warmup_steps=1)
     config.eval.update(batch_size=200, linear_steps=50, random_init_baseline=False,
                        max_train_examples=2000, max_test_examples=400)
+    config.eval.fewshot.num_episodes = 100
     config.log_every = 1
     config.checkpoint_every = 3
     shrink_samplers(config.samplers, factor=8)

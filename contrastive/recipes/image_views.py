@@ -29,6 +29,7 @@ import numpy as np
 from contrastive import checkpoint
 from contrastive import config_lib
 from contrastive import evaluate
+from contrastive import fewshot
 from contrastive import objectives
 from contrastive import optim
 from contrastive import parallel
@@ -117,6 +118,10 @@ def validate(config):
                       f'{list(POOLS)}.')
   validate_method(config)
   _check_heads(config)
+  try:
+    fewshot.settings(config.eval.get('fewshot'))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.get('dtype', 'float32') == 'bfloat16' and uses_samplers(config):
     raise ConfigError('config.dtype=\'bfloat16\' is not implemented with a momentum encoder, '
                       'queue or negative samplers (their mixing and masks are float32 code): '
