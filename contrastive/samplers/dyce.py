@@ -83,15 +83,6 @@ def sinkhorn_assign(scores, *, epsilon=0.05, iterations=3):
   return jnp.argmax(log_q, axis=1).astype(jnp.int32)
 
 
-def cluster_means(keys, labels, previous):
-  """[P, D]: the mean of each cluster's keys ([M, D], labels [M]); an empty one keeps
-  `previous`."""
-  onehot = jax.nn.one_hot(labels, previous.shape[0], dtype=keys.dtype)  # [M, P]
-  sums = onehot.T @ keys  # (P, M) . (M, D) -> (P, D)
-  counts = jnp.sum(onehot, 0)[:, None]
-  return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), previous)
-
-
 def _start(mem, rng, kmeans_iters):
   """The first partition: k-means++ and Lloyd's iterations on the full memory."""
   seeds = kmeans.kmeans_plus_plus_init(rng, mem.keys, mem.prototypes.shape[0])
@@ -113,9 +104,8 @@ def update(mem, keys, rng, *, momentum=0.0, epsilon=0.05, sinkhorn_iterations=3,
   keys = l2_normalize(jax.lax.stop_gradient(keys)).astype(mem.keys.dtype)
 
   def assigned(mem):
-    labels = sinkhorn_assign(keys @ l2_normalize(mem.prototypes).T.astype(keys.dtype),
-                             epsilon=epsilon, iterations=sinkhorn_iterations)
-    return labels
+    return sinkhorn_assign(keys @ l2_normalize(mem.prototypes).T.astype(keys.dtype),
+                           epsilon=epsilon, iterations=sinkhorn_iterations)
 
   labels = jax.lax.cond(mem.ready, assigned, lambda _: jnp.zeros((b,), jnp.int32), mem)
   written = mem.replace(
@@ -124,7 +114,7 @@ def update(mem, keys, rng, *, momentum=0.0, epsilon=0.05, sinkhorn_iterations=3,
       ptr=(mem.ptr + b) % m, count=jnp.minimum(mem.count + b, m))
 
   def moved(mem):
-    means = cluster_means(mem.keys, mem.labels, mem.prototypes)
+    means = kmeans.cluster_means(mem.keys, mem.labels, mem.prototypes)
     return mem.replace(prototypes=momentum * mem.prototypes + (1.0 - momentum) * means)
 
   def warming(mem):

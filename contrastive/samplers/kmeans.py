@@ -45,6 +45,15 @@ def assign(x, centroids):
   return jnp.argmin(squared_distances(x, centroids), axis=-1).astype(jnp.int32)
 
 
+def cluster_means(x, assignments, previous):
+  """[k, D]: the mean of the points x [N, D] assigned ([N] int) to each cluster; a cluster
+  with no point keeps its row of `previous` [k, D]."""
+  onehot = jax.nn.one_hot(assignments, previous.shape[0], dtype=x.dtype)  # [N, k]
+  sums = jnp.dot(onehot.T, x, precision=_HIGHEST)  # (k, N) . (N, D) -> (k, D)
+  counts = jnp.sum(onehot, 0)[:, None]  # [k, 1]
+  return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), previous)
+
+
 def _row(x, i):
   """x[i] as a masked sum: with x's rows sharded this reduces a [D] vector across devices,
   where a dynamic-index gather would all-gather the whole of x."""
@@ -123,10 +132,7 @@ def lloyd(x, centroids, num_iters):
   k = centroids.shape[0]
 
   def step(_, c):
-    onehot = jax.nn.one_hot(assign(x, c), k, dtype=x.dtype)  # [N, k]
-    sums = jnp.dot(onehot.T, x, precision=_HIGHEST)  # (k, N) . (N, D) -> (k, D)
-    counts = jnp.sum(onehot, 0)[:, None]  # [k, 1]
-    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), c)
+    return cluster_means(x, assign(x, c), c)
 
   centroids = jax.lax.fori_loop(0, num_iters, step, jnp.asarray(centroids, x.dtype))
   assignments = assign(x, centroids)
