@@ -52,7 +52,7 @@ VARIANTS = [
 
 def build_variant(config_file, variants, batch_size):
   """A function run(i) that runs train step i of the config at batch_size (synthetic 28x28
-  images) and returns its wall time in seconds."""
+  images) and returns its wall time in seconds; run.hlo_text() is the compiled step's HLO."""
   config = config_lib.load_config(os.path.join(CONFIGS, config_file), variants)
   config.batch_size = batch_size
   config.dataset.name = 'not_local'  # no data is read: skip the dataset check
@@ -83,6 +83,14 @@ def build_variant(config_file, variants, batch_size):
     jax.block_until_ready((holder[0], metrics))
     return time.perf_counter() - start
 
+  def hlo_text():
+    """The optimized HLO of the compiled step (instruction names as the profiler's events)."""
+    batch = {'image': np.zeros((batch_size, 28, 28, 1), np.uint8),
+             'id': np.zeros((batch_size,), np.int32)}
+    batch = jax.device_put(batch, parallel.data_sharding(mesh))
+    return step.lower(holder[0], batch, jax.random.key(0)).compile().as_text()
+
+  run.hlo_text = hlo_text
   return run
 
 

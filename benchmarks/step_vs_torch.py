@@ -9,7 +9,15 @@ Implementations, each in its own worker process (own peak RSS, own thread pools)
                        batched on-tensor augmentations (crop + flip as one affine_grid/grid_sample,
                        brightness/contrast jitter), NT-Xent, AdamW, torch.set_num_threads(cores);
   torch_channels_last  the same with the model and input in channels-last memory format;
-  torch_compile        the same step (augment + model + loss) under torch.compile.
+  torch_compile        the same step (augment + model + loss) under torch.compile;
+  main_loop            not a step alone: the whole `python -m contrastive.main` loop on the
+                       default config at the batch (data, augmentation, step, metric syncs,
+                       logging, checkpoint), its step time from metrics.jsonl's steps_per_s
+                       over 5-step intervals, so the loop's host overhead shows beside `jax`.
+
+Levers: --xla_flags='NAME:FLAGS;...' adds the jax step with XLA_FLAGS=FLAGS (e.g. YNNPACK's
+fusions off: 'no_ynn:--xla_cpu_experimental_ynn_fusion_type='), one JSON line each with its
+`lever` name; benchmarks/step_profile.py shows where a step's time goes.
 
 Each implementation is timed alone: --runs whole runs per implementation, alternated A B A B
 ... (so a shared machine's drift hits all alike), each in a fresh process that runs 2 warm-up
@@ -34,8 +42,11 @@ inputs, PyTorch padding=1 pads (1, 1); output shapes and FLOPs are equal.
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import interleaved  # benchmarks/interleaved.py
@@ -55,6 +66,8 @@ def _images(batch, i):
 
 def jax_worker(point):
   """fn(i) -> seconds of train step i, and the parameter count."""
+  if point.get('xla_flags'):  # a lever (--xla_flags), read when the backend starts
+    os.environ['XLA_FLAGS'] = point['xla_flags']
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_num_cpu_devices', point['devices'])  # before the backend starts
   import step_overhead  # pylint: disable=g-import-not-at-top
@@ -179,6 +192,29 @@ def torch_worker(point):
   return run, count
 
 
+def main_loop_run(point, rounds, workdir):
+  """The whole `contrastive.main` loop (data, augmentation, step, metrics, logging) on the
+  default config at the point's batch: the median step time over 5-step logging intervals
+  (metrics.jsonl's steps_per_s, evaluations excluded), the first interval (compiling) dropped."""
+  every = 5
+  steps = every * (1 + max(1, -(-rounds // every)))
+  shutil.rmtree(workdir, ignore_errors=True)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  for name in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES'):  # the trainer picks its device count
+    env.pop(name, None)
+  subprocess.run([sys.executable, '-m', 'contrastive.main', '--config',
+                  os.path.join(ROOT, 'configs', 'simclr_fmnist.py'), '--workdir', workdir,
+                  f'--config.batch_size={point["batch"]}', f'--config.total_steps={steps}',
+                  f'--config.log_every={every}', '--config.eval.random_init_baseline=False',
+                  '--config.eval.max_train_examples=2000', '--config.eval.max_test_examples=1000',
+                  '--config.eval.linear_steps=10', '--config.eval.fewshot.num_episodes=10'],
+                 cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+    rates = [row['steps_per_s'] for row in map(json.loads, f) if 'steps_per_s' in row]
+  shutil.rmtree(workdir, ignore_errors=True)
+  return statistics.median(1 / r for r in rates[1:])
+
+
 def worker(point):
   """One implementation's process (`interleaved.serve`)."""
   run, count = (jax_worker if point['impl'] == 'jax' else torch_worker)(point)
@@ -192,7 +228,11 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n', maxsplit=1)[0])
   p.add_argument('--batch_sizes', default='256,512')
   p.add_argument('--devices', default='auto,1', help="JAX CPU device counts; 'auto': the trainer's")
-  p.add_argument('--impls', default='jax,' + ','.join(TORCH_IMPLS))
+  p.add_argument('--impls', default='jax,main_loop,' + ','.join(TORCH_IMPLS))
+  p.add_argument('--xla_flags', default='',
+                 help="levers: 'NAME:FLAGS;NAME:FLAGS', each the jax step at the trainer's "
+                      "device count with XLA_FLAGS=FLAGS, e.g. 'no_ynn:"
+                      "--xla_cpu_experimental_ynn_fusion_type='")
   p.add_argument('--rounds', type=int, default=15, help='timed steps per run')
   p.add_argument('--runs', type=int, default=3,
                  help='fresh-process runs of each implementation alone, alternated A B A B')
@@ -216,32 +256,44 @@ def main(argv=None):
     points = []
     for impl in args.impls.split(','):
       counts = ([auto if d == 'auto' else int(d) for d in args.devices.split(',')]
-                if impl == 'jax' else [1])
+                if impl == 'jax' else [auto] if impl == 'main_loop' else [1])
       for devices in dict.fromkeys(counts):  # 'auto,1' on one core: once
         points.append(dict(impl=impl, batch=batch, devices=devices, config=shared))
+    for lever in filter(None, args.xla_flags.split(';')):
+      name, flags = lever.split(':', 1)
+      points.append(dict(impl='jax', batch=batch, devices=auto, config=shared, lever=name,
+                         xla_flags=flags))
     python = lambda pt: sys.executable if pt['impl'] == 'jax' else args.torch_python
     alone = [[] for _ in points]  # per point: the median step of each of its runs alone
     rss, params = [0.0] * len(points), [None] * len(points)
     for _ in range(args.runs):  # whole runs alternated A B A B ..., each in a fresh process
       for k, pt in enumerate(points):
+        if pt['impl'] == 'main_loop':
+          with tempfile.TemporaryDirectory() as tmp:
+            alone[k].append(main_loop_run(pt, args.rounds, os.path.join(tmp, 'workdir')))
+          continue
         w = interleaved.Worker(python(pt), __file__, pt)
         params[k] = w.params
         times = [w.step(i)['time_s'] for i in range(2 + args.rounds)]  # 2: compile, warm up
         alone[k].append(statistics.median(times[2:]))
         rss[k] = max(rss[k], w.close())
-    assert len(set(params)) == 1, f'parameter counts differ: {list(zip(points, params))}'
-    inter = interleaved_medians(points, python, args.rounds) if args.interleaved else None
+    assert len(set(params) - {None}) <= 1, f'parameter counts differ: {list(zip(points, params))}'
+    workers = [k for k, pt in enumerate(points) if pt['impl'] != 'main_loop']
+    inter = (dict(zip(workers, interleaved_medians([points[k] for k in workers], python,
+                                                   args.rounds)))
+             if args.interleaved else {})
     medians = [statistics.median(t) for t in alone]
     base = next((m for pt, m in zip(points, medians) if pt['impl'] == 'torch_eager'), None)
     for k, (pt, m) in enumerate(zip(points, medians)):
       print(json.dumps(dict(
-          impl=pt['impl'], batch=batch, devices=pt['devices'], cores=interleaved.cores(),
-          params=params[k], mode='alone', runs=args.runs, rounds=args.rounds,
+          impl=pt['impl'], lever=pt.get('lever'), xla_flags=pt.get('xla_flags'), batch=batch,
+          devices=pt['devices'], cores=interleaved.cores(), params=params[k], mode='alone',
+          runs=args.runs, rounds=args.rounds,
           time_s=round(m, 4), run_medians_s=[round(x, 4) for x in alone[k]],
           spread_s=[round(min(alone[k]), 4), round(max(alone[k]), 4)],
           ratio_vs_torch_eager=None if base is None else round(m / base, 3),
-          interleaved_time_s=None if inter is None else round(inter[k], 4),
-          peak_rss_gib=round(rss[k], 3))), flush=True)
+          interleaved_time_s=round(inter[k], 4) if k in inter else None,
+          peak_rss_gib=round(rss[k], 3) if rss[k] else None)), flush=True)
 
 
 def interleaved_medians(points, python, rounds):

@@ -109,7 +109,8 @@ def image_views(*, model, loss_fn, aug_cfg, method=None):
   """
   def embed(params, state, rows, rng):
     aug_rng = jax.random.split(rng)[0] if method else rng
-    v1, v2 = augment.two_views(aug_rng, rows['image'], aug_cfg, indices=rows['index'])
+    with jax.named_scope('augment'):  # the scopes name the ops in profiles (step_profile.py)
+      v1, v2 = augment.two_views(aug_rng, rows['image'], aug_cfg, indices=rows['index'])
     b = v1.shape[0]
     views = jnp.stack([v1, v2], axis=1).reshape(2 * b, *v1.shape[1:])
     q1, q2, batch_stats = _embed(model, params, state.batch_stats, views, b)
@@ -122,10 +123,11 @@ def image_views(*, model, loss_fn, aug_cfg, method=None):
 
   def loss(params, state, embeddings, batch, rng):
     (q1, q2), const = embeddings
-    if method is None:  # the model's learned loss arguments: AMCL's head temperatures
-      value, metrics = loss_fn(q1, q2, **model.apply({'params': params}, method='loss_params'))
-      return value, (metrics, None)
-    return _sampled(state, batch, q1, q2, const, jax.random.split(rng)[1], method=method)
+    with jax.named_scope('loss'):
+      if method is None:  # the model's learned loss arguments: AMCL's head temperatures
+        value, metrics = loss_fn(q1, q2, **model.apply({'params': params}, method='loss_params'))
+        return value, (metrics, None)
+      return _sampled(state, batch, q1, q2, const, jax.random.split(rng)[1], method=method)
 
   return Objective(embed, loss)
 

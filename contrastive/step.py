@@ -160,8 +160,9 @@ def update(state, batch, rng, *, objective, tx, schedule, nonfinite='error', mom
   (loss, (metrics, batch_stats, keys)), grads = value_and_grad(params, state, batch, rng)
   if fsdp is not None:
     grads = jax.lax.with_sharding_constraint(grads, fsdp[1])
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  with jax.named_scope('optimizer'):  # names its ops in profiles (benchmarks/step_profile.py)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                       opt_state=opt_state)
   if state.ema_params is not None:
