@@ -11,10 +11,10 @@ per HLO instruction. Each instruction is named after the optimized HLO's metadat
   pass   forward | backward (its op_name is under transpose(...), i.e. a gradient)
   kind   the HLO opcode, or for fusions their kind and the library that runs them (ynn: YNNPACK)
 
-Prints one JSON line per (part, pass) and per --top instruction, with milliseconds per step
-summed over the threads that ran them (so on 2 devices the sum is up to 2x the wall time),
-and one line with the step's wall time (median of the traced steps, traced: tracing adds a
-little) and the sum:
+Prints one JSON line per (part, pass), per kind (the 12 costliest) and per --top
+instruction, with milliseconds per step summed over the threads that ran them (so on 2
+devices the sum is up to 2x the wall time), and one line with the step's wall time (median of
+the traced steps, traced: tracing adds a little) and the sum:
 
   PYTHONPATH=. python benchmarks/step_profile.py --batch_size=256 --devices=2
 
@@ -35,9 +35,15 @@ PARTS = ('augment', 'loss', 'optimizer', 'head', 'encoder')  # first match in op
 
 
 def instructions(hlo_text):
-  """{name: (kind, op_name)} of the optimized HLO's instructions."""
-  found = {}
+  """{name: (kind, op_name)} of the optimized HLO's instructions. An instruction without an
+  op_name (in a loop body, say) takes that of the instruction calling its computation."""
+  found, computation_of, caller = {}, {}, {}
+  current = None
   for line in hlo_text.splitlines():
+    head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) \(.*\{$', line)
+    if head:
+      current = head.group(1)
+      continue
     m = re.match(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$', line)
     if not m:
       continue
@@ -49,7 +55,18 @@ def instructions(hlo_text):
       kind = f'fusion:{fusion.group(1).strip("_")}'
     op_name = re.search(r'op_name="([^"]*)"', rest)
     found[name] = (kind, op_name.group(1) if op_name else '')
-  return found
+    computation_of[name] = current
+    for callee in re.findall(r'(?:body|condition|calls|to_apply)=%?([\w.\-]+)', rest):
+      caller[callee] = name
+
+  def inherited(name, depth=0):
+    kind, op_name = found[name]
+    parent = caller.get(computation_of[name])
+    if op_name or parent is None or depth > 20:
+      return op_name
+    return inherited(parent, depth + 1)
+
+  return {name: (kind, inherited(name)) for name, (kind, _) in found.items()}
 
 
 def classify(op_name):
@@ -96,13 +113,14 @@ def main(argv=None):
     with jax.profiler.trace(trace_dir):
       wall = [run(2 + i) for i in range(args.steps)]
     totals = op_times(trace_dir, args.steps)
-  groups, listed = collections.Counter(), []
+  groups, kinds, listed = collections.Counter(), collections.Counter(), []
   for name, ms in totals.items():
     if name not in names:  # the runtime's own events (ThunkExecutor::Execute, locks, ...)
       continue
     kind, op_name = names[name]
     part, pass_ = classify(op_name)
     groups[part, pass_] += ms
+    kinds[kind] += ms
     listed.append(dict(instruction=name, ms=round(ms, 2), part=part, pass_=pass_, kind=kind,
                        op_name=op_name[-120:]))
   common = dict(config=f'{args.config}:{args.variants}', batch=args.batch_size,
@@ -112,6 +130,9 @@ def main(argv=None):
                         ops_ms=round(ops_ms, 1))), flush=True)
   for (part, pass_), ms in sorted(groups.items(), key=lambda kv: -kv[1]):
     print(json.dumps(dict(common, record='part', part=part, pass_=pass_, ms=round(ms, 1),
+                          share=round(ms / ops_ms, 3))), flush=True)
+  for kind, ms in kinds.most_common(12):
+    print(json.dumps(dict(common, record='kind', kind=kind, ms=round(ms, 1),
                           share=round(ms / ops_ms, 3))), flush=True)
   for row in sorted(listed, key=lambda r: -r['ms'])[:args.top]:
     print(json.dumps(dict(common, record='op', **row)), flush=True)

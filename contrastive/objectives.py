@@ -17,6 +17,7 @@ batch micro-batch by micro-batch and still take the loss over the global batch.
   or SigLIP's sigmoid loss with the model's learned temperature (and bias).
 """
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -27,11 +28,12 @@ from contrastive.data import augment
 from contrastive.losses import blockwise
 from contrastive.losses import clip_loss
 from contrastive.losses import sigmoid_loss
+from contrastive.losses.amcl import amcl
 from contrastive.negatives import geodesic_mixup
 from contrastive.negatives import static_bank
 from contrastive.samplers import objective as sampler_objective
 
-TWO_TOWER_LOSSES = {'clip_loss': clip_loss, 'sigmoid_loss': sigmoid_loss}
+TWO_TOWER_LOSSES = {'clip_loss': clip_loss, 'sigmoid_loss': sigmoid_loss, 'amcl': amcl}
 
 
 class Objective(NamedTuple):
@@ -234,7 +236,7 @@ def _query_rows(runs, image, text):
 
 
 def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collective=None,
-              mixup_alpha=0.0, query_runs=None):
+              mixup_alpha=0.0, query_runs=None, loss_kwargs=None):
   """CLIP / SigLIP / LiT: za = model's tower a (+ projection), zb = tower b's; the loss takes
   the model's traced temperature (and bias), so they are learned.
 
@@ -253,7 +255,8 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
   else tower a's of image a_i (with `query_runs` each tower embeds only its rows).
 
   Args:
-    loss_name: 'clip_loss' or 'sigmoid_loss'.
+    loss_name: 'clip_loss', 'sigmoid_loss' or 'amcl' (AMCL's heads: the model's
+      head_count; their temperatures are the model's logit parameters).
     locked: parameter groups without gradient (LiT: e.g. ('tower_a', 'proj_a')); their
       optimizer update is zero as well (`recipes.two_tower_init.optimizer`).
     block_size, mesh, collective: the loss's blockwise path (`mesh`: the ring over devices).
@@ -263,8 +266,9 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
       (`mixture.query_runs`: each part's rows are contiguous): each tower then embeds only its
       own rows (static slices), not every row. None: both towers on every row, `a_is_text`
       choosing (any layout; GradCache's micro-batches).
+    loss_kwargs: the loss's fixed arguments besides the learned ones (amcl: beta, kappa).
   """
-  loss_fn = TWO_TOWER_LOSSES[loss_name]
+  loss_fn = functools.partial(TWO_TOWER_LOSSES[loss_name], **(loss_kwargs or {}))
   blockwise_args = {} if block_size is None else dict(
       block_size=block_size, mesh=mesh, collective=collective or blockwise.DEFAULT_COLLECTIVE)
   lock = lambda params: {k: jax.lax.stop_gradient(v) if k in locked else v
@@ -314,10 +318,10 @@ def two_tower(*, model, loss_name, locked=(), block_size=None, mesh=None, collec
                                         logit, blockwise_args)
     else:
       value, metrics = loss_fn(*z[:2], **logit, **text_negatives(z, batch), **blockwise_args)
-    metrics = dict(metrics, temperature=logit['temperature'],
-                   truncated_texts=jnp.sum(batch['truncated']))
-    if 'bias' in logit:
-      metrics['bias'] = logit['bias']
+    metrics = dict(metrics, truncated_texts=jnp.sum(batch['truncated']))
+    for name in ('temperature', 'bias'):  # AMCL's heads report theirs as temperature/h
+      if name in logit:
+        metrics[name] = logit[name]
     return value, (metrics, None)
 
   return Objective(embed, loss)

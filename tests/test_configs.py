@@ -21,7 +21,7 @@ VARIANTS = {
     'moco_v3_fmnist.py': [None, 'runlocal'],
     'siglip_emoji.py': [None, 'runlocal', 'resnet', 'lit', 'pod', 'pod,dense', 'resnet,lit,runlocal',
                         'sketch'],
-    'clip_emoji.py': [None, 'runlocal', 'lit', 'pod', 'lit,clip_b32'],
+    'clip_emoji.py': [None, 'runlocal', 'lit', 'pod', 'lit,clip_b32', 'amcl', 'amcl,runlocal'],
     'siglip_webdataset.py': [None, 'runlocal', 'pod'],
     'siglip_wordnet.py': [None, 'runlocal', 'lit', 'pod', 'transformer', 'runlocal,transformer'],
     'clip_emoji_wordnet.py': [None, 'runlocal,lit', 'transformer'],

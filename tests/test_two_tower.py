@@ -39,7 +39,7 @@ def _config(loss_params='siglip', lock=''):
                             pool='gap'),
                  text=dict(name='text', width=16, depth=1, heads=2, mlp_dim=32, pool='eos'),
                  embed_dim=8, loss_params=loss_params, logit_scale_init=None,
-                 logit_bias_init=-10.0),
+                 logit_bias_init=-10.0, head_count=3 if loss_params == 'amcl' else 1),
       optimizer=dict(name='adamw', lr=1e-2, scale_lr_by_batch=False, warmup_steps=0,
                      weight_decay=1e-4, momentum=0.9, grad_clip_norm=0.0, logit_lr_mult=10.0)))
 

@@ -65,8 +65,8 @@ def temperature_penalty(tau, kappa):
   return kappa * jnp.log(tau) + 1.0 / tau
 
 
-def amcl(z1, z2, *, temperatures, beta=0.1, kappa=0.5, block_size=None, mesh=None,
-         collective=RING):
+def amcl(z1, z2, *, temperatures, beta=0.1, kappa=0.5, negative_mask=None, mask_ids=None,
+         block_size=None, mesh=None, collective=RING):
   """The AMCL loss of H heads' embeddings (module docstring).
 
   Args:
@@ -76,6 +76,9 @@ def amcl(z1, z2, *, temperatures, beta=0.1, kappa=0.5, block_size=None, mesh=Non
       traced: they are learned.
     beta: weight of the temperature penalty R (>= 0).
     kappa: R's log tau weight (> 0).
+    negative_mask, mask_ids: as in `info_nce` (e.g. the two-tower recipes' duplicate texts:
+      `blockwise.distinct_ids` with ids ([B], [B])), in both directions: the ids must be
+      symmetric, the same for z1's rows as for z2's.
     block_size, mesh, collective: the InfoNCE paths (`info_nce`): None is dense, an int the
       blockwise loss, with `mesh` one shard per device.
 
@@ -89,8 +92,8 @@ def amcl(z1, z2, *, temperatures, beta=0.1, kappa=0.5, block_size=None, mesh=Non
   common.check_pair(z1[:, 0], z2[:, 0], 'z1', 'z2')
   terms, metrics = [], []
   for head in range(h):  # a few heads: not a loop over rows or devices
-    args = dict(temperature=temperatures[head], block_size=block_size, mesh=mesh,
-                collective=collective)
+    args = dict(temperature=temperatures[head], negative_mask=negative_mask,
+                mask_ids=mask_ids, block_size=block_size, mesh=mesh, collective=collective)
     loss_12, m_12 = info_nce(z1[:, head], z2[:, head], **args)
     loss_21, m_21 = info_nce(z2[:, head], z1[:, head], **args)
     terms.append(0.5 * (loss_12 + loss_21))

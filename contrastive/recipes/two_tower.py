@@ -190,7 +190,7 @@ def step(s, mesh, inputs, steps, rng, *, abstract=False, tables=None, bank=None)
       model=model, loss_name=config.loss.name, locked=s.locked, block_size=block_size,
       mesh=parallel.batch_mesh(mesh) if block_size else None,
       collective=config.loss.get('collective'), mixup_alpha=s.mixup_alpha,
-      query_runs=s.query_runs)
+      query_runs=s.query_runs, loss_kwargs=two_tower_checks.loss_kwargs(config))
   objective = two_tower_augment.wrap(objective, two_tower_augment.settings(config))
   step_fn = step_lib.jit_train_step(mesh, state, objective=objective, tx=tx, schedule=schedule,
                                     nonfinite=s.common.nonfinite,

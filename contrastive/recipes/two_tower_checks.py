@@ -21,10 +21,25 @@ from contrastive.recipes import two_tower_init
 from contrastive.recipes.two_tower_init import LOCKS
 from contrastive.recipes.two_tower_model import model_config
 
-LOSS_OF_PARAMS = {'clip': 'clip_loss', 'siglip': 'sigmoid_loss'}
+LOSS_OF_PARAMS = {'clip': 'clip_loss', 'siglip': 'sigmoid_loss', 'amcl': 'amcl'}
 MIXED_TOWERS = ('config.model.share / config.lit.locked_tower: the text tower (tower b) also embeds '
                 'the mixture\'s text queries, so it cannot be shared with the image tower or '
                 'locked.')
+
+
+AMCL_ARGS = {'beta': 0.1, 'kappa': 0.5}  # the loss's fixed arguments, the authors' values
+
+
+def loss_kwargs(config):
+  """The loss's fixed keyword arguments from config.loss (amcl: beta >= 0, kappa > 0)."""
+  if config.loss.name != 'amcl':
+    return {}
+  args = {k: config.loss.get(k, v) for k, v in AMCL_ARGS.items()}
+  if not (isinstance(args['beta'], (int, float)) and args['beta'] >= 0 and
+          isinstance(args['kappa'], (int, float)) and args['kappa'] > 0):
+    raise ConfigError(f"config.loss: amcl needs beta >= 0 and kappa > 0; got beta="
+                      f"{args['beta']!r}, kappa={args['kappa']!r}.")
+  return args
 
 
 def mixup_alpha(config):
@@ -103,6 +118,7 @@ def validate(config):
     raise ConfigError(
         f'config.loss.name={config.loss.name!r} does not go with config.model.loss_params='
         f'{config.model.loss_params!r} (its learned parameters); use {loss!r}.')
+  loss_kwargs(config)
   lock = lit_lock(config)
   if lock not in LOCKS:
     raise ConfigError(f'config.lit.locked_tower={lock!r}: choose one tower, one of {tuple(LOCKS)}'

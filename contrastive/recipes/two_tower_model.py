@@ -54,7 +54,8 @@ class TwoTowerModel:
         chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
       z = self._encode[method](self.variables, jax.device_put(chunk, sharding))
       out.append(np.asarray(z, np.float32)[:len(chunk) - pad])
-    return np.concatenate(out) if out else np.zeros((0, self.config.model.embed_dim), np.float32)
+    width = self.config.model.embed_dim * self.config.model.get('head_count', 1)
+    return np.concatenate(out) if out else np.zeros((0, width), np.float32)
 
   def encode_image(self, images, *, batch_size=256):
     """Images [N, H, W, 3] (any H, W; or a list of [H, W, 3] of different sizes), uint8 or
