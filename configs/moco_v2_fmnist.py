@@ -9,7 +9,8 @@ so the two are comparable. The queue (K = 4096 = 16 batches) is split along the 
 axis and read whole by every device: InfoNCE over B keys + K queue entries, the query's own
 earlier keys masked out. Unlike the paper (q1-k2 only) the loss is symmetrised, which learns
 faster in a short run; `--config.symmetric=False` gives the original. Variants: those of
-simclr_fmnist.py (`runlocal`, samplers such as `mining`, `mochi`, `ft`, `threshold`, `gist`).
+simclr_fmnist.py (`runlocal`, samplers such as `mining`, `mochi`, `ft`, `threshold`, `gist`,
+`loss=amcl`: AMCL's 4 heads with the momentum encoder and queue, no sampler).
 """
 
 from contrastive import config_lib
@@ -22,5 +23,7 @@ def get_config(arg=None):
   config.method = 'moco'
   config.momentum = dict(base=0.99, schedule='constant')  # 0.999 in the paper's 200 epochs
   config.queue_size = 256 if config.batch_size == 64 else 4096  # runlocal: 4 batches
-  config.loss = simclr.loss_config('info_nce', temperature=0.2)
+  # `:loss=amcl`: AMCL's heads, each with its own queue slice and temperature; else InfoNCE.
+  if config.loss.name != 'amcl':
+    config.loss = simclr.loss_config('info_nce', temperature=0.2)
   return config

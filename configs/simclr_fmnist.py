@@ -84,7 +84,7 @@ def apply_sampler_variants(config, variants):
       config.samplers.update(SAMPLERS[name])
   if 'gist' in chosen and not config.momentum.base:
     config.momentum.base = 0.99
-  if chosen and config.loss.name != 'info_nce':
+  if chosen and config.loss.name not in ('info_nce', 'amcl'):  # amcl: refused by validation
     config.loss = loss_config('info_nce', temperature=config.loss.temperature)
 
 

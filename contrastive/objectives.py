@@ -28,12 +28,13 @@ from contrastive.data import augment
 from contrastive.losses import blockwise
 from contrastive.losses import clip_loss
 from contrastive.losses import sigmoid_loss
-from contrastive.losses.amcl import amcl
+from contrastive.losses import amcl as amcl_lib
 from contrastive.negatives import geodesic_mixup
 from contrastive.negatives import static_bank
 from contrastive.samplers import objective as sampler_objective
 
-TWO_TOWER_LOSSES = {'clip_loss': clip_loss, 'sigmoid_loss': sigmoid_loss, 'amcl': amcl}
+TWO_TOWER_LOSSES = {'clip_loss': clip_loss, 'sigmoid_loss': sigmoid_loss,
+                    'amcl': amcl_lib.amcl}
 
 
 class Objective(NamedTuple):
@@ -76,6 +77,8 @@ class Method(NamedTuple):
       (ids, guide embeddings), which the explicit shard_map ring of the plain losses does not
       take in.
     clusters: [N] int cluster of each example id (MCL's second stage), or None.
+    amcl: AMCL's fixed arguments {'beta', 'kappa'}, or None: with them the model's heads
+      each run the method's loss with their own learned temperature (`_sampled_heads`).
   """
   name: str
   samplers: Any
@@ -85,6 +88,7 @@ class Method(NamedTuple):
   steps_per_epoch: float = 1.0
   block_size: int | None = None
   clusters: Any = None
+  amcl: Any = None
 
 
 
@@ -126,9 +130,13 @@ def image_views(*, model, loss_fn, aug_cfg, method=None):
   def loss(params, state, embeddings, batch, rng):
     (q1, q2), const = embeddings
     with jax.named_scope('loss'):
-      if method is None:  # the model's learned loss arguments: AMCL's head temperatures
-        value, metrics = loss_fn(q1, q2, **model.apply({'params': params}, method='loss_params'))
+      learned = model.apply({'params': params}, method='loss_params')  # AMCL's temperatures
+      if method is None:
+        value, metrics = loss_fn(q1, q2, **learned)
         return value, (metrics, None)
+      if method.amcl is not None:
+        return _sampled_heads(state, batch, q1, q2, const, jax.random.split(rng)[1],
+                              learned['temperatures'], method=method)
       return _sampled(state, batch, q1, q2, const, jax.random.split(rng)[1], method=method)
 
   return Objective(embed, loss)
@@ -146,6 +154,30 @@ def _sampled(state, batch, q1, q2, const, rng, *, method):
       epoch=epoch, block_size=method.block_size, clusters=method.clusters,
       memory=getattr(state, 'dyce', None))
   return loss, (metrics, k2)
+
+
+def _sampled_heads(state, batch, q1, q2, const, rng, temperatures, *, method):
+  """AMCL with a momentum encoder and queue (MoCo): the embeddings [B, H * D] as H heads,
+  each scored by `_sampled`'s loss on its own slice of the queries, keys and queue entries
+  with its own temperature, combined as AMCL's objective (`amcl.combine`) -> (loss, (metrics,
+  keys [B, H * D] to enqueue))."""
+  g1, g2 = const if const is not None else (None, None)
+  k1, k2 = (g1, g2) if method.name == 'moco' else (q1, q2)
+  views = dict(q1=q1, q2=q2, k1=k1, k2=k2, g1=g1, g2=g2)
+  heads = temperatures.shape[0]
+  width = q1.shape[-1] // heads
+  terms, metrics = [], []
+  for h, key in enumerate(jax.random.split(rng, heads)):  # a few heads, not rows or devices
+    cut = lambda x, h=h: None if x is None else x[..., h * width:(h + 1) * width]
+    queue = None if state.queue is None else state.queue.replace(keys=cut(state.queue.keys))
+    loss, m = sampler_objective.sampled_loss(
+        key, {n: cut(v) for n, v in views.items()}, batch['id'], queue, cfg=method.samplers,
+        temperature=temperatures[h], symmetric=method.symmetric,
+        epoch=state.step / method.steps_per_epoch, block_size=method.block_size)
+    terms.append(loss)
+    metrics.append(m)
+  loss, out = amcl_lib.combine(terms, metrics, temperatures, **method.amcl)
+  return loss, (out, k2)
 
 
 EXTRA_TEXTS = ('b_neg', 'b_hard')  # NegCLIP's perturbations, corpus-mined hard negatives

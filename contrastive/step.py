@@ -18,6 +18,7 @@ import optax
 from contrastive import faults
 from contrastive import grad_cache
 from contrastive import parallel
+from contrastive.models import heads
 from contrastive.samplers import momentum as momentum_lib
 from contrastive.samplers import dyce as dyce_lib
 from contrastive.samplers import queue as queue_lib
@@ -75,9 +76,10 @@ def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=Fa
     variables = model.init(rng, *example, train=False)
     params, batch_stats = jax.tree.map(lambda x: x.astype(dtype),  # all floats (flax: float32)
                                        (variables['params'], variables.get('batch_stats', {})))
-    queue = (queue_lib.init_queue(queue_size, model.head.out_dim, batch_size, dtype=dtype)
+    width = heads.embedding_dim(model.head)
+    queue = (queue_lib.init_queue(queue_size, width, batch_size, dtype=dtype)
              if queue_size else None)
-    memory = (dyce_lib.init_dyce(dyce[0], model.head.out_dim, dyce[1], batch_size, dtype=dtype)
+    memory = (dyce_lib.init_dyce(dyce[0], width, dyce[1], batch_size, dtype=dtype)
               if dyce else None)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                       opt_state=tx.init(params), skipped_steps=jnp.zeros((), jnp.int32),

@@ -124,7 +124,7 @@ def test_model_has_its_heads_and_temperatures():
     ({'loss.beta': -1.0}, r'amcl needs beta >= 0 and kappa > 0'),
     ({'loss.kappa': 0.0}, r'amcl needs beta >= 0 and kappa > 0'),
     ({'model.head_temperature': 3.0}, r'head_temperature=3.0 must lie in'),
-    ({'queue_size': 128}, r"config.loss.name='amcl': the momentum encoder, queue, samplers"),
+    ({'samplers.mining_k': 8}, r"config.loss.name='amcl': the momentum encoder, queue, samplers"),
 ])
 def test_bad_amcl_configs_fail_before_compiling(changes, match):
   config = config_lib.load_config(os.path.join(REPO, 'configs', 'simclr_fmnist.py'),

@@ -98,9 +98,16 @@ def amcl(z1, z2, *, temperatures, beta=0.1, kappa=0.5, negative_mask=None, mask_
     loss_21, m_21 = info_nce(z2[:, head], z1[:, head], **args)
     terms.append(0.5 * (loss_12 + loss_21))
     metrics.append(jax.tree.map(lambda a, c: 0.5 * (a + c), m_12, m_21))
+  return combine(terms, metrics, temperatures, beta=beta, kappa=kappa)
+
+
+def combine(terms, metrics, temperatures, *, beta=0.1, kappa=0.5):
+  """AMCL's objective from its heads' contrastive losses: mean_h terms[h] + beta mean_h
+  R(tau_h), with metrics (`amcl`'s Returns). terms: H scalars; metrics: H dicts of the same
+  keys (averaged); temperatures: [H]. MoCo's heads (objectives.image_views) use it too."""
   contrastive = jnp.mean(jnp.stack(terms))
   penalty = beta * jnp.mean(temperature_penalty(temperatures.astype(contrastive.dtype), kappa))
   out = jax.tree.map(lambda *m: jnp.mean(jnp.stack(m)), *metrics)
   out.update(contrastive=contrastive, temperature_penalty=penalty)
-  out.update({f'temperature/{k}': temperatures[k] for k in range(h)})
+  out.update({f'temperature/{k}': temperatures[k] for k in range(temperatures.shape[0])})
   return contrastive + penalty, out

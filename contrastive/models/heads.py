@@ -81,6 +81,11 @@ class MultiHead(nn.Module):
     return amcl.head_temperatures(self.temperature_logit)
 
 
+def embedding_dim(head):
+  """The width of a head's output z: out_dim, or H * out_dim for AMCL's `MultiHead`."""
+  return head.out_dim * getattr(head, 'count', 1)
+
+
 class ContrastiveModel(nn.Module):
   """Encoder f, projection head g and an optional predictor q (MoCo v3, BYOL).
 

@@ -68,12 +68,16 @@ class Settings:
 
 def uses_samplers(config):
   """True unless the config is plain SimCLR: no momentum encoder, queue or sampler."""
-  s = config.get('samplers')
-  active = s is not None and (s.threshold < 1.0 or s.gist or s.mining_k or s.mochi.num_hard or
-                              s.pos_alpha > 0 or s.neg_mix > 0 or s.histograms or
-                              dyce_size(config))
   return bool(config.get('method', 'simclr') != 'simclr' or config.get('queue_size') or
-              config.get('momentum', {}).get('base', 0.0) or active)
+              config.get('momentum', {}).get('base', 0.0) or active_samplers(config))
+
+
+def active_samplers(config):
+  """True if a negative sampler of config.samplers is on."""
+  s = config.get('samplers')
+  return bool(s is not None and (s.threshold < 1.0 or s.gist or s.mining_k or s.mochi.num_hard or
+                                 s.pos_alpha > 0 or s.neg_mix > 0 or s.histograms or
+                                 dyce_size(config)))
 
 
 def dyce_size(config):
@@ -183,9 +187,12 @@ def validate_method(config):
                       'num_mix + num_query_mix >= 1 (or num_hard=0: off).')
   stages = config.get('mcl', {}).get('stages', 1)
   beyond_simclr = uses_samplers(config) or stages > 1
-  if beyond_simclr and config.loss.name != 'info_nce':
+  amcl = config.loss.name == 'amcl'  # AMCL's heads: the momentum encoder and queue only
+  if beyond_simclr and config.loss.name != 'info_nce' and not (
+      amcl and stages == 1 and not active_samplers(config)):
     raise ConfigError(f'config.loss.name={config.loss.name!r}: the momentum encoder, queue, '
-                      'samplers and MCL act on InfoNCE; set config.loss.name=\'info_nce\'.')
+                      'samplers and MCL act on InfoNCE (AMCL\'s heads: the momentum encoder '
+                      'and queue only); set config.loss.name=\'info_nce\'.')
   if beyond_simclr and config.loss.get('collective') is not None:
     raise ConfigError('config.loss.collective: the MoCo / sampler / MCL step runs its blockwise '
                       'loss as one tiled scan partitioned by XLA, with no collective to choose; '
@@ -258,8 +265,10 @@ def method(s, *, steps, steps_per_epoch, clusters=None):
     momentum = momentum_lib.momentum_schedule(s.momentum_base, steps, s.momentum_schedule)
   elif s.guide_workdir:  # GIST's guide from a checkpoint: frozen
     momentum = guide.frozen
+  amcl = ({k: config.loss[k] for k in ('beta', 'kappa')} if config.loss.name == 'amcl'
+          else None)
   return objectives.Method(name=s.method, samplers=config.samplers,
-                           temperature=config.loss.temperature,
+                           temperature=config.loss.get('temperature'), amcl=amcl,
                            symmetric=config.get('symmetric', True), momentum=momentum,
                            steps_per_epoch=steps_per_epoch,
                            block_size=config.loss.get('block_size'),
