@@ -30,6 +30,7 @@ RECIPES = [
     ('simclr+infonce', 'simclr_fmnist.py:loss=info_nce'),
     ('simclr+amcl', 'simclr_fmnist.py:loss=amcl'),  # 4 heads, learned temperatures
     ('moco_v2', 'moco_v2_fmnist.py'),
+    ('moco_v2+amcl', 'moco_v2_fmnist.py:loss=amcl'),  # 4 heads, each its queue slice
     ('moco_v3', 'moco_v3_fmnist.py'),
     ('moco_v2+mining', 'moco_v2_fmnist.py:mining'),
     ('moco_v2+mochi', 'moco_v2_fmnist.py:mochi'),
