@@ -98,6 +98,8 @@ def main(argv=None):
   p.add_argument('--devices', type=int, default=2)
   p.add_argument('--steps', type=int, default=5, help='traced steps')
   p.add_argument('--top', type=int, default=25, help='instructions listed one by one')
+  p.add_argument('--xla_conv_grads', action='store_true',
+                 help="XLA's own convolution gradients instead of conv.Conv's im2col ones")
   args = p.parse_args(argv)
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                              ' --xla_cpu_enable_xprof_traceme=true').strip()
@@ -105,7 +107,10 @@ def main(argv=None):
   jax.config.update('jax_num_cpu_devices', args.devices)
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import step_overhead  # pylint: disable=g-import-not-at-top
+  from contrastive.models import conv  # pylint: disable=g-import-not-at-top
 
+  if args.xla_conv_grads:
+    conv.target_backend('gpu').__enter__()  # Conv's path off the CPU, for the whole run
   run = step_overhead.build_variant(args.config, args.variants, args.batch_size)
   names = instructions(run.hlo_text())
   run(0), run(1)  # compile, warm up
@@ -124,7 +129,8 @@ def main(argv=None):
     listed.append(dict(instruction=name, ms=round(ms, 2), part=part, pass_=pass_, kind=kind,
                        op_name=op_name[-120:]))
   common = dict(config=f'{args.config}:{args.variants}', batch=args.batch_size,
-                devices=jax.device_count(), xla_flags=os.environ['XLA_FLAGS'])
+                devices=jax.device_count(), xla_flags=os.environ['XLA_FLAGS'],
+                xla_conv_grads=args.xla_conv_grads)
   ops_ms = sum(groups.values())
   print(json.dumps(dict(common, record='step', wall_ms=round(1e3 * statistics.median(wall), 1),
                         ops_ms=round(ops_ms, 1))), flush=True)

@@ -17,7 +17,9 @@ Implementations, each in its own worker process (own peak RSS, own thread pools)
 
 Levers: --xla_flags='NAME:FLAGS;...' adds the jax step with XLA_FLAGS=FLAGS (e.g. YNNPACK's
 fusions off: 'no_ynn:--xla_cpu_experimental_ynn_fusion_type='), one JSON line each with its
-`lever` name; benchmarks/step_profile.py shows where a step's time goes.
+`lever` name; a NAME ending in '+xla_conv' also gives the convolutions XLA's own gradients
+(`conv.Conv`'s path off the CPU) instead of the chunked im2col kernel gradients.
+benchmarks/step_profile.py shows where a step's time goes.
 
 Each implementation is timed alone: --runs whole runs per implementation, alternated A B A B
 ... (so a shared machine's drift hits all alike), each in a fresh process that runs 2 warm-up
@@ -73,6 +75,10 @@ def jax_worker(point):
   import step_overhead  # pylint: disable=g-import-not-at-top
   from contrastive import config_lib  # pylint: disable=g-import-not-at-top
   from contrastive.models import build_model  # pylint: disable=g-import-not-at-top
+  from contrastive.models import conv  # pylint: disable=g-import-not-at-top
+
+  if (point.get('lever') or '').endswith('+xla_conv'):  # XLA's own convolution gradients,
+    conv.target_backend('gpu').__enter__()  # as off the CPU, for the worker's whole life
 
   config = config_lib.load_config(os.path.join(ROOT, 'configs', 'simclr_fmnist.py'))
   shapes = jax.eval_shape(lambda: build_model(config.model).init(
