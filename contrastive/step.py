@@ -76,7 +76,7 @@ def create_train_state(model, tx, image_shape, rng, mesh, *, inputs=None, ema=Fa
     variables = model.init(rng, *example, train=False)
     params, batch_stats = jax.tree.map(lambda x: x.astype(dtype),  # all floats (flax: float32)
                                        (variables['params'], variables.get('batch_stats', {})))
-    width = heads.embedding_dim(model.head)
+    width = heads.embedding_dim(model.head) if queue_size or dyce else None
     queue = (queue_lib.init_queue(queue_size, width, batch_size, dtype=dtype)
              if queue_size else None)
     memory = (dyce_lib.init_dyce(dyce[0], width, dyce[1], batch_size, dtype=dtype)

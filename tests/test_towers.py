@@ -242,6 +242,6 @@ def test_config_errors():
   with pytest.raises(ValueError, match=r"unknown vit tower fields \['patch_size'\]"):
     models.build_two_tower(ml_collections.ConfigDict(cfg))
   cfg['image'] = dict(name='vit')
-  with pytest.raises(ValueError, match=r"loss_params must be one of \('clip', 'siglip'\)"):
+  with pytest.raises(ValueError, match=r"loss_params must be one of \('clip', 'siglip', 'amcl'\)"):
     models.build_two_tower(ml_collections.ConfigDict(dict(cfg, loss_params='info_nce')))
   assert two_tower.TOWERS == ('vit', 'resnet', 'text')

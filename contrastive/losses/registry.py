@@ -117,9 +117,9 @@ PAIR_LOSSES = {
     'pamc_info_nce': _pamc_pair,  # O(B K D): takes the trainer's mesh on its only path
 }
 MESH_LOSSES = ('pamc_info_nce',)  # bound to the trainer's mesh without block_size
-# Arguments the trainer binds (mesh) or the model gives (AMCL's learned temperatures), not
-# config fields.
-BOUND_ARGUMENTS = ('mesh', 'temperatures')
+# Arguments the trainer binds (mesh), the model gives (AMCL's learned temperatures) or the
+# two-tower objective passes (amcl's duplicate masks), not config fields.
+BOUND_ARGUMENTS = ('mesh', 'temperatures', 'negative_mask', 'mask_ids')
 
 
 def loss_arguments(name):
