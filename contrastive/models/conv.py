@@ -16,8 +16,10 @@ partial sum through the loop (`kernel_grad`), reduced across devices once after 
 reduction inside the loop made XLA:CPU's in-process all-reduce deadlock once on 2 devices
 (the devices waited at different all-reduces).
 
-Used by `resnet.ResNet` on the CPU (`Conv.matmul_grads`); measured in
-`benchmarks/step_vs_torch.py` (README, "Step speed against PyTorch").
+Used by `resnet.ResNet` on the CPU (`Conv.matmul_grads`). The ratios above are of an earlier
+XLA:CPU: with jax 0.10.2, which runs convolutions and their gradients through YNNPACK, the
+default step is within 2% with either gradient (`benchmarks/step_vs_torch.py`'s `+xla_conv`
+lever; docs/simclr.md, "Step speed").
 
 Mixed precision (`Conv.dtype`, `compute.py`): the input and the kernel are cast to the compute
 dtype (bfloat16) for the products, while the kernel parameter and its gradient stay float32:
