@@ -9,7 +9,8 @@ less than half the time (README).
   python -m contrastive.main --config configs/clip_emoji_wordnet.py --workdir /tmp/clip_mix
 
 Variants: `runlocal` (tiny, seconds), `lit` (the image tower locked), `transformer` (the
-mixture's 2-block text transformer instead of the bag).
+mixture's 2-block text transformer instead of the bag), `sketch` (siglip_emoji.py's line
+drawings and greyscale: the best cross-style zero-shot, docs/two_towers.md).
 """
 
 from contrastive import config_lib
