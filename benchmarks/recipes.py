@@ -29,6 +29,7 @@ RECIPES = [
     ('simclr', 'simclr_fmnist.py'),
     ('simclr+infonce', 'simclr_fmnist.py:loss=info_nce'),
     ('simclr+amcl', 'simclr_fmnist.py:loss=amcl'),  # 4 heads, learned temperatures
+    ('simclr+pamc', 'simclr_fmnist.py:loss=pamc_info_nce'),  # 32 meta-node negatives
     ('moco_v2', 'moco_v2_fmnist.py'),
     ('moco_v2+amcl', 'moco_v2_fmnist.py:loss=amcl'),  # 4 heads, each its queue slice
     ('moco_v3', 'moco_v3_fmnist.py'),
