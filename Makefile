@@ -4,7 +4,7 @@
 PYTHON ?= python3
 WORKDIR ?= workdir/simclr_fmnist
 CONFIG ?= configs/simclr_fmnist.py
-APT_PACKAGES = dataset-fashion-mnist fonts-noto-color-emoji fonts-symbola unicode-data unicode-cldr-core wordnet-base libfribidi0
+APT_PACKAGES = dataset-fashion-mnist fonts-noto-color-emoji fonts-symbola fonts-unifont fonts-noto-core unicode-data unicode-cldr-core wordnet-base libfribidi0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install install-tpu train test test-all

@@ -19,7 +19,9 @@ and embed 512: with `lit`, LiT on a checkpoint imported by `python -m contrastiv
 --config.model_init.workdir=W --config.model_init.mapping=tower_a:tower_a,proj_a:proj_a), `dense` (the loss without blocks, block_size None:
 e.g. `:pod,dense`, the dense row of the README's TPU compile table), `sketch` (a third of the
 training images as line drawings of their edges, a third in grey: zero-shot on the held-out
-emoji drawn in another font's monochrome glyphs, docs/two_towers.md). Fields:
+emoji drawn in another font's monochrome glyphs, docs/two_towers.md), `styles` (the training
+emoji also drawn in two other monochrome fonts, GNU Unifont and Noto Sans Symbols: 1,555 more
+training images in the plain recipe's 890 steps; contrastive/data/glyphs.py). Fields:
 `--config.loss.block_size=1024` (blockwise), `--config.dataset.languages='("en","de")'`
 (multilingual pairs).
 """
@@ -27,7 +29,7 @@ emoji drawn in another font's monochrome glyphs, docs/two_towers.md). Fields:
 import ml_collections
 from ml_collections import config_dict
 
-VARIANTS = ('runlocal', 'resnet', 'vit', 'lit', 'pod', 'dense', 'clip_b32', 'sketch')
+VARIANTS = ('runlocal', 'resnet', 'vit', 'lit', 'pod', 'dense', 'clip_b32', 'sketch', 'styles')
 
 
 def base_config(loss_params='siglip'):
@@ -37,8 +39,10 @@ def base_config(loss_params='siglip'):
   config.seed = 0
   config.mesh = (('data', -1),)  # or e.g. (('data', 2), ('fsdp', 4)): contrastive/parallel.py
   config.dtype = 'float32'  # or 'bfloat16' (mixed precision: contrastive/precision.py)
+  # max_examples > 0: that many distinct emoji (small runs); styles: the training emoji also
+  # drawn in these monochrome fonts (contrastive/data/glyphs.py: 'unifont', 'noto_symbols').
   config.dataset = dict(name='emoji_cldr', data_dir='', image_size=32, languages=('en',),
-                        max_examples=0)  # > 0: that many distinct emoji (small runs)
+                        max_examples=0, styles=())
   config.tokenizer = dict(vocab_size=1000, context=16, model_type='unigram',
                           character_coverage=0.9995)  # rarer characters: byte pieces
   config.batch_size = 256
@@ -146,6 +150,11 @@ def apply_variants(config, variants):
     config.loss.block_size = None
   if 'sketch' in variants:
     config.augment.update(sketch_prob=0.3, gray_prob=0.3)
+  if 'styles' in variants:  # the emoji dataset's fields: a mixture's emoji_cldr part
+    emoji_fields = config.dataset.get('emoji_cldr') or config.dataset
+    emoji_fields.styles = ('unifont', 'noto_symbols')
+    if not config.total_steps:  # the plain recipe's 890 steps (15 epochs of the Noto rows)
+      config.total_steps = 890
   if 'clip_b32' in variants:
     config.model.image = dict(name='vit', preset='open_clip/ViT-B-32')
     config.model.embed_dim = 512

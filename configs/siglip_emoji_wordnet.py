@@ -16,12 +16,13 @@ Evaluated per dataset as the single-dataset recipes are (metrics 'emoji_cldr/...
 Variants: `runlocal` (tiny, seconds), `lit` (the image tower locked), `unmined` (no mined
 negatives: the mixture alone), `bag` / `transformer` (the text tower: siglip_wordnet's bag of
 pieces, or the 2-block transformer, this recipe's default), `sketch` (siglip_emoji.py's: line
-drawings and grey among the training images).
+drawings and grey among the training images), `styles` (siglip_emoji.py's: the training emoji
+also drawn in two other monochrome fonts).
 """
 
 from contrastive import config_lib
 
-VARIANTS = ('runlocal', 'lit', 'unmined', 'bag', 'transformer', 'sketch')
+VARIANTS = ('runlocal', 'lit', 'unmined', 'bag', 'transformer', 'sketch', 'styles')
 
 
 def get_config(arg=None):
@@ -42,7 +43,8 @@ def mixture_config(loss_params, arg=None, *, bag=False):
   config = siglip.base_config(loss_params)
   config.dataset = dict(name='mixture', data_dir='', parts=('emoji_cldr', 'wordnet_gloss'),
                         fractions=(0.5, 0.5),
-                        emoji_cldr=dict(image_size=32, languages=('en',), max_examples=0),
+                        emoji_cldr=dict(image_size=32, languages=('en',), max_examples=0,
+                                        styles=()),
                         wordnet_gloss=dict(examples=True, max_examples=0))
   config.tokenizer.update(vocab_size=8000, context=32)  # WordNet's: glosses are long
   config.model.text.pool = 'mean'  # as siglip_wordnet: a word's pieces count in a gloss

@@ -30,6 +30,7 @@ from contrastive import parallel
 from contrastive import retrieval
 from contrastive.data import emoji
 from contrastive.data import emoji_styles
+from contrastive.data import glyphs
 from contrastive.data import pair_batches
 from contrastive.data import webdataset
 from contrastive.data import wordnet
@@ -75,7 +76,7 @@ def cross_style_sets(dataset_cfg, split):
   if dataset_cfg.name != 'emoji_cldr':
     return {}
   try:
-    font = emoji_styles.check_font(emoji_styles.SYMBOLA_PATH)
+    font = glyphs.check_font(glyphs.SYMBOLA_PATH)
   except MissingDatasetError as e:
     print(f'{e} No zero_shot_cross_style metrics.', flush=True)
     return {}

@@ -9,25 +9,29 @@ import ml_collections
 import numpy as np
 import pytest
 
+from contrastive import config_lib
 from contrastive import objectives
 from contrastive import two_tower_eval
 from contrastive.config_lib import ConfigError
 from contrastive.data import augment
 from contrastive.data import emoji
 from contrastive.data import emoji_styles
+from contrastive.data import glyphs
+from contrastive.data import pair_batches
 from contrastive.data import pairs
 from contrastive.data.fashion_mnist import MissingDatasetError
 from contrastive.recipes import two_tower_augment
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fonts = pytest.mark.skipif(
-    not (os.path.exists(emoji_styles.SYMBOLA_PATH) and os.path.exists(emoji.FONT_PATH)),
+    not (os.path.exists(glyphs.SYMBOLA_PATH) and os.path.exists(emoji.FONT_PATH)),
     reason='make install (Debian fonts-symbola, fonts-noto-color-emoji etc.)')
 
 
 @needs_fonts
 def test_render_glyphs_black_on_white_centred_and_missing_glyphs_detected():
   texts = ['\U0001F40C', '\U0010FFFD', ' ', '\u2602']  # snail, .notdef, empty, umbrella
-  images, drawn = emoji_styles.render_glyphs(texts, 32)
+  images, drawn = glyphs.render_glyphs(texts, 32)
   assert images.shape == (4, 32, 32, 3) and images.dtype == np.uint8
   np.testing.assert_array_equal(drawn, [True, False, False, True])
   assert (images[~drawn] == 255).all()  # a missing glyph: white, and left out by the split
@@ -38,7 +42,7 @@ def test_render_glyphs_black_on_white_centred_and_missing_glyphs_detected():
     ink = image[..., 0] < 128
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
     extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
-    assert abs(extent - emoji_styles.FILL * 32) <= 2  # scaled as Noto's art
+    assert abs(extent - glyphs.FILL * 32) <= 2  # scaled as Noto's art
     centre = ((rows[0] + rows[-1]) / 2, (cols[0] + cols[-1]) / 2)
     np.testing.assert_allclose(centre, 15.5, atol=1.5)
 
@@ -75,17 +79,93 @@ def test_cross_style_coverage_of_the_held_out_emoji():
   assert not set(test['emoji_id'].tolist()) & set(train['emoji_id'].tolist())
   assert all(len(c) == 1 for c in test['emoji'])
   dejavu = emoji_styles.cross_style_split('test', image_size=32,
-                                          font_path=emoji_styles.DEJAVU_PATH)
+                                          font_path=glyphs.DEJAVU_PATH)
   assert 0 < len(dejavu['group']) < len(test['group'])  # a text font: fewer
 
 
+needs_style_fonts = pytest.mark.skipif(
+    not all(os.path.exists(p) for paths in glyphs.TRAINING_STYLES.values() for p in paths),
+    reason='make install (Debian fonts-unifont, fonts-noto-core)')
+
+
+def _records(builder, split):
+  data = pairs.load_split(builder, split)
+  return [data[i] for i in range(len(data))]
+
+
+@needs_fonts
+@needs_style_fonts
+def test_training_styles_add_monochrome_training_emoji_and_leave_the_test_split(tmp_path):
+  plain = emoji.EmojiCldr(data_dir=tmp_path, image_size=32, max_emoji=300)
+  styled = emoji.EmojiCldr(data_dir=tmp_path, image_size=32, max_emoji=300,
+                           styles=('unifont', 'noto_symbols'))
+  key = lambda r: (int(r['image_id']), r['text'])
+  plain_test = {key(r): r['image'] for r in _records(plain, 'test')}
+  styled_test = {key(r): r['image'] for r in _records(styled, 'test')}
+  assert plain_test.keys() == styled_test.keys()  # the same held-out rows
+  for k, image in plain_test.items():
+    np.testing.assert_array_equal(image, styled_test[k])
+  base, train = _records(plain, 'train'), _records(styled, 'train')
+  base_keys = {key(r) for r in base}
+  assert base_keys <= {key(r) for r in train}  # every Noto row, and rows of the styles
+  extra = [r for r in train if key(r) not in base_keys]
+  assert len(extra) == len(train) - len(base)
+  num_emoji = len(emoji.read_emoji_test()[0])
+  style_of = {int(r['image_id']) // num_emoji for r in extra}
+  assert style_of == {1, 2}  # image_id = (1 + style) * len(emoji) + the first variant's index
+  counts = styled.info.metadata['styled_images']
+  assert counts == {name: len({int(r['image_id']) for r in extra
+                               if int(r['image_id']) // num_emoji == 1 + s})
+                    for s, name in enumerate(('unifont', 'noto_symbols'))}
+  assert counts['unifont'] > counts['noto_symbols'] > 0
+  texts = {}  # each emoji's texts, as its Noto rows (its first variant) carry them
+  for r in base:
+    texts.setdefault(int(r['emoji_id']), {}).setdefault(int(r['image_id']), set()).add(r['text'])
+  test_ids = {int(r['emoji_id']) for r in _records(plain, 'test')}
+  by_image = {}
+  for r in extra:
+    image = r['image']
+    assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+    assert image.min() < 80 and image[0].min() >= 245  # dark ink, white margin
+    assert int(r['emoji_id']) not in test_ids
+    by_image.setdefault(int(r['image_id']), set()).add(r['text'])
+  for image_id, image_texts in by_image.items():
+    first = image_id % num_emoji
+    assert image_texts == texts[next(int(r['emoji_id']) for r in base
+                                     if int(r['image_id']) == first)][first]
+
+
+def test_unknown_or_missing_training_style_is_one_clear_error(monkeypatch, tmp_path):
+  cfg = ml_collections.ConfigDict(dict(name='emoji_cldr', image_size=32, styles=('symbola',)))
+  with pytest.raises(ConfigError, match=r"styles: unknown style\(s\) \['symbola'\]"):
+    pair_batches.builder(cfg)
+  assert pair_batches.emoji_styles(ml_collections.ConfigDict(
+      dict(styles='unifont, noto_symbols'))) == ('unifont', 'noto_symbols')
+  monkeypatch.setitem(glyphs.TRAINING_STYLES, 'unifont', ('/nowhere/unifont_upper.otf',))
+  monkeypatch.setitem(glyphs.FONT_PACKAGES, '/nowhere/unifont_upper.otf', 'fonts-unifont')
+  with pytest.raises(MissingDatasetError, match='apt-get install fonts-unifont'):
+    emoji.EmojiCldr(data_dir=tmp_path, image_size=32, max_emoji=64, styles=('unifont',))
+  assert not list(tmp_path.iterdir())  # refused before any folder
+
+
+@pytest.mark.parametrize('config', ['siglip_emoji.py', 'clip_emoji.py', 'clip_emoji_wordnet.py'])
+def test_styles_variant_sets_the_emoji_datasets_styles(config):
+  cfg = config_lib.load_config(os.path.join(REPO, 'configs', config), 'styles')
+  fields = cfg.dataset.get('emoji_cldr') or cfg.dataset
+  assert pair_batches.emoji_styles(fields) == ('unifont', 'noto_symbols')
+  plain = config_lib.load_config(os.path.join(REPO, 'configs', config), '')
+  assert pair_batches.emoji_styles(plain.dataset.get('emoji_cldr') or plain.dataset) == ()
+  if config == 'siglip_emoji.py':
+    assert pair_batches.builder(cfg.dataset).builder_config.name == '32px_en_unifont_noto_symbols'
+
+
 def test_missing_font_names_the_debian_package(monkeypatch, capsys):
-  monkeypatch.setitem(emoji_styles.FONT_PACKAGES, '/nowhere/Symbola.ttf', 'fonts-symbola')
+  monkeypatch.setitem(glyphs.FONT_PACKAGES, '/nowhere/Symbola.ttf', 'fonts-symbola')
   with pytest.raises(MissingDatasetError, match='apt-get install fonts-symbola'):
     emoji_styles.cross_style_split(font_path='/nowhere/Symbola.ttf')
   with pytest.raises(MissingDatasetError, match='fonts-symbola and fonts-dejavu-core'):
-    emoji_styles.check_font('/nowhere/Other.ttf')
-  monkeypatch.setattr(emoji_styles, 'SYMBOLA_PATH', '/nowhere/Symbola.ttf')
+    glyphs.check_font('/nowhere/Other.ttf')
+  monkeypatch.setattr(glyphs, 'SYMBOLA_PATH', '/nowhere/Symbola.ttf')
   cfg = ml_collections.ConfigDict(dict(name='emoji_cldr', image_size=32, max_examples=64))
   assert two_tower_eval.cross_style_sets(cfg, 'test') == {}
   out = capsys.readouterr().out.strip().splitlines()

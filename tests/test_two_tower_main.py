@@ -19,7 +19,7 @@ from contrastive import inference
 from contrastive import parallel
 from contrastive import two_tower_eval
 from contrastive.data import emoji
-from contrastive.data import emoji_styles
+from contrastive.data import glyphs
 from contrastive.data import pair_batches
 from tests import xla_flags
 
@@ -74,7 +74,7 @@ def test_siglip_emoji_runlocal_trains_and_evaluates(siglip_run):
               'uniformity_a'):
     assert key in final and np.isfinite(final[key]), key
   assert final['zero_shot/chance'] == pytest.approx(1 / 9)
-  if os.path.exists(emoji_styles.SYMBOLA_PATH):  # the held-out emoji drawn in Symbola
+  if os.path.exists(glyphs.SYMBOLA_PATH):  # the held-out emoji drawn in Symbola
     for key in ('zero_shot_cross_style/balanced_top1', 'zero_shot_cross_style/noto_top1',
                 'zero_shot_cross_style_seen/balanced_top1'):
       assert key in final and 0 <= final[key] <= 1, key
@@ -136,8 +136,9 @@ def test_inference_load_reproduces_the_evaluator(siglip_run, data_dir):
                                     'siglip_emoji_wordnet.py', 'clip_emoji_wordnet.py'])
 def test_other_recipes_runlocal(config, data_dir, tmp_path):
   workdir = str(tmp_path / 'run')
-  # the CLIP mixture with siglip_emoji.py:sketch's augmentation of its emoji rows
-  sketch = (('--config.augment.sketch_prob=0.3', '--config.augment.gray_prob=0.3')
+  # the CLIP mixture with siglip_emoji.py's :sketch augmentation and :styles fonts
+  sketch = (('--config.augment.sketch_prob=0.3', '--config.augment.gray_prob=0.3',
+             '--config.dataset.emoji_cldr.styles=("unifont","noto_symbols")')
             if config == 'clip_emoji_wordnet.py' else ())
   out = main(config, workdir, data_dir, *sketch)
   assert 'step 6/6' in out
@@ -151,7 +152,8 @@ def test_other_recipes_runlocal(config, data_dir, tmp_path):
     return
   if config == 'clip_emoji_wordnet.py':  # the mixture with CLIP's loss: no mined negatives
     assert 'mined' not in out and 'wordnet_gloss/a2b/r@1' in _rows(workdir)[-1]
-    if os.path.exists(emoji_styles.SYMBOLA_PATH):  # the emoji part's cross-style zero-shot
+    assert os.path.isdir(os.path.join(data_dir, 'emoji_cldr', '32px_en_sub64_unifont_noto_symbols'))
+    if os.path.exists(glyphs.SYMBOLA_PATH):  # the emoji part's cross-style zero-shot
       assert 0 <= _rows(workdir)[-1]['emoji_cldr/zero_shot_cross_style/balanced_top1'] <= 1
     return
   assert 'a2b/r@1' in _rows(workdir)[-1]

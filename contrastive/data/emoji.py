@@ -15,8 +15,17 @@ One example per (emoji, text) pair, the text being the emoji's name or one of it
                  'subgroup', 'language': int32, 'is_name': bool, 'emoji': bytes}
 
 `emoji_id` is the same for the skin-tone variants of one emoji (the "distinct emoji"); the split is by
-it, so all variants of one emoji are on one side. Group and subgroup names: `read_emoji_test(path)`,
-or `builder.info.metadata['groups' | 'subgroups' | 'subgroup_group']`.
+it, so all variants of one emoji are on one side.
+
+`styles` (glyphs.TRAINING_STYLES: 'unifont', 'noto_symbols') add to the training split each distinct
+training emoji that is one code point drawn black on white in that style's monochrome fonts, with the
+texts of its first variant and an image_id of its own; the test split stays the Noto renders. The
+cross-style evaluation's font (Symbola) is not a training style.
+
+    EmojiCldr(data_dir=tmp, image_size=32, styles=('unifont', 'noto_symbols'))  # + 1,205 + 350 images
+
+Group and subgroup names: `read_emoji_test(path)`, or `builder.info.metadata['groups' |
+'subgroups' | 'subgroup_group']`.
 """
 
 import dataclasses
@@ -30,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, features
 import tensorflow_datasets as tfds
 
+from contrastive.data import glyphs
 from contrastive.data import pairs
 from contrastive.data.fashion_mnist import MissingDatasetError
 
@@ -167,10 +177,12 @@ class EmojiCldrConfig(tfds.core.BuilderConfig):
   languages: tuple[str, ...] = ('en',)
   test_fraction: float = 0.125
   max_emoji: int = 0
+  styles: tuple[str, ...] = ()
 
 
-def _config_name(image_size, languages, max_emoji):
-  return f"{image_size}px_{'-'.join(languages)}" + (f'_sub{max_emoji}' if max_emoji else '')
+def _config_name(image_size, languages, max_emoji, styles=()):
+  return (f"{image_size}px_{'-'.join(languages)}" + (f'_sub{max_emoji}' if max_emoji else '') +
+          ''.join(f'_{s}' for s in styles))
 
 
 class EmojiCldr(tfds.core.GeneratorBasedBuilder):
@@ -182,18 +194,22 @@ class EmojiCldr(tfds.core.GeneratorBasedBuilder):
                      for s in (32, 64)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = f'apt-get install {" ".join(DEBIAN_PACKAGES)}'
 
-  def __init__(self, *, image_size=None, languages=None, max_emoji=0, font_path=FONT_PATH,
-               emoji_test_path=EMOJI_TEST_PATH, cldr_dir=CLDR_DIR, **kwargs):
-    if image_size is not None or languages is not None or max_emoji:
+  def __init__(self, *, image_size=None, languages=None, max_emoji=0, styles=(),
+               font_path=FONT_PATH, emoji_test_path=EMOJI_TEST_PATH, cldr_dir=CLDR_DIR, **kwargs):
+    if image_size is not None or languages is not None or max_emoji or styles:
       if kwargs.get('config') is not None:
-        raise ValueError('Pass either config= or image_size/languages/max_emoji, not both.')
-      languages = tuple(languages or ('en',))
-      name = _config_name(image_size or 32, languages, max_emoji)
+        raise ValueError('Pass either config= or image_size/languages/max_emoji/styles, not both.')
+      languages, styles = tuple(languages or ('en',)), tuple(styles)
+      for style in styles:
+        glyphs.style_fonts(style)  # an unknown style or a missing font: before any folder
+      name = _config_name(image_size or 32, languages, max_emoji, styles)
       kwargs['config'] = self.builder_configs.get(name) or EmojiCldrConfig(
-          name=name, image_size=image_size or 32, languages=languages, max_emoji=max_emoji)
+          name=name, image_size=image_size or 32, languages=languages, max_emoji=max_emoji,
+          styles=styles)
     self._paths = dict(font_path=font_path, emoji_test_path=emoji_test_path, cldr_dir=cldr_dir)
     kwargs.setdefault('file_format', 'array_record')
-    super().__init__(**kwargs)
+    with pairs.quiet():  # tfds warns about every config not in BUILDER_CONFIGS
+      super().__init__(**kwargs)
     self._original_state.update(self._paths, file_format=kwargs['file_format'])
 
   def _info(self):
@@ -235,9 +251,31 @@ class EmojiCldr(tfds.core.GeneratorBasedBuilder):
                               num_images=len(keep), num_distinct=len(set(emoji[i].base for i in keep)))
     rows = [(i, emoji[i], base_id[emoji[i].base], image) for i, image in zip(keep, images)]
     is_test = {b: pairs.in_test_split(b, cfg.test_fraction) for b in bases}
+    styled = self._styled_rows(emoji, keep, base_id, [b for b in bases if not is_test[b]])
     return {split: self._generate_examples(
-        [r for r in rows if is_test[r[1].base] == (split == 'test')], annotations, cfg.languages)
+        [r for r in rows if is_test[r[1].base] == (split == 'test')] +
+        (styled if split == 'train' else []), annotations, cfg.languages)
             for split in ('train', 'test')}
+
+  def _styled_rows(self, emoji, keep, base_id, train_bases):
+    """Rows (image_id, Emoji, emoji_id, image) of the training emoji drawn in each of
+    config.styles (glyphs.TRAINING_STYLES): one image per distinct emoji that is one code point
+    the style's fonts have, in the form of its first variant; image_id = (1 + style) * len(emoji)
+    + that variant's index. Counts in metadata['styled_images']."""
+    first = {}
+    for i in keep:
+      first.setdefault(emoji[i].base, i)
+    chosen = [first[b] for b in train_bases if b in first and len(b) == 1]
+    rows, counts = [], {}
+    for s, style in enumerate(self.builder_config.styles):
+      images, drawn = glyphs.render_glyphs([emoji[i].base for i in chosen],
+                                           self.builder_config.image_size,
+                                           font_path=glyphs.style_fonts(style))
+      rows += [((1 + s) * len(emoji) + i, emoji[i], base_id[emoji[i].base], image)
+               for i, image, ok in zip(chosen, images, drawn) if ok]
+      counts[style] = int(drawn.sum())
+    self.info.metadata['styled_images'] = counts
+    return rows
 
   def _generate_examples(self, rows, annotations, languages):
     for image_id, e, emoji_id, image in rows:

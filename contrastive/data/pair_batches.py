@@ -26,6 +26,7 @@ import numpy as np
 from contrastive import workdir as workdir_lib
 from contrastive.config_lib import ConfigError
 from contrastive.data import emoji
+from contrastive.data import glyphs
 from contrastive.data import jsonl_records
 from contrastive.data import pairs
 from contrastive.data import tokenizer as tokenizer_lib
@@ -55,12 +56,12 @@ SPECS = {
 
 def builder(cfg):
   """The tfds builder of `cfg` (config.dataset: name, data_dir, and per dataset image_size,
-  languages, max_examples or jsonl_path and test_fraction)."""
+  languages, max_examples, styles or jsonl_path and test_fraction)."""
   data_dir = os.path.expanduser(cfg.get('data_dir') or os.path.join('~', 'tensorflow_datasets'))
   if cfg.name == 'emoji_cldr':
     return emoji.EmojiCldr(data_dir=data_dir, image_size=cfg.image_size,
                            languages=tuple(cfg.get('languages', ('en',))),
-                           max_emoji=cfg.get('max_examples', 0))
+                           max_emoji=cfg.get('max_examples', 0), styles=emoji_styles(cfg))
   if cfg.name == 'wordnet_gloss':
     return wordnet.WordnetGloss(data_dir=data_dir, max_synsets=cfg.get('max_examples', 0),
                                 config='full' if cfg.get('examples', True) else 'definitions')
@@ -70,6 +71,20 @@ def builder(cfg):
                             test_fraction=cfg.get('test_fraction', jsonl_records.TEST_FRACTION))
   raise ConfigError(f'config.dataset.name={cfg.name!r} is not a pair dataset; choose one of '
                    "('emoji_cldr', 'wordnet_gloss', 'jsonl_pairs').")
+
+
+def emoji_styles(cfg):
+  """config.dataset.styles of emoji_cldr as a tuple of glyphs.TRAINING_STYLES names (a name or
+  a comma-separated string also); ConfigError naming the field for another name."""
+  styles = cfg.get('styles', ()) or ()
+  styles = tuple(s.strip() for s in styles.split(',') if s.strip()) if isinstance(
+      styles, str) else tuple(styles)
+  unknown = [s for s in styles if s not in glyphs.TRAINING_STYLES]
+  if unknown:
+    raise ConfigError(f'config.dataset.styles: unknown style(s) {unknown}; choose from '
+                      f'{sorted(glyphs.TRAINING_STYLES)} (Symbola draws the cross-style '
+                      'evaluation, so it is not a training style).')
+  return styles
 
 
 def spec(cfg, source=None):
