@@ -53,12 +53,19 @@ def check_font(font_path=SYMBOLA_PATH):
   return font_path
 
 
+def check_styles(names):
+  """names, each a TRAINING_STYLES key; ValueError naming the unknown ones and the choices."""
+  unknown = [n for n in names if n not in TRAINING_STYLES]
+  if unknown:
+    raise ValueError(f'unknown style(s) {unknown}; choose from {sorted(TRAINING_STYLES)} '
+                     '(Symbola draws the cross-style evaluation, so it is not a training style).')
+  return names
+
+
 def style_fonts(name):
   """The font paths of training style `name` (TRAINING_STYLES), each checked (check_font);
-  ValueError naming the styles for another name."""
-  if name not in TRAINING_STYLES:
-    raise ValueError(f'Unknown emoji style {name!r}; choose from {sorted(TRAINING_STYLES)} '
-                     '(Symbola is the cross-style evaluation font, not a training style).')
+  ValueError (check_styles) for another name."""
+  check_styles([name])
   return tuple(check_font(p) for p in TRAINING_STYLES[name])
 
 

@@ -79,12 +79,10 @@ def emoji_styles(cfg):
   styles = cfg.get('styles', ()) or ()
   styles = tuple(s.strip() for s in styles.split(',') if s.strip()) if isinstance(
       styles, str) else tuple(styles)
-  unknown = [s for s in styles if s not in glyphs.TRAINING_STYLES]
-  if unknown:
-    raise ConfigError(f'config.dataset.styles: unknown style(s) {unknown}; choose from '
-                      f'{sorted(glyphs.TRAINING_STYLES)} (Symbola draws the cross-style '
-                      'evaluation, so it is not a training style).')
-  return styles
+  try:
+    return glyphs.check_styles(styles)
+  except ValueError as e:
+    raise ConfigError(f'config.dataset.styles: {e}') from None
 
 
 def spec(cfg, source=None):
